@@ -1,0 +1,36 @@
+# Two entry points, each of which sets up what it needs on a fresh clone:
+#   make run    - create .venv if needed, install quantcal, run `quantcal run` (the embedded demo)
+#   make test   - same set-up (with the dev extra), then the test suite
+#
+# TORCH picks the PyTorch build installed first. The default pins the release this project is
+# tested with; on a GPU machine pass a CUDA build, e.g.
+#   make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# or TORCH=skip to keep whatever torch the environment already has.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.quantcal-installed
+
+.PHONY: run test setup lint clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if [ "$(TORCH)" != "skip" ]; then $(BIN)/python -m pip install --quiet $(TORCH); fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/quantcal run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean-venv:
+	rm -rf $(VENV)
