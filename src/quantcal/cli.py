@@ -1,0 +1,363 @@
+"""The ``quantcal`` command: thin argparse sub-commands over the library.
+
+Examples::
+
+    quantcal run                                  # the embedded demo study (digits, offline)
+    quantcal run cifar100_small --dataset npz:/data/cifar100.npz --out runs/c100
+    quantcal run paper_cifar100 --shard 3/8 --out /shared/runs/paper   # one of 8 machines
+    quantcal report runs/demo
+    quantcal eval --checkpoint model.pt --model shufflenetv2 --width 0.5 --dataset cifar100
+    quantcal train --model ghostnet_vgg16 --width 0.25 --dataset digits --epochs 30
+    quantcal data download cifar100
+    quantcal list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_EPILOG_RUN = """examples:
+  quantcal run                                   the embedded demo (digits, 3 architectures)
+  quantcal run cifar100_small --dataset npz:/data/cifar100.npz --out runs/c100
+  quantcal run my_study.toml --set train.epochs=5 --set quant.observers='["minmax","mse"]'
+  quantcal run paper_cifar100 --shard 0/4 --out /shared/paper   # shard 0 of 4 machines
+
+Re-running the same command resumes: finished stages are read from OUT/cache."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    from quantcal._toml import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantcal",
+        description="Calibration error of quantized efficient CNNs: train or load a model, "
+        "simulate post-training quantization (fp32, W8A8, W4A8, W4A4, ...), measure accuracy "
+        "and calibration error with bootstrap intervals, repair confidence with temperature "
+        "scaling and other recalibrators, and write a report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `quantcal COMMAND --help` for the options of each command.",
+    )
+    from quantcal import __version__
+
+    parser.add_argument("--version", action="version", version=f"quantcal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="run (or resume) a study and write results.csv and report.html",
+        description="Run a study: train each model, quantize it at each precision, recalibrate, "
+        "measure, and write OUT/results.csv, OUT/report.html and OUT/figures/. Without STUDY "
+        "the embedded demo runs (scikit-learn digits, offline, a few minutes on 2 CPU cores).",
+        epilog=_EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "study",
+        nargs="?",
+        default=None,
+        help="a .toml study file or a built-in name (demo, cifar100_small, "
+        "paper_cifar100, paper_pathmnist); default: demo",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: runs/STUDY_NAME)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: compute only the I-th of N shares of "
+        "the training groups (N machines sharing one --out folder)",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="replace the study's datasets (repeatable), e.g. npz:/path/data.npz",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study key, e.g. train.epochs=5 (value parsed as TOML)",
+    )
+    p.add_argument("--fresh", action="store_true", help="discard OUT/cache and start over")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "train",
+        help="train one model and save its checkpoint",
+        description="Train one registry model on a dataset with the study's recipe (override "
+        "any field) and save OUT/model.pt (weights only) with its test accuracy.",
+        epilog="example:\n  quantcal train --model shufflenetv2 --width 0.5 --dataset digits "
+        "--epochs 20 --set batch_size=64 --out runs/sn",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="registry name (see `quantcal list`)")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field, e.g. lr=0.05",
+    )
+    p.add_argument("--out", default="runs/train")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "eval",
+        help="quantize and evaluate your own checkpoint",
+        description="Bring your own trained model: quantize it at each precision, recalibrate "
+        "and measure, exactly as `run` does, and write the same results and report.",
+        epilog="examples:\n  quantcal eval --checkpoint model.pt --model shufflenetv2 --width 0.5 "
+        "--dataset cifar100\n  quantcal eval --checkpoint net.pt --model mypkg.nets:build "
+        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
+    p.add_argument("--model", required=True, help="registry name or module:factory")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--precisions", default="fp32,W8A8,W4A8,W4A4")
+    p.add_argument("--observers", default="minmax", help="comma-separated range estimators")
+    p.add_argument(
+        "--recal",
+        default="none,temperature,temperature_fp32",
+        help="comma-separated recalibration methods",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    p.add_argument("--out", default="runs/eval")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "report",
+        help="(re)write report.html for a finished run folder",
+        description="Assemble the cached rows of a run (all shards) into "
+        "results.csv and write report.html and figures/.",
+        epilog="example:\n  quantcal report runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir")
+
+    p = sub.add_parser(
+        "data",
+        help="dataset utilities",
+        description="Download a dataset into the data folder (checksum-verified).",
+        epilog="example:\n  quantcal data download cifar100 --root ~/data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    d = dsub.add_parser("download", help="download and verify a dataset file")
+    d.add_argument("name", help="cifar100 or pathmnist")
+    d.add_argument(
+        "--root", default=None, help="data folder (default: $QUANTCAL_DATA or the per-user cache)"
+    )
+
+    sub.add_parser(
+        "list",
+        help="list models, datasets, precisions, range estimators, "
+        "recalibrators and built-in studies",
+        description="List what can be named in a study.",
+        epilog="example:\n  quantcal list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+def _finish(out: Path, t0: float, quiet: bool) -> int:
+    from quantcal import report
+
+    if not (out / "results.csv").exists():
+        print(f"partial run in {out}: other shards still have cells to compute")
+        return 0
+    rows = report.load_rows(out)
+    if not quiet:
+        print()
+        print(report.summary_table(rows))
+    print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from quantcal import study
+
+    overrides = _parse_set(args.set)
+    if args.dataset:
+        overrides["data.datasets"] = list(args.dataset)
+    shard = study.parse_shard(args.shard)
+    t0 = time.perf_counter()
+    config = study.load_study(args.study, overrides)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    study.run_study(
+        config, out, resume=not args.fresh, shard=shard, device=args.device, quiet=args.quiet
+    )
+    return _finish(out, t0, args.quiet)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from quantcal import data, metrics, train
+    from quantcal._io import atomic_torch_save, atomic_write_json
+    from quantcal.study import _resolve_device, build_model
+
+    overrides = _parse_set(args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    overrides["seed"] = args.seed
+    cfg = train.TrainConfig.from_dict(overrides)
+    device = _resolve_device(args.device)
+    splits = data.load_dataset(args.dataset, seed=args.seed)
+    model = build_model(
+        args.model,
+        num_classes=splits.num_classes,
+        image_size=splits.image_size,
+        in_chans=splits.channels,
+        width=args.width,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    result = train.train(
+        model, splits, cfg, device=device, out_dir=out, resume=True, progress=not args.quiet
+    )
+    logits, labels = train.predict_logits(result.model, splits.test, device=device)
+    acc = metrics.accuracy(logits, labels)
+    ece = metrics.ece(logits, labels)
+    atomic_torch_save(
+        {
+            "model": result.model.to("cpu").state_dict(),
+            "config": getattr(result.model, "config", {}),
+        },
+        out / "model.pt",
+    )
+    atomic_write_json(
+        out / "train.json",
+        {
+            "train_config": cfg.to_dict(),
+            "history": result.history,
+            "test_accuracy": acc,
+            "test_ece": ece,
+            "seconds": result.seconds,
+        },
+    )
+    print(f"test accuracy {100 * acc:.2f} %, ECE {100 * ece:.2f} %  ->  {out / 'model.pt'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quantcal import study
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    precisions = split(args.precisions)
+    if "fp32" not in [p.lower() for p in precisions]:
+        precisions = ["fp32", *precisions]
+    raw = {
+        "name": "eval",
+        "seeds": [args.seed],
+        "data": {"datasets": [args.dataset]},
+        "model": [
+            {
+                "arch": args.model,
+                "width": args.width,
+                "checkpoint": str(Path(args.checkpoint).resolve()),
+            }
+        ],
+        "quant": {"precisions": precisions, "observers": split(args.observers)},
+        "recal": {"methods": split(args.recal)},
+    }
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    study.run_study(raw, out, device=args.device, quiet=args.quiet)
+    return _finish(out, t0, args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quantcal import report, study
+
+    out = Path(args.run_dir)
+    if (out / "cache").exists():
+        study.assemble(out)
+    else:
+        report.write_report(out)
+    print(report.summary_table(report.load_rows(out)))
+    print(f"\nreport: {(out / 'report.html').resolve()}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from quantcal import data
+
+    if args.data_command != "download":
+        print("usage: quantcal data download NAME [--root DIR]", file=sys.stderr)
+        return 2
+    path = data.download(args.name, root=args.root)
+    print(f"verified: {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from quantcal import data, models, quant, recal
+    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE, builtin_studies
+
+    print("models:          " + ", ".join(models.list_models()))
+    print("datasets:        " + ", ".join(data.list_datasets()) + ", npz:PATH")
+    print("precisions:      " + ", ".join(quant.PRECISIONS) + " (any wXaY with 2 <= X, Y <= 16)")
+    print("range estimators:" + " " + ", ".join(quant.available_observers()))
+    print("recalibrators:   " + ", ".join([*recal.available(), REUSE_FP32_TEMPERATURE]))
+    print("studies:         " + ", ".join(builtin_studies()))
+    return 0
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "report": _cmd_report,
+    "data": _cmd_data,
+    "list": _cmd_list,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quantcal`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"quantcal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished stages are cached; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Study files: a frozen, validated description of one sweep, read from TOML.
+
+A study is the product datasets x models (arch, width) x seeds, each trained once, then swept
+over precisions x range estimators x range-calibration samples, each cell recalibrated by every
+listed method and scored on the test split. File layout (every key optional but ``model``)::
+
+    name = "demo"
+    seeds = [0]
+
+    [data]
+    datasets = ["digits"]          # registry names, or "npz:PATH"
+    val_size = 180                 # recalibration split (None: the dataset's default)
+    ptq_calib_size = 100           # range-calibration images per sample
+
+    [[model]]                      # one table per architecture
+    arch = "shufflenetv2"
+    width = 0.25
+
+    [train]                        # any quantcal.train.TrainConfig field
+    epochs = 30
+
+    [quant]
+    precisions = ["fp32", "W8A8", "W4A8", "W4A4"]
+    observers = ["minmax"]         # range estimators
+    ptq_calib_samples = 1          # disjoint range-calibration samples (a source of variance)
+    first_last_8bit = false
+
+    [recal]
+    methods = ["none", "temperature", "temperature_fp32", "vector", "histogram", "isotonic"]
+
+    [metrics]
+    n_bins = 15
+    bootstrap = 1000
+    level = 0.95
+
+Unknown keys are an error naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantcal import _toml
+from quantcal._registry import closest
+
+#: Recalibration pseudo-method: apply the temperature fitted on the fp32 model's validation
+#: logits to every precision (the deployment shortcut that skips a refit after quantization).
+REUSE_FP32_TEMPERATURE = "temperature_fp32"
+DEFAULT_RECAL = ("none", "temperature", REUSE_FP32_TEMPERATURE, "vector", "histogram", "isotonic")
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, compact JSON: equal configs give equal strings (and equal hashes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """SHA-256 of the canonical JSON of ``obj``, truncated to ``length`` hex digits."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture of a study: a registry name (or ``module:factory``) and a width."""
+
+    arch: str
+    width: float = 1.0
+    #: Optional trained weights: the study then skips training for this model and evaluates them.
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"model.arch must be a non-empty string, got {self.arch!r}")
+        if (
+            not isinstance(self.width, (int, float))
+            or isinstance(self.width, bool)
+            or self.width <= 0
+        ):
+            raise ValueError(f"model.width must be a positive number, got {self.width!r}")
+        object.__setattr__(self, "width", float(self.width))
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}@{self.width:g}"
+
+
+def _tuple_of(name: str, value: Any, kind: type) -> tuple:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+    for v in value:
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"{name} must hold integers, got {v!r}")
+        if kind is str and not isinstance(v, str):
+            raise ValueError(f"{name} must hold strings, got {v!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} lists a value twice: {list(value)!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A validated study; see the module docstring for the TOML layout."""
+
+    models: tuple[ModelSpec, ...]
+    name: str = "study"
+    seeds: tuple[int, ...] = (0,)
+    datasets: tuple[str, ...] = ("digits",)
+    val_size: int | None = None
+    ptq_calib_size: int | None = None
+    train: Mapping[str, Any] = field(default_factory=dict)
+    precisions: tuple[str, ...] = ("fp32", "W8A8", "W4A8", "W4A4")
+    observers: tuple[str, ...] = ("minmax",)
+    ptq_calib_samples: int = 1
+    first_last_8bit: bool = False
+    recal: tuple[str, ...] = DEFAULT_RECAL
+    n_bins: int = 15
+    bootstrap: int = 1000
+    level: float = 0.95
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        from quantcal import quant, recal
+        from quantcal.train import TrainConfig
+
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        models = self.models if isinstance(self.models, (list, tuple)) else [self.models]
+        if not models:
+            raise ValueError("a study needs at least one [[model]] table (arch = ..., width = ...)")
+        set_("models", tuple(m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in models))
+        if len({m.label for m in self.models}) != len(self.models):
+            raise ValueError(
+                f"[[model]] lists an (arch, width) twice: {[m.label for m in self.models]}"
+            )
+        from quantcal import models as model_zoo
+
+        known = model_zoo.list_models()
+        for m in self.models:
+            if ":" not in m.arch and m.arch.lower() not in known:
+                hint = closest(m.arch, known)
+                raise ValueError(
+                    f"model.arch: unknown model {m.arch!r}"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + f"; choose from {known} or give 'module:factory'"
+                )
+            if m.checkpoint is not None and not Path(m.checkpoint).is_file():
+                raise ValueError(f"model.checkpoint: no file at {m.checkpoint!r}")
+        set_("seeds", _tuple_of("seeds", self.seeds, int))
+        set_("datasets", _tuple_of("data.datasets", self.datasets, str))
+        set_("precisions", _tuple_of("quant.precisions", self.precisions, str))
+        for p in self.precisions:
+            quant.parse_precision(p)  # raises ValueError naming the accepted forms
+        if "fp32" not in [p.lower() for p in self.precisions]:
+            raise ValueError(
+                "quant.precisions must include 'fp32': every quantized cell is compared with it"
+            )
+        set_("observers", _tuple_of("quant.observers", self.observers, str))
+        available_obs = quant.available_observers()
+        for o in self.observers:
+            if o not in available_obs:
+                raise ValueError(
+                    f"quant.observers: unknown range estimator {o!r}; choose from {available_obs}"
+                )
+        set_("recal", _tuple_of("recal.methods", self.recal, str))
+        allowed = [*recal.available(), REUSE_FP32_TEMPERATURE]
+        for m in self.recal:
+            if m not in allowed:
+                hint = closest(m, allowed)
+                raise ValueError(
+                    f"recal.methods: unknown method {m!r}"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + f"; choose from {sorted(allowed)}"
+                )
+        for name, lo in (
+            ("ptq_calib_samples", 1),
+            ("n_bins", 1),
+            ("bootstrap", 0),
+            ("eval_batch_size", 1),
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("val_size", "ptq_calib_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        if not (0.0 < float(self.level) < 1.0):
+            raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
+        # Validates every field and names the closest valid key for a typo.
+        set_("train", dict(TrainConfig.from_dict(dict(self.train)).to_dict()))
+
+    # --- (de)serialisation ----------------------------------------------------------------
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The nested layout of a study file (the inverse of :func:`from_toml_dict`)."""
+        return {
+            "name": self.name,
+            "seeds": list(self.seeds),
+            "data": {
+                "datasets": list(self.datasets),
+                "val_size": self.val_size,
+                "ptq_calib_size": self.ptq_calib_size,
+            },
+            "model": [
+                {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
+                for m in self.models
+            ],
+            "train": dict(self.train),
+            "quant": {
+                "precisions": list(self.precisions),
+                "observers": list(self.observers),
+                "ptq_calib_samples": self.ptq_calib_samples,
+                "first_last_8bit": self.first_last_8bit,
+            },
+            "recal": {"methods": list(self.recal)},
+            "metrics": {
+                "n_bins": self.n_bins,
+                "bootstrap": self.bootstrap,
+                "level": self.level,
+                "eval_batch_size": self.eval_batch_size,
+            },
+        }
+
+    def to_toml(self) -> str:
+        return _toml.dumps(self.to_toml_dict())
+
+
+# section -> {toml key: StudyConfig field}
+_LAYOUT: dict[str | None, dict[str, str]] = {
+    None: {"name": "name", "seeds": "seeds"},
+    "data": {"datasets": "datasets", "val_size": "val_size", "ptq_calib_size": "ptq_calib_size"},
+    "quant": {
+        "precisions": "precisions",
+        "observers": "observers",
+        "ptq_calib_samples": "ptq_calib_samples",
+        "first_last_8bit": "first_last_8bit",
+    },
+    "recal": {"methods": "recal"},
+    "metrics": {
+        "n_bins": "n_bins",
+        "bootstrap": "bootstrap",
+        "level": "level",
+        "eval_batch_size": "eval_batch_size",
+    },
+}
+_TOP_TABLES = ("data", "model", "train", "quant", "recal", "metrics")
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> ValueError:
+    hint = closest(key, valid)
+    did = f" Did you mean {hint!r}?" if hint else ""
+    return ValueError(
+        f"unknown key {key!r} in {where}.{did} Valid keys: {', '.join(sorted(valid))}."
+    )
+
+
+def from_toml_dict(raw: Mapping[str, Any]) -> StudyConfig:
+    """Build a :class:`StudyConfig` from the nested TOML layout, rejecting unknown keys."""
+    kwargs: dict[str, Any] = {}
+    top_valid = [*_LAYOUT[None], *_TOP_TABLES]
+    for key, value in raw.items():
+        if key in _LAYOUT[None]:
+            kwargs[_LAYOUT[None][key]] = value
+        elif key == "model":
+            items = value if isinstance(value, list) else [value]
+            models = []
+            for item in items:
+                if not isinstance(item, Mapping):
+                    raise ValueError("[[model]] entries must be tables with 'arch' and 'width'")
+                for k in item:
+                    if k not in ("arch", "width", "checkpoint"):
+                        raise _unknown_key("[[model]]", k, ["arch", "width", "checkpoint"])
+                if "arch" not in item:
+                    raise ValueError("a [[model]] table needs 'arch' (see `quantcal list`)")
+                models.append(ModelSpec(**item))
+            kwargs["models"] = tuple(models)
+        elif key == "train":
+            if not isinstance(value, Mapping):
+                raise ValueError("[train] must be a table of TrainConfig fields")
+            kwargs["train"] = dict(value)
+        elif key in _LAYOUT:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"[{key}] must be a table")
+            for k, v in value.items():
+                if k not in _LAYOUT[key]:
+                    raise _unknown_key(f"[{key}]", k, list(_LAYOUT[key]))
+                kwargs[_LAYOUT[key][k]] = v
+        else:
+            raise _unknown_key("the study file", key, top_valid)
+    if "models" not in kwargs:
+        raise ValueError("a study needs at least one [[model]] table (arch = ..., width = ...)")
+    return StudyConfig(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``train.epochs``, ``data.datasets``) in a nested study dict (a copy)."""
+    out = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted!r}: {p!r} is not a table")
+        node[parts[-1]] = value
+    return out
+
+
+def builtin_studies() -> dict[str, Path]:
+    """Study files shipped inside the package: name -> path."""
+    folder = Path(__file__).with_name("studies")
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def load_study(
+    source: str | Path | Mapping[str, Any] | StudyConfig | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> StudyConfig:
+    """A study from a path, a built-in name (``demo``), a nested dict or a StudyConfig.
+
+    ``None`` is the embedded demo. ``overrides`` maps dotted keys to values.
+    """
+    if isinstance(source, StudyConfig):
+        if not overrides:
+            return source
+        source = source.to_toml_dict()
+    if source is None:
+        source = "demo"
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        builtins = builtin_studies()
+        if not path.exists() and str(source) in builtins:
+            path = builtins[str(source)]
+        if not path.exists():
+            raise FileNotFoundError(
+                f"study file {str(source)!r} not found; give a path to a .toml file or one of the "
+                f"built-in studies: {', '.join(builtins)}"
+            )
+        try:
+            raw = _toml.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return from_toml_dict(raw)
