@@ -403,7 +403,7 @@ def fig_precision(rows: list[dict]) -> bytes:
     fig = _figure(9, 3.2 * len(datasets))
     axes = fig.subplots(len(datasets), 2, squeeze=False)
     for i, ds in enumerate(datasets):
-        for _, model in [g for g in _groups(main) if g[0] == ds]:
+        for c, (_, model) in enumerate([g for g in _groups(main) if g[0] == ds]):
             for recal, style in (("none", "-o"), ("temperature", "--s")):
                 rs = _pick(main, dataset=ds, model=model, recal=recal)
                 by_p = {r["precision"]: r for r in rs}
@@ -412,12 +412,15 @@ def fig_precision(rows: list[dict]) -> bytes:
                     continue
                 rr = [by_p[precs[k]] for k in xs]
                 if recal == "none":
-                    axes[i, 0].plot(xs, [100 * r["accuracy"] for r in rr], style, label=model)
+                    axes[i, 0].plot(
+                        xs, [100 * r["accuracy"] for r in rr], style, label=model, color=f"C{c}"
+                    )
                 line = axes[i, 1].errorbar(
                     xs,
                     [100 * r["ece"] for r in rr],
                     yerr=_yerr(rr, "ece"),
                     fmt=style,
+                    color=f"C{c}",
                     capsize=3,
                     label=f"{model}{' + TS' if recal != 'none' else ''}",
                     alpha=1.0 if recal == "none" else 0.6,

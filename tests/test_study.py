@@ -1,0 +1,209 @@
+"""End-to-end tests of the study runner: a micro study, resume after kills, shards, errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantcal import study
+from quantcal.studyconfig import load_study
+
+MICRO = {
+    "name": "micro",
+    "seeds": [0],
+    "data": {"datasets": ["digits"]},
+    "model": [
+        {"arch": "shufflenetv2", "width": 0.1},
+        {"arch": "ghostnet_vgg16", "width": 0.1},
+    ],
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "schedule": "cosine"},
+    "quant": {"precisions": ["fp32", "W8A8", "W4A4"], "observers": ["minmax"]},
+    "recal": {"methods": ["none", "temperature", "temperature_fp32"]},
+    "metrics": {"bootstrap": 50},
+}
+N_ROWS = 2 * 3 * 3  # models x precisions x methods
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _cell_ids(rows: list[dict]) -> list[tuple]:
+    return [(r["arch"], r["precision"], r["observer"], r["ptq_sample"], r["recal"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("micro")
+    study.run_study(MICRO, out, quiet=True)
+    return out
+
+
+def test_micro_study_writes_every_file(finished):
+    for name in ("results.csv", "details.json", "config.toml", "env.json", "report.html"):
+        assert (finished / name).is_file(), name
+    assert list((finished / "figures").glob("*.png"))
+    rows = _rows(finished)
+    assert len(rows) == N_ROWS
+    assert len(set(_cell_ids(rows))) == N_ROWS
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    for r in rows:
+        assert 0.0 <= float(r["ece"]) <= 1.0
+        assert float(r["ece_lo"]) <= float(r["ece"]) + 1e-9 <= float(r["ece_hi"]) + 2e-9
+        assert int(r["n_test"]) > 0 and int(r["params"]) > 0
+    fp32 = [r for r in rows if r["precision"] == "fp32"]
+    assert all(float(r["ece_diff_vs_fp32"]) == 0.0 for r in fp32)
+    # Reusing the fp32 temperature at fp32 is the same thing as fitting it there.
+    for arch in {r["arch"] for r in rows}:
+        a = next(r for r in fp32 if r["arch"] == arch and r["recal"] == "temperature")
+        b = next(r for r in fp32 if r["arch"] == arch and r["recal"] == "temperature_fp32")
+        assert float(a["ece"]) == pytest.approx(float(b["ece"]), abs=1e-12)
+    w4 = [r for r in rows if r["precision"] == "W4A4"]
+    assert all(float(r["weight_bytes"]) < float(fp32[0]["weight_bytes"]) for r in w4)
+
+
+def test_resolved_config_round_trips(finished):
+    again = load_study(finished / "config.toml")
+    assert again == load_study(MICRO)
+
+
+def test_rerun_does_no_training_or_inference(finished, monkeypatch):
+    from quantcal import quant, train
+
+    def boom(*a, **k):
+        raise AssertionError("a finished study must not recompute")
+
+    monkeypatch.setattr(train, "train", boom)
+    monkeypatch.setattr(train, "predict_logits", boom)
+    monkeypatch.setattr(quant, "quantize", boom)
+    before = _rows(finished)
+    study.run_study(MICRO, finished, quiet=True)
+    assert _rows(finished) == before
+
+
+def test_resume_after_kill_between_and_inside_stages(tmp_path, monkeypatch):
+    """Kill the run inside the logits stage of the second model, then resume: the first model's
+    cells are not recomputed and no row is lost or duplicated."""
+    from quantcal import quant, train
+
+    calls = {"quantize": 0, "train": 0}
+    real_quantize, real_train = quant.quantize, train.train
+
+    def counting_quantize(*a, **k):
+        calls["quantize"] += 1
+        if calls["quantize"] == 3:  # second model's first quantized cell
+            raise KeyboardInterrupt("simulated kill")
+        return real_quantize(*a, **k)
+
+    def counting_train(*a, **k):
+        calls["train"] += 1
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(quant, "quantize", counting_quantize)
+    monkeypatch.setattr(train, "train", counting_train)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(MICRO, tmp_path, quiet=True)
+    assert not (tmp_path / "results.csv").exists()
+    assert calls == {"quantize": 3, "train": 2}
+    calls.update(quantize=0, train=0)
+    study.run_study(MICRO, tmp_path, quiet=True)
+    # Only the second model's two quantized cells remain; nothing is trained again.
+    assert calls == {"quantize": 2, "train": 0}
+    rows = _rows(tmp_path)
+    assert len(rows) == N_ROWS and len(set(_cell_ids(rows))) == N_ROWS
+
+
+def test_failing_cell_becomes_error_row(tmp_path, monkeypatch):
+    from quantcal import quant
+
+    real = quant.quantize
+
+    def fail_w4(model, config, batches):
+        if config.act_bits == 4:
+            raise RuntimeError("simulated backend failure")
+        return real(model, config, batches)
+
+    monkeypatch.setattr(quant, "quantize", fail_w4)
+    cfg = {**MICRO, "model": MICRO["model"][:1]}
+    study.run_study(cfg, tmp_path, quiet=True)
+    rows = _rows(tmp_path)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert {r["precision"] for r in bad} == {"W4A4"} and len(bad) == 3
+    assert all("simulated backend failure" in r["error"] for r in bad)
+    assert all(r["status"] == "ok" for r in rows if r["precision"] != "W4A4")
+    # The error is not cached as a result: a later run retries and succeeds.
+    monkeypatch.setattr(quant, "quantize", real)
+    study.run_study(cfg, tmp_path, quiet=True)
+    assert all(r["status"] == "ok" for r in _rows(tmp_path))
+
+
+def test_two_shards_in_two_processes(tmp_path):
+    cfg_path = tmp_path / "micro.toml"
+    cfg_path.write_text(load_study(MICRO).to_toml())
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "quantcal", "run", str(cfg_path), "--out", str(out),
+             "--shard", f"{i}/2", "--quiet", "--device", "cpu"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    if not (out / "results.csv").exists():  # both finished at once: assemble explicitly
+        study.assemble(out)
+    rows = _rows(out)
+    assert len(rows) == N_ROWS and len(set(_cell_ids(rows))) == N_ROWS
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_shard_parsing():
+    assert study.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            study.parse_shard(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({**MICRO, "trian": {}}, "did you mean 'train'"),
+        ({**MICRO, "quant": {"precison": ["fp32"]}}, "did you mean 'precisions'"),
+        ({**MICRO, "quant": {"precisions": ["fp32", "W4A3x"]}}, "W4A3x"),
+        ({**MICRO, "quant": {"precisions": ["W8A8"]}}, "fp32"),
+        ({**MICRO, "recal": {"methods": ["temprature"]}}, "did you mean 'temperature'"),
+        ({**MICRO, "model": [{"arch": "shufflenet", "width": 1}]}, "shufflenetv2"),
+        ({**MICRO, "model": [{"arch": "shufflenetv2", "widht": 1}]}, "did you mean 'width'"),
+        ({**MICRO, "train": {"epoch": 3}}, "epochs"),
+    ],
+)
+def test_bad_study_files_name_the_problem(raw, match):
+    with pytest.raises(ValueError, match=match):
+        load_study(raw)
+
+
+def test_builtin_studies_parse():
+    from quantcal.studyconfig import builtin_studies
+
+    names = builtin_studies()
+    assert {"demo", "paper_cifar100", "paper_pathmnist", "cifar100_small"} <= set(names)
+    for name in names:
+        cfg = load_study(name)
+        assert "fp32" in cfg.precisions
+
+
+def test_paper_presets_use_the_papers_recipe():
+    for name in ("paper_cifar100", "paper_pathmnist"):
+        cfg = load_study(name)
+        assert {m.width for m in cfg.models} == {1.0}
+        assert cfg.train["epochs"] == 200 and cfg.train["batch_size"] == 32
+        assert cfg.train["lr"] == 0.1 and cfg.train["weight_decay"] == 1e-4
+        assert cfg.precisions == ("fp32", "W8A8", "W4A8", "W4A4")
