@@ -1,0 +1,29 @@
+"""The model zoo: the study's efficient CNNs adapted to small images (REFERENCE.md §2).
+
+``create_model(name, *, num_classes, image_size=32, in_chans=3, width=1.0, seed=None, **kw)``
+builds "shufflenetv2", "augshufflenet", "ghostnet_vgg16" or "mobileone_s0" (see
+``list_models()``); ``describe(model)`` gives parameters, MACs and weight bytes;
+``to_deploy(model)`` (in :mod:`quantcal.models.deploy`, loaded on first use) gives the
+reparameterized, BN-folded eval-mode copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Importing the family modules registers them; they only define classes.
+from quantcal.models import ghostnet, mobileone, shufflenet  # noqa: F401
+from quantcal.models.registry import create_model, list_models, register_model
+from quantcal.models.stats import ModelStats, describe
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from quantcal.models.deploy import to_deploy
+
+__all__ = ["ModelStats", "create_model", "describe", "list_models", "register_model", "to_deploy"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "to_deploy":
+        return importlib.import_module("quantcal.models.deploy").to_deploy
+    raise AttributeError(f"module 'quantcal.models' has no attribute {name!r}")
