@@ -140,6 +140,33 @@ def test_channel_shuffle_matches_index_permutation():
     assert out.is_contiguous()
 
 
+def test_augshuffle_unit_matches_functional_rederivation():
+    """Crossover wiring re-derived with F.conv2d/F.batch_norm and explicit index shuffling."""
+    from quantcal.models.shufflenet import AugShuffleUnit
+
+    F = nn.functional
+    unit = AugShuffleUnit(16, ratio=0.375)  # 6 convolved channels (16 * 0.375), 10 untouched
+    _randomise_bn(unit, torch.Generator().manual_seed(2))
+    unit.eval()
+    x = torch.randn(2, 16, 5, 5)
+
+    def cbn(seq, t, groups=1, pad=0):
+        conv, bn = seq[0], seq[1]
+        t = F.conv2d(t, conv.weight, None, 1, pad, 1, groups)
+        return F.batch_norm(
+            t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps
+        )
+
+    keep, conv = x[:, :10], x[:, 10:]
+    y = cbn(unit.branch[1], cbn(unit.branch[0], conv), groups=6, pad=1)  # no ReLU in between
+    passed = torch.cat((y[:, :3], keep[:, :5]), 1)
+    mixed = F.relu(cbn(unit.fuse, torch.cat((keep[:, 5:], y[:, 3:]), 1)))
+    both = torch.cat((passed, mixed), 1)
+    want = both[:, [i // 2 + 8 * (i % 2) for i in range(16)]]  # shuffle: 0, 8, 1, 9, ...
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x), want)
+
+
 # ---------------------------------------------------------------- size adaptation rules
 @pytest.mark.parametrize("size", range(4, 65))
 def test_downsample_rule_keeps_reference_final_map(size):
