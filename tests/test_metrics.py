@@ -178,7 +178,7 @@ def test_confidence_on_every_bin_edge_goes_to_the_lower_bin(dtype):
     n_bins = 15
     conf = np.arange(1, n_bins + 1) / n_bins
     z = torch.from_numpy(_refs.rows_at_confidence(conf, 16)).to(dtype)
-    got_conf, _ = M._top_label(z)
+    got_conf, _ = M._top_label(z, torch.zeros(n_bins, dtype=torch.long))
     assert np.allclose(got_conf.double().numpy(), conf, rtol=1e-6)  # on the edges (rounded)
     np.testing.assert_array_equal(M._bin_width(got_conf, n_bins).numpy(), np.arange(n_bins))
     rel = M.reliability(z, torch.zeros(n_bins, dtype=torch.long), n_bins=n_bins)
@@ -192,9 +192,11 @@ def test_exact_tie_edges_in_every_dtype(dtype):
     for k in (8, 4, 2, 1):
         rows.append([0.0] * k + [-60.0] * (8 - k))
     z = torch.tensor(rows, dtype=dtype)
-    conf, pred = M._top_label(z)
+    conf, correct = M._top_label(z, torch.zeros(4, dtype=torch.long))
     np.testing.assert_array_equal(conf.double().numpy(), [1 / 8, 1 / 4, 1 / 2, 1.0])
-    np.testing.assert_array_equal(pred.numpy(), [0, 0, 0, 0])  # first index among ties
+    assert correct.all()  # the prediction is the first index among ties ...
+    _, correct = M._top_label(z, torch.tensor([1, 1, 1, 0]))
+    np.testing.assert_array_equal(correct.numpy(), [False, False, False, True])  # ... not any
     np.testing.assert_array_equal(M._bin_width(conf, 8).numpy(), [0, 1, 3, 7])
 
 
@@ -232,12 +234,14 @@ def test_heavy_ties_never_split_across_mass_bins():
     g = torch.Generator().manual_seed(3)
     z = torch.round(torch.randn(2000, 4, generator=g)).clamp(-2, 1) * 0.75
     y = torch.randint(0, 4, (2000,), generator=g)
-    conf, _ = M._top_label(z)
+    conf, _ = M._top_label(z, y)
     idx = M._bin_mass(conf, 15)
     values, counts = torch.unique(conf, return_counts=True)
     assert values.numel() < 40 and counts.max() > 2000 / 15  # heavy ties indeed
     for v in values:
         assert torch.unique(idx[conf == v]).numel() == 1
+    pred = _refs.top_label(z.numpy())[1]  # tied top logits: the first index is the prediction
+    assert M.accuracy(z, y) == pytest.approx(np.mean(pred == y.numpy()), abs=1e-15)
     for binning in M.BINNINGS:
         want = _refs.ece(z.numpy(), y.numpy(), binning=binning)
         assert M.ece(z, y, binning=binning) == pytest.approx(want, abs=1e-6)

@@ -177,26 +177,41 @@ def _chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
         yield slice(start, min(n_rows, start + step))
 
 
-def _top_label(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-label confidence and prediction, without materialising the softmax.
+def _top_label(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence and correctness, without materialising the softmax.
 
-    ``conf = 1 / Σ_k exp(z_k − max z)`` (the max entry contributes exp(0) = 1 exactly) and
-    ``pred = argmax z`` (first index among ties, as ``torch.argmax``), row chunk by row chunk.
+    Row chunk by row chunk (cache sized): ``m = max z``, ``conf = 1 / Σ_k exp(z_k − m)`` (the
+    max entry contributes exp(0) = 1 exactly), and ``correct = (argmax z == y)`` with argmax
+    the first index among ties (as ``torch.argmax``). ``correct`` is computed as
+    ``z_y == m`` and only rows where the top value is tied pay for a real argmax, which is
+    much slower than a plain max. A chunk's ``min`` catches non-finite rows.
     """
     n, c = z.shape
     cdtype = _compute_dtype(z)
     conf = torch.empty(n, dtype=cdtype, device=z.device)
-    pred = torch.empty(n, dtype=torch.long, device=z.device)
+    correct = torch.empty(n, dtype=torch.bool, device=z.device)
     n_bad = torch.zeros((), dtype=torch.long, device=z.device)
+    buf = None
     for sl in _chunks(n, c):
         zc = z[sl].to(cdtype)
-        zmax, zarg = zc.max(dim=1)
+        yc = y[sl]
+        zmax = zc.amax(dim=1)
         zmin = zc.amin(dim=1)
         n_bad += (~torch.isfinite(zmax) | ~torch.isfinite(zmin)).sum()
-        torch.sum(torch.exp(zc - zmax[:, None]), dim=1, out=conf[sl])
-        pred[sl] = zarg
+        if buf is None or buf.shape != zc.shape:
+            buf = torch.empty_like(zc)
+        torch.sub(zc, zmax[:, None], out=buf)
+        total = torch.sum(buf.exp_(), dim=1, out=conf[sl])
+        hit = zc.gather(1, yc[:, None]).squeeze(1) == zmax
+        # k tied maxima add exactly k to the sum, so a row with sum < 2 has a unique maximum;
+        # only the rest of the hits need the (slow) first-index argmax.
+        maybe_tied = hit & (total >= 2.0)
+        if bool(maybe_tied.any()):
+            rows = maybe_tied.nonzero().squeeze(1)
+            hit[rows] = zc[rows].argmax(dim=1) == yc[rows]
+        correct[sl] = hit
     _check_finite(int(n_bad), n)
-    return conf.reciprocal_(), pred
+    return conf.reciprocal_(), correct
 
 
 @dataclass(frozen=True)
@@ -355,8 +370,8 @@ def ece(
     _check_choice(binning, BINNINGS, "binning")
     _check_choice(norm, NORMS, "norm")
     z, y = _validate(logits, labels)
-    conf, pred = _top_label(z)
-    sums = _bin_sums(_bin_index(conf, n_bins, binning), conf, pred == y, n_bins)
+    conf, correct = _top_label(z, y)
+    sums = _bin_sums(_bin_index(conf, n_bins, binning), conf, correct, n_bins)
     return float(_ce_from_sums(sums[0], sums[1], sums[2], norm))
 
 
@@ -386,8 +401,8 @@ def debiased_ece_sq(
     n_bins = _check_n_bins(n_bins)
     _check_choice(binning, BINNINGS, "binning")
     z, y = _validate(logits, labels)
-    conf, pred = _top_label(z)
-    sums = _bin_sums(_bin_index(conf, n_bins, binning), conf, pred == y, n_bins)
+    conf, correct = _top_label(z, y)
+    sums = _bin_sums(_bin_index(conf, n_bins, binning), conf, correct, n_bins)
     return float(_debiased_sq_from_sums(sums[0], sums[1], sums[2]))
 
 
@@ -434,14 +449,14 @@ def brier(logits: ArrayLike, labels: ArrayLike) -> float:
 def accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
     """Top-1 accuracy: fraction of rows whose argmax (first index among ties) equals the label."""
     z, y = _validate(logits, labels)
-    _, pred = _top_label(z)
-    return float((pred == y).double().mean())
+    _, correct = _top_label(z, y)
+    return float(correct.double().mean())
 
 
 def mean_confidence(logits: ArrayLike, labels: ArrayLike) -> float:
     """Mean top-label confidence ``(1/N) Σ_i max_k softmax(z_i)_k`` (labels only validated)."""
-    z, _ = _validate(logits, labels)
-    conf, _ = _top_label(z)
+    z, y = _validate(logits, labels)
+    conf, _ = _top_label(z, y)
     return float(conf.double().mean())
 
 
@@ -467,8 +482,8 @@ def reliability(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 15) -> Re
     """Per-bin counts, mean confidence and accuracy for a reliability diagram."""
     n_bins = _check_n_bins(n_bins)
     z, y = _validate(logits, labels)
-    conf, pred = _top_label(z)
-    sums = _bin_sums(_bin_width(conf, n_bins), conf, pred == y, n_bins).cpu().numpy()
+    conf, correct = _top_label(z, y)
+    sums = _bin_sums(_bin_width(conf, n_bins), conf, correct, n_bins).cpu().numpy()
     count = sums[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(count > 0, sums[1] / count, np.nan)
@@ -548,8 +563,7 @@ class _FastMetric:
             rows = _softmax_rows(z, y, None)
             self.values = (rows.nll if name == "nll" else rows.brier).cpu().numpy()
             return
-        conf, pred = _top_label(z)
-        correct = pred == y
+        conf, correct = _top_label(z, y)
         if name in ("accuracy", "mean_confidence"):
             chosen = correct if name == "accuracy" else conf
             self.values = chosen.double().cpu().numpy()
