@@ -48,14 +48,45 @@ def test_eval_brings_your_own_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "net.pt"
     torch.save(net.state_dict(), ckpt)
     out = tmp_path / "eval"
-    code = cli.main(["eval", "--checkpoint", str(ckpt), "--model", "shufflenetv2", "--width", "0.1",
-                     "--dataset", "digits", "--precisions", "W8A8", "--recal", "none,temperature",
-                     "--out", str(out), "--quiet"])
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            "shufflenetv2",
+            "--width",
+            "0.1",
+            "--dataset",
+            "digits",
+            "--precisions",
+            "W8A8",
+            "--recal",
+            "none,temperature",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert (out / "report.html").exists()
     # A checkpoint that does not fit the model is a clear error, not a traceback.
-    code = cli.main(["eval", "--checkpoint", str(ckpt), "--model", "shufflenetv2", "--width", "0.5",
-                     "--dataset", "digits", "--out", str(tmp_path / "e2"), "--quiet"])
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            "shufflenetv2",
+            "--width",
+            "0.5",
+            "--dataset",
+            "digits",
+            "--out",
+            str(tmp_path / "e2"),
+            "--quiet",
+        ]
+    )
     assert code == 0  # the sweep goes on: the failure becomes error rows
     import csv
 

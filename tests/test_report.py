@@ -14,13 +14,31 @@ from quantcal.study import RESULT_COLUMNS
 
 def _row(arch, precision, recal, ece, diff, lo, hi, acc=0.9, **kw):
     r = dict.fromkeys(RESULT_COLUMNS, "")
-    r.update(dataset="digits", arch=arch, width=0.25, seed=0, precision=precision,
-             observer="-" if precision == "fp32" else "minmax",
-             ptq_sample=-1 if precision == "fp32" else 0, recal=recal, status="ok",
-             accuracy=acc, accuracy_lo=acc - 0.02, accuracy_hi=acc + 0.02, ece=ece,
-             ece_lo=ece - 0.01, ece_hi=ece + 0.01, ece_diff_vs_fp32=diff,
-             ece_diff_vs_fp32_lo=lo, ece_diff_vs_fp32_hi=hi, n_test=360, n_bins=15,
-             params=1000, weight_bytes=500, row_id=f"{arch}-{precision}-{recal}")
+    r.update(
+        dataset="digits",
+        arch=arch,
+        width=0.25,
+        seed=0,
+        precision=precision,
+        observer="-" if precision == "fp32" else "minmax",
+        ptq_sample=-1 if precision == "fp32" else 0,
+        recal=recal,
+        status="ok",
+        accuracy=acc,
+        accuracy_lo=acc - 0.02,
+        accuracy_hi=acc + 0.02,
+        ece=ece,
+        ece_lo=ece - 0.01,
+        ece_hi=ece + 0.01,
+        ece_diff_vs_fp32=diff,
+        ece_diff_vs_fp32_lo=lo,
+        ece_diff_vs_fp32_hi=hi,
+        n_test=360,
+        n_bins=15,
+        params=1000,
+        weight_bytes=500,
+        row_id=f"{arch}-{precision}-{recal}",
+    )
     r.update(kw)
     return r
 
@@ -37,15 +55,43 @@ def _write(tmp_path, rows):
 @pytest.fixture
 def rows(tmp_path):
     rs = []
-    for arch, rise, lo, hi, acc_low in (("ghostnet_vgg16", 0.01, 0.002, 0.02, 0.88),
-                                        ("mobileone_s0", 0.12, 0.08, 0.16, 0.40)):
+    for arch, rise, lo, hi, acc_low in (
+        ("ghostnet_vgg16", 0.01, 0.002, 0.02, 0.88),
+        ("mobileone_s0", 0.12, 0.08, 0.16, 0.40),
+    ):
         rs.append(_row(arch, "fp32", "none", 0.03, 0.0, 0.0, 0.0))
         rs.append(_row(arch, "W4A4", "none", 0.03 + rise, rise, lo, hi, acc=acc_low))
-        rs.append(_row(arch, "fp32", "temperature", 0.02, 0.0, 0.0, 0.0, temperature=1.1,
-                       ece_diff_vs_none=-0.01, ece_diff_vs_none_lo=-0.02, ece_diff_vs_none_hi=0.0))
-        rs.append(_row(arch, "W4A4", "temperature", 0.03, 0.01, -0.01, 0.03, acc=acc_low,
-                       temperature=1.8, ece_diff_vs_none=-rise, ece_diff_vs_none_lo=-rise - 0.02,
-                       ece_diff_vs_none_hi=-rise + 0.005))
+        rs.append(
+            _row(
+                arch,
+                "fp32",
+                "temperature",
+                0.02,
+                0.0,
+                0.0,
+                0.0,
+                temperature=1.1,
+                ece_diff_vs_none=-0.01,
+                ece_diff_vs_none_lo=-0.02,
+                ece_diff_vs_none_hi=0.0,
+            )
+        )
+        rs.append(
+            _row(
+                arch,
+                "W4A4",
+                "temperature",
+                0.03,
+                0.01,
+                -0.01,
+                0.03,
+                acc=acc_low,
+                temperature=1.8,
+                ece_diff_vs_none=-rise,
+                ece_diff_vs_none_lo=-rise - 0.02,
+                ece_diff_vs_none_hi=-rise + 0.005,
+            )
+        )
     return _write(tmp_path, rs)
 
 
@@ -59,16 +105,20 @@ def test_findings_follow_the_intervals(rows):
 
 
 def test_findings_say_undecided_when_interval_contains_zero(tmp_path):
-    rs = [_row("shufflenetv2", "fp32", "none", 0.03, 0, 0, 0),
-          _row("shufflenetv2", "W4A4", "none", 0.035, 0.005, -0.01, 0.02)]
+    rs = [
+        _row("shufflenetv2", "fp32", "none", 0.03, 0, 0, 0),
+        _row("shufflenetv2", "W4A4", "none", 0.035, 0.005, -0.01, 0.02),
+    ]
     f = report.findings(_write(tmp_path, rs))
     assert f[0]["verdict"].startswith("undecided")
     assert any(x["claim"] == "Caveat" for x in f)  # 360 test images: said to be small
 
 
 def test_contradicted_when_ece_falls(tmp_path):
-    rs = [_row("shufflenetv2", "fp32", "none", 0.10, 0, 0, 0),
-          _row("shufflenetv2", "W4A4", "none", 0.03, -0.07, -0.09, -0.05)]
+    rs = [
+        _row("shufflenetv2", "fp32", "none", 0.10, 0, 0, 0),
+        _row("shufflenetv2", "W4A4", "none", 0.03, -0.07, -0.09, -0.05),
+    ]
     assert report.findings(_write(tmp_path, rs))[0]["verdict"].startswith("contradicted")
 
 

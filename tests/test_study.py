@@ -55,7 +55,8 @@ def test_micro_study_writes_every_file(finished):
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     for r in rows:
         assert 0.0 <= float(r["ece"]) <= 1.0
-        assert float(r["ece_lo"]) <= float(r["ece"]) + 1e-9 <= float(r["ece_hi"]) + 2e-9
+        # A percentile interval of a biased statistic need not contain the point estimate.
+        assert 0.0 <= float(r["ece_lo"]) <= float(r["ece_hi"]) <= 1.0
         assert int(r["n_test"]) > 0 and int(r["params"]) > 0
     fp32 = [r for r in rows if r["precision"] == "fp32"]
     assert all(float(r["ece_diff_vs_fp32"]) == 0.0 for r in fp32)
@@ -150,9 +151,24 @@ def test_two_shards_in_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "quantcal", "run", str(cfg_path), "--out", str(out),
-             "--shard", f"{i}/2", "--quiet", "--device", "cpu"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "quantcal",
+                "run",
+                str(cfg_path),
+                "--out",
+                str(out),
+                "--shard",
+                f"{i}/2",
+                "--quiet",
+                "--device",
+                "cpu",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -175,13 +191,13 @@ def test_shard_parsing():
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        ({**MICRO, "trian": {}}, "did you mean 'train'"),
-        ({**MICRO, "quant": {"precison": ["fp32"]}}, "did you mean 'precisions'"),
+        ({**MICRO, "trian": {}}, "(?i)did you mean 'train'"),
+        ({**MICRO, "quant": {"precison": ["fp32"]}}, "(?i)did you mean 'precisions'"),
         ({**MICRO, "quant": {"precisions": ["fp32", "W4A3x"]}}, "W4A3x"),
         ({**MICRO, "quant": {"precisions": ["W8A8"]}}, "fp32"),
-        ({**MICRO, "recal": {"methods": ["temprature"]}}, "did you mean 'temperature'"),
+        ({**MICRO, "recal": {"methods": ["temprature"]}}, "(?i)did you mean 'temperature'"),
         ({**MICRO, "model": [{"arch": "shufflenet", "width": 1}]}, "shufflenetv2"),
-        ({**MICRO, "model": [{"arch": "shufflenetv2", "widht": 1}]}, "did you mean 'width'"),
+        ({**MICRO, "model": [{"arch": "shufflenetv2", "widht": 1}]}, "(?i)did you mean 'width'"),
         ({**MICRO, "train": {"epoch": 3}}, "epochs"),
     ],
 )

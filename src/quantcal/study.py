@@ -66,6 +66,7 @@ RESULT_COLUMNS = (
     "recal",
     "status",
     "error",
+    "notes",
     "accuracy",
     "accuracy_lo",
     "accuracy_hi",
@@ -471,7 +472,7 @@ class _Runner:
             calib = self.ptq_batches(splits, cell.sample)
             net = quant.quantize(model, qc, calib)
             try:
-                meta["inspect"] = [r.to_dict() for r in quant.inspect(net, calib[:2])]
+                meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
                 meta["inspect_error"] = f"{type(exc).__name__}: {exc}"
         bits = 32 if qc is None else qc.weight_bits
@@ -604,16 +605,27 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
     return row
 
 
-def _recalibrate(method: str, lg: dict, fp32: dict):
-    """Fit ``method`` on this cell's validation logits; return (test logits, temperature)."""
+def _recalibrate(method: str, lg: dict, fp32: dict, notes: list[str] | None = None):
+    """Fit ``method`` on this cell's validation logits; return (test logits, temperature).
+
+    Warnings of the fit (a temperature at its bound, say) are appended to ``notes``."""
+    import warnings
+
     from quantcal import recal
 
-    if method == REUSE_FP32_TEMPERATURE:
-        ts = recal.get("temperature")().fit(fp32["val_logits"], fp32["val_labels"])
-        fixed = recal.get("temperature").fixed(ts.temperature)
-        return fixed(lg["test_logits"]), float(ts.temperature)
-    r = recal.get(method)().fit(lg["val_logits"], lg["val_labels"])
-    return r(lg["test_logits"]), (float(r.temperature) if hasattr(r, "temperature") else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if method == REUSE_FP32_TEMPERATURE:
+            ts = recal.get("temperature")().fit(fp32["val_logits"], fp32["val_labels"])
+            fixed = recal.get("temperature").fixed(ts.temperature)
+            out = fixed(lg["test_logits"]), float(ts.temperature)
+        else:
+            r = recal.get(method)().fit(lg["val_logits"], lg["val_labels"])
+            temp = getattr(r, "temperature", None)
+            out = r(lg["test_logits"]), (None if temp is None else float(temp))
+    if notes is not None:
+        notes.extend(str(w.message) for w in caught if str(w.message) not in notes)
+    return out
 
 
 def _score(
@@ -622,7 +634,8 @@ def _score(
     from quantcal import metrics
 
     labels = lg["test_labels"]
-    z, temperature = _recalibrate(method, lg, fp32)
+    notes: list[str] = []
+    z, temperature = _recalibrate(method, lg, fp32, notes)
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
     row.update({k: float(v) for k, v in rep.items() if k in row})
@@ -632,11 +645,12 @@ def _score(
     if config.bootstrap > 0:
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
-        z_fp32, _ = _recalibrate(method, fp32, fp32)
+        z_fp32, _ = _recalibrate(method, fp32, fp32, [])
         d = metrics.paired_bootstrap_diff("ece", z, z_fp32, labels, **boot)
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
         row["ece_diff_vs_none"], row["ece_diff_vs_none_lo"], row["ece_diff_vs_none_hi"] = d
+    row["notes"] = " | ".join(notes)
     rel = metrics.reliability(z, labels, n_bins=config.n_bins)
     row["reliability"] = {
         "edges": [float(x) for x in rel.edges],
