@@ -1,0 +1,45 @@
+"""Post-training quantization: fake-quantize any fx-traceable CNN at any precision.
+
+Scheme (Kuang & Wong, arXiv 2309.13866; REFERENCE.md §5): weights symmetric per output channel,
+activations asymmetric per tensor with ranges from range-calibration batches, applied to the
+deploy form (``models.to_deploy``).
+
+>>> qmodel = quant.quantize(model, quant.parse_precision("W4A8"), splits.ptq_calib.batches(256))
+>>> quant.inspect(qmodel, some_batches)            # per-layer scales, clipping, SQNR
+>>> quant.export_onnx(qmodel, "model.onnx", x)     # W8A8 as ONNX QDQ (optional extra [onnx])
+
+Importing this package loads only torch-based code; onnx/onnxruntime load on first export.
+"""
+
+from __future__ import annotations
+
+# Eager imports are cheap (torch is already needed) and keep ``quant.inspect`` the function:
+# binding it here, after the sub-module import, means the sub-module cannot shadow it later.
+from quantcal.quant.apply import fake_quant_disabled, quantize, quantized_layers
+from quantcal.quant.config import PRECISIONS, QuantConfig, parse_precision
+from quantcal.quant.export import export_onnx, run_onnx
+from quantcal.quant.inspect import LayerReport, LayerTable, inspect
+from quantcal.quant.observers import (
+    RangeObserver,
+    available_observers,
+    get_observer,
+    register_observer,
+)
+
+__all__ = [
+    "PRECISIONS",
+    "LayerReport",
+    "LayerTable",
+    "QuantConfig",
+    "RangeObserver",
+    "available_observers",
+    "export_onnx",
+    "fake_quant_disabled",
+    "get_observer",
+    "inspect",
+    "parse_precision",
+    "quantize",
+    "quantized_layers",
+    "register_observer",
+    "run_onnx",
+]

@@ -1,0 +1,370 @@
+"""``quantize(model, config, calib_batches)``: post-training fake quantization of any CNN.
+
+Steps (Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.08295, §3):
+
+1. ``models.to_deploy``: an eval-mode copy with branches reparameterized and BatchNorm folded,
+   as an ``fx.GraphModule`` (the input model is never modified);
+2. every ``Conv1d/2d/3d`` and ``Linear`` leaf module in the graph is a quantized layer; with
+   ``first_last_8bit`` the first and last of them in graph order use ``max(bits, 8)``;
+3. range calibration, one pass: the range-calibration batches run through the **fp32** deploy
+   graph and each quantized layer's observer sees that layer's fp32 input (observation is not
+   sequential: upstream layers are not quantized yet; this is the simple, order-independent
+   min-max PTQ of the study); a second fp32 pass counts, per layer, the fraction of inputs that
+   saturate the chosen range (the "clipping fraction");
+4. each layer is replaced by a ``QuantConv``/``QuantLinear`` holding its fake-quantized weight,
+   computed once (symmetric per-channel), and the input's asymmetric per-tensor scale and
+   zero-point; its forward is one fake-quant of the input plus the ordinary conv/linear;
+5. the result is frozen (no gradients) and in eval mode, with ``quant_config`` (the
+   ``QuantConfig``) and ``precision`` attributes; every layer keeps a record of its parameters
+   (``quant.inspect`` reads them) and its fp32 weight, so ``fake_quant_disabled(qmodel)`` runs the
+   exact fp32 deploy model for comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantcal.quant.config import QuantConfig, parse_precision
+from quantcal.quant.observers import RangeObserver, get_observer
+from quantcal.quant.primitives import (
+    activation_qparams,
+    activation_qrange,
+    fake_quantize_per_channel,
+    fake_quantize_per_tensor_fast,
+    weight_scale_per_channel,
+)
+
+__all__ = [
+    "QuantConv",
+    "QuantLinear",
+    "QuantizedLayer",
+    "batch_inputs",
+    "fake_quant_disabled",
+    "quantize",
+    "quantized_layers",
+]
+
+_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class QuantizedLayer(nn.Module):
+    """A conv/linear layer with a fake-quantized input activation and a fixed fake-quant weight.
+
+    Buffers (move with ``.to()``): ``weight`` (the dequantized symmetric per-channel weight),
+    ``bias``, ``weight_fp32``, ``weight_scale`` (per output channel), ``act_scale`` and
+    ``act_zero_point``. Plain attributes record the bits, the observer's range, the clipping
+    fraction on the range-calibration data and the layer kind.
+    """
+
+    def __init__(
+        self,
+        source: nn.Module,
+        *,
+        weight_bits: int,
+        act_bits: int,
+        act_range: tuple[float, float],
+        observer: str,
+    ) -> None:
+        super().__init__()
+        weight = source.weight.detach()
+        scale = weight_scale_per_channel(weight, weight_bits, axis=0)
+        self.register_buffer("weight", fake_quantize_per_channel(weight, scale, weight_bits, 0))
+        self.register_buffer("weight_fp32", weight.clone())
+        self.register_buffer("weight_scale", scale.to(weight.device))
+        bias = source.bias.detach().clone() if source.bias is not None else None
+        self.register_buffer("bias", bias)
+        act_scale, zero_point = activation_qparams(act_range[0], act_range[1], act_bits)
+        self.register_buffer("act_scale", torch.tensor(act_scale, dtype=torch.float32))
+        self.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32))
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.range_min, self.range_max = float(act_range[0]), float(act_range[1])
+        self.observer = observer
+        self.clip_fraction = math.nan
+        self.kind = type(source).__name__
+        self.fake_quant_enabled = True
+        # Python copies of the activation constants: the forward needs no device sync.
+        self._scale = act_scale
+        self._inv_scale = float(torch.reciprocal(torch.tensor(act_scale, dtype=torch.float32)))
+        self._zero_point = zero_point
+        self._q_min, self._q_max = activation_qrange(act_bits)
+
+    @property
+    def act_zero_point_int(self) -> int:
+        return self._zero_point
+
+    @property
+    def act_scale_float(self) -> float:
+        return self._scale
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized input (asymmetric per tensor, contiguous first)."""
+        return fake_quantize_per_tensor_fast(
+            x, self._scale, self._inv_scale, self._zero_point, self._q_min, self._q_max
+        )
+
+    def saturation_count(self, x: torch.Tensor) -> int:
+        """How many elements of ``x`` are clipped: more than half a step outside the
+        representable range ``[(q_min - z) s, (q_max - z) s]``, so that ``round(x / s) + z``
+        saturates."""
+        lo = (self._q_min - self._zero_point - 0.5) * self._scale
+        hi = (self._q_max - self._zero_point + 0.5) * self._scale
+        x_min, x_max = torch.aminmax(x.detach())
+        if float(x_min) >= lo and float(x_max) <= hi:
+            return 0
+        return int((x < lo).sum()) + int((x > hi).sum())
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The conv/linear with the given weight (no quantization)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return self.layer_op(x, self.weight_fp32)
+        return self.layer_op(self.quantize_input(x), self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.kind}, W{self.weight_bits}A{self.act_bits}, act_scale={self._scale:.4g}, "
+            f"zero_point={self._zero_point}, range=[{self.range_min:.4g}, {self.range_max:.4g}]"
+        )
+
+
+class QuantConv(QuantizedLayer):
+    """Fake-quantized ``Conv1d/2d/3d`` (all padding modes, groups, dilation)."""
+
+    def __init__(self, source: nn.Module, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.stride = source.stride
+        self.padding = source.padding
+        self.dilation = source.dilation
+        self.groups = source.groups
+        self.padding_mode = source.padding_mode
+        self.in_channels = source.in_channels
+        self.out_channels = source.out_channels
+        self.kernel_size = source.kernel_size
+        self._reversed_padding_repeated_twice = source._reversed_padding_repeated_twice
+        self._conv = _CONV_FN[len(source.kernel_size)]
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(
+            x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class QuantLinear(QuantizedLayer):
+    """Fake-quantized ``Linear``."""
+
+    depthwise = False
+
+    def __init__(self, source: nn.Module, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.in_features = source.in_features
+        self.out_features = source.out_features
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def batch_inputs(batches: Iterable[Any], what: str = "calib_batches") -> list[torch.Tensor]:
+    """The input tensors of an iterable of tensors or ``(x, y, ...)`` tuples, as a list."""
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(
+            f"{what} must be an iterable of batches (tensors or (x, y) tuples), not one tensor; "
+            f"wrap it in a list: [{what}]"
+        )
+    if batches is None or not isinstance(batches, Iterable):
+        raise TypeError(f"{what} must be an iterable of tensors or (x, y) tuples, got {batches!r}")
+    xs: list[torch.Tensor] = []
+    for i, batch in enumerate(batches):
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"{what}[{i}] must be a float tensor or an (x, y) tuple with a float tensor x, "
+                f"got {type(x).__name__}"
+            )
+        if x.numel():
+            xs.append(x)
+    if not xs:
+        raise ValueError(
+            f"{what} is empty: range calibration needs at least one non-empty batch of inputs "
+            "(e.g. splits.ptq_calib.batches(256))"
+        )
+    return xs
+
+
+def quantized_layers(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    """``(name, layer)`` of every quantized layer of ``qmodel``, in module order."""
+    return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+@contextlib.contextmanager
+def fake_quant_disabled(qmodel: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``qmodel`` computes the fp32 deploy model exactly (fp32 weights, no
+    activation quantization); the previous state is restored afterwards."""
+    layers = [m for _, m in quantized_layers(qmodel)]
+    states = [m.fake_quant_enabled for m in layers]
+    try:
+        for m in layers:
+            m.fake_quant_enabled = False
+        yield qmodel
+    finally:
+        for m, state in zip(layers, states):
+            m.fake_quant_enabled = state
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _layer_order(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the quantizable leaf modules, in graph (execution) order, each once."""
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if (
+            node.op == "call_module"
+            and node.target not in names
+            and isinstance(gm.get_submodule(node.target), _QUANTIZABLE)
+        ):
+            names.append(str(node.target))
+    return names
+
+
+def _run_with_pre_hooks(
+    gm: nn.Module, modules: dict[str, nn.Module], hook_fn: Any, xs: list[torch.Tensor]
+) -> None:
+    device = _device_of(gm)
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: hook_fn(name, args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            for x in xs:
+                gm(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, leaf = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+def _layer_bits(config: QuantConfig, index: int, count: int) -> tuple[int, int]:
+    if config.first_last_8bit and index in (0, count - 1):
+        return max(config.weight_bits, 8), max(config.act_bits, 8)
+    return config.weight_bits, config.act_bits
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | str | None,
+    calib_batches: Iterable[Any] | None,
+) -> nn.Module:
+    """Post-training fake quantization of ``model`` (see the module docstring for the steps).
+
+    Args:
+        model: any fx-traceable ``nn.Module`` (train or eval form; it is not modified).
+        config: a ``QuantConfig``, a precision string ("W4A8"), or None / "fp32" for the fp32
+            deploy model (``to_deploy(model)``; ``calib_batches`` is then not used).
+        calib_batches: range-calibration batches: an iterable of input tensors or ``(x, y)``
+            tuples (the ``ptq_calib`` split, never ``val`` or ``test``); empty -> ValueError.
+
+    Returns:
+        a new frozen eval-mode ``nn.Module`` (an ``fx.GraphModule``) on the model's device.
+        Its logits do not depend on the evaluation batch size.
+    """
+    from quantcal.models.deploy import to_deploy
+
+    if isinstance(config, str):
+        config = parse_precision(config)
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"config must be a QuantConfig, a precision string such as 'W8A8', or None (fp32); "
+            f"got {type(config).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize needs an nn.Module, got {type(model).__name__}")
+    if config is None:
+        deploy = to_deploy(model)
+        deploy.requires_grad_(False)
+        deploy.quant_config = None
+        deploy.precision = "fp32"
+        return deploy
+    xs = batch_inputs(calib_batches)
+    gm = to_deploy(model)
+    names = _layer_order(gm)
+    modules = {name: gm.get_submodule(name) for name in names}
+    bits = {name: _layer_bits(config, i, len(names)) for i, name in enumerate(names)}
+    observers: dict[str, RangeObserver] = {
+        name: get_observer(config.observer, bits=bits[name][1], **config.observer_options())
+        for name in names
+    }
+    _run_with_pre_hooks(gm, modules, lambda name, x: observers[name].observe(x), xs)
+    qlayers: dict[str, QuantizedLayer] = {}
+    for name, module in modules.items():
+        if observers[name].count == 0:
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) saw no input during range calibration; "
+                "is it used in forward()?"
+            )
+        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv
+        qlayers[name] = cls(
+            module,
+            weight_bits=bits[name][0],
+            act_bits=bits[name][1],
+            act_range=observers[name].range(),
+            observer=config.observer,
+        )
+    _record_clip_fractions(gm, modules, qlayers, xs)
+    for name, qlayer in qlayers.items():
+        _set_submodule(gm, name, qlayer)
+    gm.requires_grad_(False)
+    gm.quant_config = config
+    gm.precision = config.name
+    return gm.eval()
+
+
+def _record_clip_fractions(
+    gm: nn.Module,
+    modules: dict[str, nn.Module],
+    qlayers: dict[str, QuantizedLayer],
+    xs: list[torch.Tensor],
+) -> None:
+    """Second fp32 pass: the fraction of each layer's range-calibration inputs that saturate."""
+    clipped = dict.fromkeys(modules, 0)
+    total = dict.fromkeys(modules, 0)
+
+    def count(name: str, x: torch.Tensor) -> None:
+        clipped[name] += qlayers[name].saturation_count(x)
+        total[name] += x.numel()
+
+    _run_with_pre_hooks(gm, modules, count, xs)
+    for name, qlayer in qlayers.items():
+        qlayer.clip_fraction = clipped[name] / total[name] if total[name] else math.nan

@@ -1,0 +1,126 @@
+"""Quantization configs: ``QuantConfig`` and the precision strings of a sweep ("W4A8", "fp32")."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from quantcal._registry import unknown_name_message
+from quantcal.quant.observers import OBSERVERS, available_observers, check_percentile
+from quantcal.quant.primitives import MAX_BITS, MIN_BITS
+
+PRECISIONS: tuple[str, ...] = ("fp32", "W8A8", "W4A8", "W4A4")
+"""The study's precisions (Kuang & Wong, arXiv 2309.13866), highest first."""
+
+_PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
+_ACCEPTED_FORMS = f"'fp32' or 'WxAy' with x, y in {MIN_BITS}..{MAX_BITS} (e.g. 'W8A8', 'w4a8')"
+
+
+def _check_bits_field(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"QuantConfig.{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {value!r}"
+        )
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(
+            f"QuantConfig.{name} must be in {MIN_BITS}..{MAX_BITS}, got {value}; "
+            "8 is int8, 4 is int4"
+        )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Post-training quantization settings (weights symmetric per output channel, activations
+    asymmetric per tensor; see ``quant.primitives``).
+
+    Fields:
+      weight_bits, act_bits: bit widths in 2..16.
+      observer: activation range estimator, one of ``available_observers()`` ("minmax" is the
+        study's, "percentile", "mse").
+      percentile: clipping percentile of the "percentile" observer, in (50, 100].
+      first_last_8bit: quantize the first and the last quantized layer (in graph order) at
+        ``max(bits, 8)`` for weights and activations instead of the config's bits; by default
+        every conv and linear layer, first and last included, uses the config's bits.
+      histogram_bins: bins of the histogram behind the "percentile" and "mse" observers.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    observer: str = "minmax"
+    percentile: float = 99.99
+    first_last_8bit: bool = False
+    histogram_bins: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_bits_field("weight_bits", self.weight_bits)
+        _check_bits_field("act_bits", self.act_bits)
+        if not isinstance(self.observer, str) or self.observer.lower() not in OBSERVERS:
+            raise ValueError(
+                "QuantConfig.observer: "
+                + unknown_name_message("range estimator", str(self.observer), available_observers())
+            )
+        object.__setattr__(self, "observer", self.observer.lower())
+        try:
+            object.__setattr__(self, "percentile", check_percentile(self.percentile))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"QuantConfig.percentile: {err}") from None
+        if not isinstance(self.first_last_8bit, bool):
+            raise TypeError(
+                f"QuantConfig.first_last_8bit must be True or False, got {self.first_last_8bit!r}"
+            )
+        bins = self.histogram_bins
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 16 <= bins <= 1 << 16:
+            raise ValueError(
+                f"QuantConfig.histogram_bins must be an int in 16..65536, got {bins!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        """The precision string, e.g. "W4A8"."""
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+    def observer_options(self) -> dict[str, Any]:
+        """Constructor options for the configured observer (unused ones are ignored)."""
+        return {"percentile": self.percentile, "bins": self.histogram_bins}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of all fields (canonical for hashing)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Inverse of ``to_dict``; an unknown key is a ValueError naming the closest field."""
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantConfig.from_dict needs a dict, got {type(data).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in fields:
+                raise ValueError("QuantConfig: " + unknown_name_message("field", str(key), fields))
+        return cls(**data)
+
+
+def parse_precision(precision: str, **overrides: Any) -> QuantConfig | None:
+    """Parse a precision: "fp32" -> None; "WxAy" (any case, x and y in 2..16) ->
+    ``QuantConfig(weight_bits=x, act_bits=y, **overrides)``; anything else -> ValueError."""
+    if not isinstance(precision, str):
+        raise TypeError(
+            f"precision must be a string such as 'W8A8', got {type(precision).__name__}"
+        )
+    text = precision.strip()
+    if text.lower() == "fp32":
+        return None
+    match = _PRECISION_RE.match(text)
+    if match is None:
+        raise ValueError(f"unsupported precision {precision!r}; accepted: {_ACCEPTED_FORMS}")
+    weight_bits, act_bits = int(match.group(1)), int(match.group(2))
+    for bits in (weight_bits, act_bits):
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(
+                f"precision {precision!r} has a bit width out of range; accepted: {_ACCEPTED_FORMS}"
+            )
+    for key in ("weight_bits", "act_bits"):
+        if key in overrides:
+            raise ValueError(f"parse_precision: {key} comes from the string {precision!r}; drop it")
+    return QuantConfig.from_dict({"weight_bits": weight_bits, "act_bits": act_bits, **overrides})

@@ -1,0 +1,191 @@
+"""Per-layer quantization report: "which layer hurts".
+
+``inspect(qmodel, batches)`` lists, for every quantized layer of a model made by ``quantize``,
+its bits, activation scale and zero-point, the observer's range, the fraction of range-calibration
+inputs that were clipped, and two signal-to-quantization-noise ratios on the given batches:
+
+* ``sqnr_db``: the layer's output in the quantized network against the same layer's output in
+  the fp32 deploy network (error accumulated from every layer upstream);
+* ``sqnr_isolated_db``: the layer alone, quantized weight and input, fed the fp32 network's input,
+  against its fp32 output (the error this layer adds by itself).
+
+``SQNR = 10 log10(sum ref^2 / sum (ref - q)^2)`` in dB over all elements of all batches
+(+inf when identical). The fp32 network is the quantized model with fake quantization switched
+off (``fake_quant_disabled``), so no reference to the original model is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantcal.quant.apply import (
+    QuantizedLayer,
+    batch_inputs,
+    fake_quant_disabled,
+    quantized_layers,
+)
+
+__all__ = ["LayerReport", "LayerTable", "inspect", "sqnr_db"]
+
+_CHUNK = 32  # images per forward while comparing, so stored layer outputs stay small
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One quantized layer's parameters and error measures (see the module docstring)."""
+
+    name: str
+    kind: str
+    depthwise: bool
+    weight_shape: tuple[int, ...]
+    weight_bits: int
+    act_bits: int
+    act_scale: float
+    zero_point: int
+    range_min: float
+    range_max: float
+    weight_scale_min: float
+    weight_scale_max: float
+    clip_fraction: float
+    sqnr_db: float = math.nan
+    sqnr_isolated_db: float = math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (a table row)."""
+        return asdict(self)
+
+
+class LayerTable(list):
+    """A list of ``LayerReport`` with ``to_rows()`` for tables and plots."""
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One plain dict per layer, in the model's order."""
+        return [r.as_dict() for r in self]
+
+    def __str__(self) -> str:
+        head = f"{'layer':40s} {'kind':8s} {'W':>2s} {'A':>2s} {'clip %':>7s} {'SQNR dB':>8s}"
+        lines = [head]
+        for r in self:
+            lines.append(
+                f"{r.name[-40:]:40s} {r.kind:8s} {r.weight_bits:2d} {r.act_bits:2d} "
+                f"{100 * r.clip_fraction:7.3f} {r.sqnr_db:8.2f}"
+            )
+        return "\n".join(lines)
+
+
+def sqnr_db(reference: torch.Tensor, quantized: torch.Tensor) -> float:
+    """``10 log10(sum ref^2 / sum (ref - q)^2)`` in dB; +inf when equal (nan if both are 0)."""
+    ref = reference.detach().to(torch.float64)
+    err = (ref - quantized.detach().to(torch.float64)).pow(2).sum()
+    return _ratio_db(float(ref.pow(2).sum()), float(err))
+
+
+def _ratio_db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf if signal > 0.0 else math.nan
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _record(name: str, layer: QuantizedLayer) -> LayerReport:
+    return LayerReport(
+        name=name,
+        kind=layer.kind,
+        depthwise=bool(layer.depthwise),
+        weight_shape=tuple(layer.weight.shape),
+        weight_bits=layer.weight_bits,
+        act_bits=layer.act_bits,
+        act_scale=layer.act_scale_float,
+        zero_point=layer.act_zero_point_int,
+        range_min=layer.range_min,
+        range_max=layer.range_max,
+        weight_scale_min=float(layer.weight_scale.min()),
+        weight_scale_max=float(layer.weight_scale.max()),
+        clip_fraction=layer.clip_fraction,
+    )
+
+
+def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> LayerTable:
+    """Per-layer report of a model made by ``quant.quantize``; SQNRs on ``calib_batches`` if given.
+
+    ``calib_batches``: input tensors or ``(x, y)`` tuples (any split; the clipping fraction always
+    refers to the range-calibration data seen by ``quantize``). Without batches the SQNR fields
+    are NaN. Raises ValueError when ``qmodel`` has no quantized layers.
+    """
+    layers = quantized_layers(qmodel)
+    if not layers:
+        raise ValueError(
+            "inspect needs a model returned by quant.quantize with a quantized precision; "
+            f"{type(qmodel).__name__} has no quantized layers (fp32 models have none)"
+        )
+    reports = [_record(name, layer) for name, layer in layers]
+    if calib_batches is None:
+        return LayerTable(reports)
+    xs = batch_inputs(calib_batches, "calib_batches")
+    sums = _sqnr_sums(qmodel, layers, xs)
+    out = []
+    for r in reports:
+        s = sums[r.name]
+        out.append(
+            LayerReport(
+                **{
+                    **r.as_dict(),
+                    "sqnr_db": _ratio_db(s["signal"], s["noise"]),
+                    "sqnr_isolated_db": _ratio_db(s["signal"], s["noise_isolated"]),
+                }
+            )
+        )
+    return LayerTable(out)
+
+
+def _sqnr_sums(
+    qmodel: nn.Module, layers: list[tuple[str, QuantizedLayer]], xs: list[torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    sums = {name: {"signal": 0.0, "noise": 0.0, "noise_isolated": 0.0} for name, _ in layers}
+    # fp32 outputs per layer, first in first out (a layer called twice has two per forward)
+    reference: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
+    device = next(iter(qmodel.buffers())).device
+
+    def fp32_hook(module: QuantizedLayer, args: tuple, output: torch.Tensor, name: str) -> None:
+        ref = output.detach().to(torch.float64)
+        reference[name].append(ref.clone())  # clone: an in-place activation may follow
+        alone = module.layer_op(module.quantize_input(args[0]), module.weight).to(torch.float64)
+        sums[name]["signal"] += float(ref.pow(2).sum())
+        sums[name]["noise_isolated"] += float((ref - alone).pow(2).sum())
+
+    def quant_hook(module: QuantizedLayer, args: tuple, output: torch.Tensor, name: str) -> None:
+        ref = reference[name].pop(0)
+        sums[name]["noise"] += float((ref - output.detach().to(torch.float64)).pow(2).sum())
+
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            for x in xs:
+                for chunk in x.split(_CHUNK):
+                    chunk = chunk.to(device)
+                    with fake_quant_disabled(qmodel):
+                        _run_hooked(qmodel, layers, fp32_hook, chunk)
+                    _run_hooked(qmodel, layers, quant_hook, chunk)
+    finally:
+        qmodel.train(was_training)
+    return sums
+
+
+def _run_hooked(qmodel: nn.Module, layers: list, hook: Any, x: torch.Tensor) -> None:
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+        for name, layer in layers
+    ]
+    try:
+        qmodel(x)
+    finally:
+        for h in handles:
+            h.remove()

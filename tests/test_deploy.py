@@ -1,0 +1,228 @@
+"""models.deploy: reparameterization + generic BatchNorm folding, against the eval-mode original."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from quantcal.models.deploy import fold_bn_weights, to_deploy, trace
+
+models = pytest.importorskip("quantcal.models")
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-identity BN statistics and affine parameters, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BN):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_equivalent(model: nn.Module, deploy: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x)
+        out = deploy(x)
+    scale = ref.abs().max().clamp_min(1e-12)
+    assert (out - ref).abs().max() / scale < 1e-4
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def test_fold_bn_weights_matches_torch_fusion_helper():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(6, 3, 3, 3, generator=g), torch.randn(6, generator=g)
+    mean, var = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.1
+    gamma, beta = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    for bias in (b, None):
+        ours = fold_bn_weights(w, bias, mean, var, 1e-5, gamma, beta)
+        ref = fuse_conv_bn_weights(w, bias, mean, var, 1e-5, gamma, beta)
+        torch.testing.assert_close(ours[0], ref[0].detach())
+        torch.testing.assert_close(ours[1], ref[1].detach())
+    # affine=False BatchNorm: gamma 1, beta 0
+    ours = fold_bn_weights(w, None, mean, var, 1e-3)
+    expected = w / torch.sqrt(var + 1e-3).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(ours[0], expected)
+    torch.testing.assert_close(ours[1], -mean / torch.sqrt(var + 1e-3))
+    with pytest.raises(ValueError, match="running_mean"):
+        fold_bn_weights(w, None, mean[:3], var, 1e-5)
+
+
+# ----------------------------------------------------------------------------- generic models
+
+
+class _Custom(nn.Module):
+    """Conv-BN pairs in several shapes: shared input, BN after a non-conv, a reused conv output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 5
+        self.note = "kept"
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b2 = nn.BatchNorm2d(8, affine=False)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.b3 = nn.BatchNorm2d(8)
+        self.b4 = nn.BatchNorm2d(8)  # after an add: cannot be folded
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(x))
+        z = self.c3(y)
+        z = self.b3(z) + z  # c3's output feeds b3 and the add: not foldable
+        z = self.b4(z + x)
+        return self.fc(z.mean((2, 3)))
+
+
+class _Block(nn.Module):
+    """A two-branch block with ``reparameterize`` (MobileOne-style), to test the post-order pass."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.b = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+    def reparameterize(self) -> nn.Module:
+        ka, ba = fold_bn_weights(
+            self.a[0].weight,
+            None,
+            self.a[1].running_mean,
+            self.a[1].running_var,
+            self.a[1].eps,
+            self.a[1].weight,
+            self.a[1].bias,
+        )
+        kb, bb = fold_bn_weights(
+            self.b[0].weight,
+            None,
+            self.b[1].running_mean,
+            self.b[1].running_var,
+            self.b[1].eps,
+            self.b[1].weight,
+            self.b[1].bias,
+        )
+        conv = nn.Conv2d(ka.shape[0], ka.shape[0], 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(ka + nn.functional.pad(kb, (1, 1, 1, 1)))
+            conv.bias.copy_(ba + bb)
+        return nn.Sequential(conv, nn.ReLU())
+
+
+def test_custom_model_folds_what_it_can_and_warns_about_the_rest():
+    model = _randomise_bn(_Custom())
+    before = _state(model)
+    with pytest.warns(UserWarning, match="b3.*b4|b4.*b3"):
+        deploy = to_deploy(model)
+    bns = [n for n, m in deploy.named_modules() if isinstance(m, _BN)]
+    assert sorted(bns) == ["b3", "b4"]
+    assert not deploy.training
+    assert deploy.num_classes == 5 and deploy.note == "kept"
+    _assert_equivalent(model, deploy, torch.randn(4, 3, 10, 10))
+    assert model.training  # the input is untouched
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reparameterize_is_post_order_and_input_untouched():
+    model = _randomise_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _Block(4), _Block(4))
+    )
+    model.eval()
+    before = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy = to_deploy(model)
+    assert not any(isinstance(m, (_BN, _Block)) for m in deploy.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deploy.modules()) == 3
+    _assert_equivalent(model, deploy, torch.randn(2, 3, 9, 9))
+    assert any(isinstance(m, _Block) for m in model.modules())
+    for p, q in zip(model.state_dict().values(), before.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_untraceable_model_names_the_module_and_the_fix():
+    class Gate(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x
+            return -x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"'gate' \(Gate\).*torch\.fx\.wrap"):
+        to_deploy(Net())
+    with pytest.raises(ValueError, match="control flow"):
+        trace(Net())
+    with pytest.raises(TypeError):
+        to_deploy("not a model")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("size,chans,classes", [(32, 3, 100), (8, 1, 10)])
+def test_registry_models_deploy_equivalence(name, size, chans, classes):
+    model = models.create_model(
+        name, num_classes=classes, image_size=size, in_chans=chans, width=0.25, seed=0
+    )
+    model = _randomise_bn(model)
+    before = _state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every BN must fold: no warning
+        deploy = to_deploy(model)
+    assert not any(isinstance(m, _BN) for m in deploy.modules())
+    assert not any(callable(getattr(m, "reparameterize", None)) for m in deploy.modules())
+    assert deploy.num_classes == classes
+    assert model.training
+    _assert_equivalent(model, deploy, torch.randn(3, chans, size, size))
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mobileone_deployed_size_at_width_1():
+    model = _randomise_bn(models.create_model("mobileone_s0", num_classes=100, seed=0))
+    deploy = to_deploy(model)
+    stats = models.describe(deploy, 32, in_chans=3)
+    assert abs(stats.params / 1.16e6 - 1) < 0.02
+    assert abs(stats.macs / 85.6e6 - 1) < 0.05
+    # one conv per block: no multi-branch modules remain
+    assert not any(isinstance(m, _BN) for m in deploy.modules())
+    _assert_equivalent(model, deploy, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["shufflenetv2", "ghostnet_vgg16"])
+def test_width_1_models_fold_every_bn(name):
+    model = _randomise_bn(models.create_model(name, num_classes=100, seed=0))
+    deploy = to_deploy(model)
+    assert not any(isinstance(m, _BN) for m in deploy.modules())
+    _assert_equivalent(model, deploy, torch.randn(2, 3, 32, 32))

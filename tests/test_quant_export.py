@@ -1,0 +1,107 @@
+"""quant.export_onnx: the W8A8 QDQ graph, run by onnxruntime, agrees with the simulation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quantcal import quant
+from quantcal.quant.apply import quantized_layers
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([b, a], 1)
+        return self.fc(torch.relu(self.dw(x)).mean((2, 3)))
+
+
+def _calib():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(32, 3, 8, 8, generator=g)]
+
+
+def _graph_checks(path, qmodel):
+    model = onnx.load(str(path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    n_layers = len(quantized_layers(qmodel))
+    int8 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    weight_dq = [
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8
+    ]
+    assert len(weight_dq) == n_layers
+    assert ops["Conv"] + ops["Gemm"] + ops["MatMul"] >= n_layers
+    assert ops["QuantizeLinear"] >= 1  # activations are quantized at run time
+    for node in weight_dq:  # per-axis scales, one per output channel
+        dims = list(int8[node.input[0]].dims)
+        scale = next(i for i in model.graph.initializer if i.name == node.input[1])
+        assert list(scale.dims) == [dims[0]]
+    for node in weight_dq:
+        values = onnx.numpy_helper.to_array(int8[node.input[0]])
+        assert np.abs(values.astype(np.int32)).max() <= 127  # symmetric narrow range
+
+
+@pytest.mark.parametrize("exporter", ["auto", "dynamo"])
+def test_small_model_exports_and_matches(tmp_path, exporter):
+    torch.manual_seed(0)
+    qmodel = quant.quantize(Small(), "W8A8", _calib())
+    x = torch.randn(64, 3, 8, 8)
+    path = quant.export_onnx(qmodel, tmp_path / "small.onnx", x[:2], exporter=exporter)
+    assert path.exists() and not list(tmp_path.glob(".*tmp"))
+    _graph_checks(path, qmodel)
+    with torch.no_grad():
+        ref = qmodel(x)
+    out = quant.run_onnx(path, x)  # dynamic batch: exported with 2, run with 64
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_trained_w8a8_onnxruntime_agrees_with_simulation(tmp_path):
+    from test_quant_apply import trained_on_digits
+
+    model, splits = trained_on_digits("shufflenetv2")  # channel split + shuffle in the graph
+    qmodel = quant.quantize(model, "W8A8", splits.ptq_calib.batches(100))
+    x = torch.cat([x for x, _ in splits.test.batches(512)])
+    path = quant.export_onnx(qmodel, tmp_path / "shufflenet.onnx", x[:4])
+    _graph_checks(path, qmodel)
+    with torch.no_grad():
+        ref = qmodel(x)
+    out = quant.run_onnx(path, x)
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean()
+    assert agree >= 0.99
+    # onnxruntime's fused integer kernels: measured 98.9 % here (4 of 360 images flip); a
+    # looser bound keeps this a regression check while the cause is open (see the report).
+    fused = quant.run_onnx(path, x, optimize=True)
+    assert (fused.argmax(1) == ref.argmax(1)).float().mean() >= 0.97
+
+
+def test_export_bad_input(tmp_path):
+    qmodel = quant.quantize(Small(), "W4A4", _calib())
+    with pytest.raises(ValueError, match="8-bit activations"):
+        quant.export_onnx(qmodel, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    fp32 = quant.quantize(Small(), None, None)
+    with pytest.raises(ValueError, match="no quantized layers"):
+        quant.export_onnx(fp32, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    w8 = quant.quantize(Small(), "W8A8", _calib())
+    with pytest.raises(ValueError, match="exporter"):
+        quant.export_onnx(w8, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), exporter="tf")
+    with pytest.raises(TypeError, match="example_input"):
+        quant.export_onnx(w8, tmp_path / "m.onnx", None)
+    assert not (tmp_path / "m.onnx").exists()
