@@ -669,7 +669,13 @@ def _read_cifar100(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tarfile.open(path, "r:gz") as tar:
         for member in ("train", "test", "meta"):
-            info = tar.getmember(f"cifar-100-python/{member}")
+            try:
+                info = tar.getmember(f"cifar-100-python/{member}")
+            except KeyError:
+                raise ValueError(
+                    f"{path} is not the CIFAR-100 python archive: it has no member "
+                    f"cifar-100-python/{member}; use the official cifar-100-python.tar.gz"
+                ) from None
             if not info.isfile():
                 raise ValueError(f"{path}: archive member {info.name} is not a regular file")
             fh = tar.extractfile(info)
