@@ -1,4 +1,4 @@
-"""Shared test set-up: small thread counts and deterministic seeds keep the suite fast and stable."""
+"""Shared test set-up: one thread and fixed seeds keep the suite fast and stable."""
 
 from __future__ import annotations
 

@@ -90,5 +90,6 @@ def test_eval_brings_your_own_checkpoint(tmp_path, capsys):
     assert code == 0  # the sweep goes on: the failure becomes error rows
     import csv
 
-    rows = list(csv.DictReader(open(tmp_path / "e2" / "results.csv")))
+    with open(tmp_path / "e2" / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert rows and all(r["status"] == "error" and "does not fit" in r["error"] for r in rows)

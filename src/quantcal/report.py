@@ -23,35 +23,16 @@ from quantcal._io import atomic_write_bytes, atomic_write_text
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
 
 _PREC_ORDER = {"fp32": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
-_NUMERIC = {
-    "width",
-    "seed",
-    "ptq_sample",
-    "accuracy",
-    "accuracy_lo",
-    "accuracy_hi",
-    "ece",
-    "ece_lo",
-    "ece_hi",
-    "mce",
-    "adaptive_ece",
-    "classwise_ece",
-    "debiased_ece",
-    "nll",
-    "brier",
-    "mean_confidence",
-    "temperature",
-    "ece_diff_vs_fp32",
-    "ece_diff_vs_fp32_lo",
-    "ece_diff_vs_fp32_hi",
-    "ece_diff_vs_none",
-    "ece_diff_vs_none_lo",
-    "ece_diff_vs_none_hi",
-    "params",
-    "macs",
-    "weight_bytes",
-    "n_test",
-    "n_bins",
+_TEXT_COLUMNS = {
+    "dataset",
+    "arch",
+    "precision",
+    "observer",
+    "recal",
+    "status",
+    "error",
+    "notes",
+    "row_id",
 }
 
 
@@ -78,7 +59,7 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
-        for k in _NUMERIC & r.keys():
+        for k in r.keys() - _TEXT_COLUMNS:
             r[k] = _num(r[k])
     return rows
 
@@ -135,6 +116,11 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
+def _diff(r: dict, key: str) -> str:
+    """``"d [lo, hi]"`` in percentage points for a paired-difference column."""
+    return f"{_pct(r.get(key), 2)} [{_pct(r.get(f'{key}_lo'), 2)}, {_pct(r.get(f'{key}_hi'), 2)}]"
+
+
 def _ci(r: dict, key: str) -> str:
     lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
     if lo is None or hi is None:
@@ -182,8 +168,7 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
         trail = " → ".join(f"{p} {_pct(by_p[p]['ece'])}" for p in precs if p in by_p)
         accs = " → ".join(f"{_pct(by_p[p]['accuracy'])}" for p in precs if p in by_p)
         ev.append(
-            f"{ds} / {model}: ECE % {trail}; {lowest} − fp32 = {_pct(low.get('ece_diff_vs_fp32'), 2)} "
-            f"[{_pct(low.get('ece_diff_vs_fp32_lo'), 2)}, {_pct(low.get('ece_diff_vs_fp32_hi'), 2)}] "
+            f"{ds} / {model}: ECE % {trail}; {lowest} − fp32 = {_diff(low, 'ece_diff_vs_fp32')} "
             f"points (paired bootstrap) — {v}. Accuracy % {accs}."
         )
     out.append(
@@ -229,7 +214,8 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
         ev.append(
             f"{ds}, {lowest} − fp32: "
             + "; ".join(
-                f"{m}: ΔECE {_pct(d, 2)} [{_pct(lo, 2)}, {_pct(hi, 2)}], accuracy drop {_pct(acc, 1)}"
+                f"{m}: ΔECE {_pct(d, 2)} [{_pct(lo, 2)}, {_pct(hi, 2)}], "
+                f"accuracy drop {_pct(acc, 1)}"
                 for m, d, lo, hi, acc in deltas
             )
             + (
@@ -247,7 +233,8 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
         )
     out.append(
         {
-            "claim": "2. GhostNet-VGG is the most robust to the accuracy drop and the ECE rise; the "
+            "claim": "2. GhostNet-VGG is the most robust to the accuracy drop and the ECE rise; "
+            "the "
             "depthwise-separable nets (ShuffleNetV2, MobileOne) suffer more.",
             "verdict": _summarise(verdicts)
             if verdicts
@@ -290,7 +277,8 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
     mob = [e for e in ev if "mobileone" in e and (lowest or "") in e]
     out.append(
         {
-            "claim": "3. Temperature scaling improves calibration of quantized nets, but fails to correct "
+            "claim": "3. Temperature scaling improves calibration of quantized nets, but fails to "
+            "correct "
             "4-bit MobileOne.",
             "verdict": _summarise(verdicts)
             + (
@@ -607,6 +595,11 @@ def fig_layers(row: dict, ins: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Tables and HTML
 # ---------------------------------------------------------------------------------------------
+def _temp(rows: list[dict]) -> str:
+    t = rows[0].get("temperature") if rows else None
+    return "–" if t is None else format(t, ".3g")
+
+
 def summary_table(rows: list[dict]) -> str:
     """A compact plain-text table of the key numbers, for the terminal."""
     main = _main_rows(rows)
@@ -626,7 +619,7 @@ def summary_table(rows: list[dict]) -> str:
                 f"{ds[:10]:<10} {model[:22]:<22} {r['precision']:<5} {_pct(r['accuracy']):>6} "
                 f"{_pct(r['ece']):>6} {ci:>14} {_pct(ts[0]['ece']) if ts else '–':>6} "
                 f"{_pct(f32[0]['ece']) if f32 else '–':>6} "
-                f"{(format(ts[0]['temperature'], '.3g') if ts and ts[0]['temperature'] else '–'):>6}"
+                f"{_temp(ts):>6}"
             )
     errors = [r for r in rows if r.get("status") != "ok"]
     if errors:
@@ -647,10 +640,9 @@ def _key_table(rows: list[dict]) -> str:
     body = []
     for ds, model in _groups(main):
         for r in _pick(main, dataset=ds, model=model, recal="none"):
-            get = lambda m, p=r["precision"]: _pick(
-                main, dataset=ds, model=model, recal=m, precision=p
-            )
-            ts, f32 = get("temperature"), get("temperature_fp32")
+            same = {"dataset": ds, "model": model, "precision": r["precision"]}
+            ts = _pick(main, recal="temperature", **same)
+            f32 = _pick(main, recal="temperature_fp32", **same)
             body.append(
                 [
                     ds,
@@ -658,11 +650,10 @@ def _key_table(rows: list[dict]) -> str:
                     r["precision"],
                     _ci(r, "accuracy"),
                     _ci(r, "ece"),
-                    f"{_pct(r.get('ece_diff_vs_fp32'), 2)} [{_pct(r.get('ece_diff_vs_fp32_lo'), 2)}, "
-                    f"{_pct(r.get('ece_diff_vs_fp32_hi'), 2)}]",
+                    _diff(r, "ece_diff_vs_fp32"),
                     _ci(ts[0], "ece") if ts else "–",
                     _pct(f32[0]["ece"]) if f32 else "–",
-                    f"{ts[0]['temperature']:.3g}" if ts and ts[0].get("temperature") else "–",
+                    _temp(ts),
                     f"{(r.get('params') or 0) / 1e3:.0f} k",
                     f"{(r.get('weight_bytes') or 0) / 1e3:.0f} kB",
                 ]
@@ -702,7 +693,8 @@ def _all_methods_table(rows: list[dict]) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
+margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.82em;margin:.6em 0}
@@ -759,9 +751,18 @@ def write_report(run_dir: str | Path) -> Path:
         "Calibration error (top-label ECE, 15 equal-width bins unless the config says otherwise) "
         "is measured on the test split; temperatures and other recalibrators are fitted on the "
         "validation split; quantization ranges come from a sample of the training split.</p>",
-        f"<p class='muted'>{html.escape(str(run.resolve()))} · quantcal {html.escape(str(env.get('quantcal', '')))}"
-        f" · torch {html.escape(str(env.get('torch', '')))} · device {html.escape(str(env.get('device', '')))}"
-        f" · {html.escape(str(env.get('time_utc', '')))}</p>",
+        "<p class='muted'>"
+        + " · ".join(
+            html.escape(str(x))
+            for x in (
+                run.resolve(),
+                f"quantcal {env.get('quantcal', '')}",
+                f"torch {env.get('torch', '')}",
+                f"device {env.get('device', '')}",
+                env.get("time_utc", ""),
+            )
+        )
+        + "</p>",
         "<h2>Key numbers</h2>",
         _key_table(rows) if ok else "<p>No successful cells.</p>",
         "<h2>Findings</h2>",

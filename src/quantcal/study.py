@@ -4,13 +4,12 @@ Every expensive stage is cached on disk under ``out_dir/cache`` by a hash of its
 plus the keys of its inputs, so re-running a finished study does no training or inference and a
 run killed at any moment redoes only what is missing:
 
-========  ==================================================  ===============================
-stage     key                                                  files
-========  ==================================================  ===============================
-train     dataset, split sizes, seed, arch, width, recipe      cache/train/KEY/{model.pt,meta.json,last.pt}
-logits    train key, precision config, range-calib sample      cache/logits/KEY.pt (+ KEY.json)
-row       logits key, recal method, fp32 logits key, metrics   cache/rows/KEY.json
-========  ==================================================  ===============================
+- train: keyed by dataset, split sizes, seed, arch, width and recipe;
+  files ``cache/train/KEY/{model.pt, meta.json, last.pt}``.
+- logits: keyed by the train key, the precision config and the range-calibration sample;
+  files ``cache/logits/KEY.pt`` and ``KEY.json``.
+- row: keyed by the logits key, the recalibration method, the fp32 logits key and the metric
+  settings; file ``cache/rows/KEY.json``.
 
 A failing cell becomes an error row (``status = "error"`` and the message) and the sweep goes on;
 error rows are kept in ``cache/errors`` so that shards can assemble them, and are retried on the
