@@ -29,6 +29,7 @@ matrix scaling); Zadrozny & Elkan 2001 (histogram binning) and 2002 (isotonic re
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -143,7 +144,7 @@ def _check_state(cls: type, state: dict[str, Any]) -> None:
         )
 
 
-class _Base:
+class _Base(abc.ABC):
     name: ClassVar[str] = ""
     preserves_argmax: ClassVar[bool] = True
     n_classes: int | None = None
@@ -160,14 +161,14 @@ class _Base:
             )
 
     @property
-    def fitted(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fitted(self) -> bool: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.state_dict()!r:.200})"
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,15 +437,16 @@ class _AffineScaling(_Base):
     def fitted(self) -> bool:
         return self.weight is not None
 
-    def _init_weight(self, c: int) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _init_weight(self, c: int) -> torch.Tensor: ...
 
-    def _map(self, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _map(self, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
+    @abc.abstractmethod
     def _weight_grad(self, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gradient of ``Σ_ik G_ik map(z)_ik`` with respect to the weight."""
-        raise NotImplementedError
+        ...
 
     def fit(self, logits: ArrayLike, labels: ArrayLike) -> _AffineScaling:
         from scipy.optimize import minimize
@@ -609,8 +611,8 @@ class _TopLabel(_Base):
 
     preserves_argmax: ClassVar[bool] = True
 
-    def _q(self, conf: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _q(self, conf: np.ndarray) -> np.ndarray: ...
 
     def __call__(self, logits: ArrayLike) -> ArrayLike:
         z = _apply_input(logits)

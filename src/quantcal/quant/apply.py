@@ -22,6 +22,7 @@ Steps (Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
@@ -55,7 +56,7 @@ _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class QuantizedLayer(nn.Module):
+class QuantizedLayer(nn.Module, abc.ABC):
     """A conv/linear layer with a fake-quantized input activation and a fixed fake-quant weight.
 
     Buffers (move with ``.to()``): ``weight`` (the dequantized symmetric per-channel weight),
@@ -122,9 +123,10 @@ class QuantizedLayer(nn.Module):
             return 0
         return int((x < lo).sum()) + int((x > hi).sum())
 
+    @abc.abstractmethod
     def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The conv/linear with the given weight (no quantization)."""
-        raise NotImplementedError  # pragma: no cover - abstract
+        ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
