@@ -33,6 +33,12 @@ Re-running the same command resumes: finished stages are read from OUT/cache."""
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a busy machine)",
+    )
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -347,6 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"quantcal {args.command}: error: {exc}", file=sys.stderr)
