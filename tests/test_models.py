@@ -108,9 +108,17 @@ def test_he_initialisation(name):
     big = max(convs, key=lambda m: m.weight.numel())
     fan_out = big.out_channels * big.kernel_size[0] * big.kernel_size[1] // big.groups
     assert big.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.2)
+    # Zero-init residual (Goyal et al. 2017): the branch BNs of MobileOne blocks with a BN skip
+    # start at gamma 0; every other BN at gamma 1, all biases 0.
+    zeroed = set()
+    for m in model.modules():
+        if getattr(m, "identity", None) is not None:
+            zeroed |= {id(b) for b in m.modules() if isinstance(b, nn.BatchNorm2d)}
+            zeroed.discard(id(m.identity))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            gamma = 0.0 if id(m) in zeroed else 1.0
+            assert torch.equal(m.weight, torch.full_like(m.weight, gamma))
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
         if isinstance(m, nn.Linear):
             assert m.weight.std().item() == pytest.approx(0.01, rel=0.3)

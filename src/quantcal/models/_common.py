@@ -127,6 +127,10 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     Conv2d: Kaiming normal, fan_out, ReLU gain; bias 0. BatchNorm2d: weight 1, bias 0 (running
     stats reset). Linear: normal(0, 0.01), bias 0 (the torchvision/timm classifier convention).
     ``generator`` makes the result depend on the seed alone, not on the global RNG.
+    Afterwards every sub-module with an ``init_weights()`` hook runs it (MobileOne's skip blocks
+    start their branch BN scales at 0, the zero-init-residual rule of Goyal et al. 2017: with
+    all scales at 1 the summed branches blow up the gradient ~700x towards the stem and the
+    net barely learns in a short run).
     """
     with torch.no_grad():
         for m in model.modules():
@@ -144,6 +148,10 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
                 nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in model.modules():
+            hook = getattr(m, "init_weights", None)
+            if m is not model and callable(hook):
+                hook()
 
 
 class SmallImageClassifier(nn.Module):

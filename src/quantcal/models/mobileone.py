@@ -292,8 +292,7 @@ class MobileOneBlock(nn.Module):
         gradient on the way back (about 700x from the classifier to the stem of S0 on 8x8
         digits), so early layers take huge relative steps and late ones tiny ones; on digits
         (10 epochs, lr 0.05) S0 at width 0.25 then reaches 70-87 % test accuracy instead of 97 %.
-        ``quantcal.models.create_model`` runs ``_common.init_weights``, which sets every gamma to
-        1 and does not call this hook yet (see the model docstring).
+        ``_common.init_weights`` (run by ``create_model``) calls this hook after the generic init.
         """
         if self.identity is None:
             return
