@@ -595,6 +595,11 @@ def fig_layers(row: dict, ins: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Tables and HTML
 # ---------------------------------------------------------------------------------------------
+def _ds_label(ds: str) -> str:
+    """``npz:/long/path/cifar100.npz`` -> ``npz:cifar100.npz`` for narrow tables."""
+    return f"npz:{Path(ds[4:]).name}" if ds.startswith("npz:") else ds
+
+
 def _temp(rows: list[dict]) -> str:
     t = rows[0].get("temperature") if rows else None
     return "–" if t is None else format(t, ".3g")
@@ -604,7 +609,7 @@ def summary_table(rows: list[dict]) -> str:
     """A compact plain-text table of the key numbers, for the terminal."""
     main = _main_rows(rows)
     header = (
-        f"{'dataset':<10} {'model':<22} {'prec':<5} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
+        f"{'dataset':<16} {'model':<22} {'prec':<5} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
         f"{'+TS':>6} {'fp32T':>6} {'T':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -616,7 +621,8 @@ def summary_table(rows: list[dict]) -> str:
             )
             ci = f"[{_pct(r['ece_lo'])},{_pct(r['ece_hi'])}]" if r.get("ece_lo") is not None else ""
             lines.append(
-                f"{ds[:10]:<10} {model[:22]:<22} {r['precision']:<5} {_pct(r['accuracy']):>6} "
+                f"{_ds_label(ds)[:16]:<16} {model[:22]:<22} {r['precision']:<5} "
+                f"{_pct(r['accuracy']):>6} "
                 f"{_pct(r['ece']):>6} {ci:>14} {_pct(ts[0]['ece']) if ts else '–':>6} "
                 f"{_pct(f32[0]['ece']) if f32 else '–':>6} "
                 f"{_temp(ts):>6}"
