@@ -476,6 +476,16 @@ def fig_reliability(rows: list[dict], details: dict, dataset: str, model: str) -
                     alpha=0.3,
                     label="gap",
                 )
+                total = max(1, sum(rel["count"]))
+                ax.step(  # share of test images per bin: sparse bins show as near-empty
+                    edges,
+                    [c / total for c in rel["count"]] + [0.0],
+                    where="post",
+                    color="black",
+                    lw=0.8,
+                    ls=":",
+                    label="share of images",
+                )
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             title = f"{p}, {'raw' if m == 'none' else 'after TS'}"
