@@ -3,9 +3,9 @@
 #   make test   - same set-up (with the dev extra), then the test suite
 #
 # TORCH picks the PyTorch build installed first. The default pins the release this project is
-# tested with; on a GPU machine pass a CUDA build, e.g.
-#   make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-# or TORCH=skip to keep whatever torch the environment already has.
+# tested with (on Linux, PyPI's wheel of it is a CUDA build); for another build pass e.g.
+#   make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# or TORCH=skip to let pip resolve torch>=2.3 itself.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
