@@ -2,7 +2,7 @@
 
 One CPU run, same process, same inputs: ShuffleNetV2 (width 0.5, 32x32, 100 classes, randomly
 initialised with randomised BN statistics) on random normal images (no trained checkpoint or
-data needed). Prints the median time per batch of each path and the ratios:
+data needed). Prints the median time per batch of each path and the median of the per-round ratios:
 
 * quantcal W8A8 / fp32 deploy   (target <= 1.5x)
 * torch.ao FX fake-quant / quantcal W8A8   (target >= 1.5x): ``prepare_fx`` with the equivalent
@@ -11,7 +11,7 @@ data needed). Prints the median time per batch of each path and the ratios:
   fake-quant model without ``convert``;
 * top-1 agreement of each quantized model with the fp32 deploy model's top-1 on the inputs.
 
-Run: ``.venv/bin/python bench/bench_quant.py [--batch 256] [--repeats 7] [--threads 2]``
+Run: ``.venv/bin/python bench/bench_quant.py [--batch 256] [--repeats 15] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from quantcal import models, quant
 from quantcal.models.deploy import to_deploy
 
 
-def _median_times(fns: list, x: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds per call of each fn, the fns interleaved round-robin so that a change in
-    machine load affects all of them alike."""
+def _round_times(fns: list, x: torch.Tensor, repeats: int) -> list[list[float]]:
+    """Seconds per call of each fn in each round; the fns run round-robin within a round so
+    that a change in machine load affects all of them alike, and ratios are taken per round."""
     times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for fn in fns:
@@ -40,7 +40,14 @@ def _median_times(fns: list, x: torch.Tensor, repeats: int) -> list[float]:
                 t0 = time.perf_counter()
                 fn(x)
                 ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def _median_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``num / den``."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), q1, q3
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -99,8 +106,8 @@ def _torch_ao_fake_quant(deploy: nn.Module, calib: list[torch.Tensor]) -> nn.Mod
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", type=float, default=0.5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +124,10 @@ def main() -> None:
         warnings.simplefilter("ignore")
         ao = _torch_ao_fake_quant(to_deploy(model), calib)
 
-    t_fp32, t_q, t_ao = _median_times([deploy, qmodel, ao], x, args.repeats)
+    rounds = _round_times([deploy, qmodel, ao], x, args.repeats)
+    t_fp32, t_q, t_ao = (statistics.median(ts) for ts in rounds)
+    r_q = _median_ratio(rounds[1], rounds[0])
+    r_ao = _median_ratio(rounds[2], rounds[1])
     with torch.inference_mode():
         top_fp32 = deploy(x).argmax(1)
         agree_q = 100 * float((qmodel(x).argmax(1) == top_fp32).float().mean())
@@ -130,13 +140,14 @@ def main() -> None:
     )
     print(f"fp32 deploy          {1e3 * t_fp32:8.1f} ms/batch")
     print(
-        f"quantcal W8A8 (sim)  {1e3 * t_q:8.1f} ms/batch   ratio vs fp32 deploy: "
-        f"{t_q / t_fp32:.2f}x (target <= 1.5x)"
+        f"quantcal W8A8 (sim)  {1e3 * t_q:8.1f} ms/batch   quantcal / fp32 deploy: "
+        f"{r_q[0]:.2f}x [quartiles {r_q[1]:.2f}, {r_q[2]:.2f}] (target <= 1.5x)"
     )
     print(
         f"torch.ao FX fakequant{1e3 * t_ao:8.1f} ms/batch   torch.ao / quantcal: "
-        f"{t_ao / t_q:.2f}x (target >= 1.5x)"
+        f"{r_ao[0]:.2f}x [quartiles {r_ao[1]:.2f}, {r_ao[2]:.2f}] (target >= 1.5x)"
     )
+    print("(ratios: median over rounds of the per-round ratio; times: median per path)")
     print(
         f"top-1 agreement with fp32: quantcal {agree_q:.1f} %, torch.ao {agree_ao:.1f} % "
         f"(difference {abs(agree_q - agree_ao):.1f} points)"

@@ -133,6 +133,78 @@ def test_deterministic_and_input_untouched():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+class Shared(nn.Module):
+    """Aliasing traps for the in-place input path: a ReLU output read twice, an in-place ReLU
+    on a view, a graph input fed straight to a conv and a reused module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.d = nn.Conv2d(3, 6, 1)
+        self.e = nn.Conv2d(6, 6, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))  # read by b and c: neither may overwrite it
+        u = self.b(h) + self.c(h)
+        v = self.act(u[:, :6])  # in-place ReLU on a view of u, which is read again below
+        e = self.e(self.act(self.d(x)))  # d reads the graph input; e reads a temporary
+        w = self.b(v) + u + e  # b is reused, once on a shared input
+        return self.fc(self.act(w).mean((2, 3)))  # mean is not known to be fresh: not owned
+
+
+def test_inplace_input_path_only_where_the_graph_proves_it_is_safe():
+    torch.manual_seed(0)
+    net = Shared()
+    calib = [torch.randn(8, 3, 6, 6)]
+    q = quant.quantize(net, "W4A4", calib)
+    owned = {name: layer.owns_input for name, layer in quantized_layers(q)}
+    assert owned == {"a": False, "b": False, "c": False, "d": False, "e": True, "fc": False}
+    xs = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        fast = q(xs)
+        for _, layer in quantized_layers(q):
+            layer.owns_input = False
+        assert torch.equal(fast, q(xs))
+    # a reused input is shared; after a conv with a single reader it is owned
+    q2 = quant.quantize(_net(), "W4A4", _calib())
+    owned2 = {name: layer.owns_input for name, layer in quantized_layers(q2)}
+    assert owned2 == {"stem.0": False, "dw": True, "pw": False, "fc": False}
+    x = torch.randn(5, 3, 8, 8)
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = q2(x)
+        assert torch.equal(x, x_before)  # the caller's input is never overwritten
+        for _, layer in quantized_layers(q2):
+            layer.owns_input = False
+        slow = q2(x)
+    assert torch.equal(fast, slow)  # in place or not, bit-identical
+    # with autograd recording, the in-place path turns itself off
+    for _, layer in quantized_layers(q2):
+        layer.owns_input = True
+    xg = x.clone().requires_grad_(True)
+    q2(xg).sum().backward()
+    assert xg.grad is not None
+
+
+def test_inplace_path_matches_copying_path_on_a_registry_model():
+    from quantcal import models
+
+    net = models.create_model("shufflenetv2", num_classes=10, width=0.25, seed=0).eval()
+    q = quant.quantize(net, "W8A8", [torch.randn(16, 3, 32, 32)])
+    layers = [layer for _, layer in quantized_layers(q)]
+    assert sum(layer.owns_input for layer in layers) >= len(layers) // 2
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = q(x)
+        for layer in layers:
+            layer.owns_input = False
+        assert torch.equal(fast, q(x))
+
+
 @pytest.mark.parametrize("observer", quant.available_observers())
 def test_every_observer_quantizes(observer):
     q = quant.quantize(_net(), quant.parse_precision("W4A4", observer=observer), _calib())

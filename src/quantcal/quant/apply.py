@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -92,6 +93,10 @@ class QuantizedLayer(nn.Module, abc.ABC):
         self.clip_fraction = math.nan
         self.kind = type(source).__name__
         self.fake_quant_enabled = True
+        # Set by ``quantize`` when the graph proves every input of this layer is a temporary
+        # that nothing else reads (see ``_mark_owned_inputs``): the forward then fake-quantizes
+        # the input in place instead of allocating a copy.
+        self.owns_input = False
         # Python copies of the activation constants: the forward needs no device sync.
         self._scale = act_scale
         self._inv_scale = float(torch.reciprocal(torch.tensor(act_scale, dtype=torch.float32)))
@@ -107,7 +112,8 @@ class QuantizedLayer(nn.Module, abc.ABC):
         return self._scale
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The fake-quantized input (asymmetric per tensor, contiguous first)."""
+        """The fake-quantized input (asymmetric per tensor, contiguous first); ``x`` is never
+        modified."""
         return fake_quantize_per_tensor_fast(
             x, self._scale, self._inv_scale, self._zero_point, self._q_min, self._q_max
         )
@@ -131,7 +137,16 @@ class QuantizedLayer(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return self.layer_op(x, self.weight_fp32)
-        return self.layer_op(self.quantize_input(x), self.weight)
+        xq = fake_quantize_per_tensor_fast(
+            x,
+            self._scale,
+            self._inv_scale,
+            self._zero_point,
+            self._q_min,
+            self._q_max,
+            inplace=self.owns_input and not x.requires_grad,
+        )
+        return self.layer_op(xq, self.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -347,6 +362,7 @@ def quantize(
     _record_clip_fractions(gm, modules, qlayers, xs)
     for name, qlayer in qlayers.items():
         _set_submodule(gm, name, qlayer)
+    _mark_owned_inputs(gm, qlayers)
     gm.requires_grad_(False)
     gm.quant_config = config
     gm.precision = config.name
@@ -370,3 +386,75 @@ def _record_clip_fractions(
     _run_with_pre_hooks(gm, modules, count, xs)
     for name, qlayer in qlayers.items():
         qlayer.clip_fraction = clipped[name] / total[name] if total[name] else math.nan
+
+
+# Modules and functions whose output is a new tensor that aliases none of their inputs.
+_FRESH_MODULES: tuple[type[nn.Module], ...] = (
+    QuantizedLayer,
+    *_QUANTIZABLE,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+)
+_FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.cat}
+_FRESH_METHODS = {"add", "mul", "sub"}
+# Elementwise activations: their output may be their input itself (``inplace=True``), so it is
+# a temporary only when their input is one that nothing else reads.
+_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+)
+_ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.hardswish, F.silu, torch.relu}
+_ACTIVATION_METHODS = {"relu", "relu_"}
+
+
+def _is_temporary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value is a tensor created inside the graph that aliases nothing else
+    and that only one node reads. Conservative: anything not known is not a temporary (views,
+    ``contiguous``, graph inputs, attributes, unknown calls)."""
+    if len(node.users) != 1:
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _FRESH_MODULES):
+            return True
+        if isinstance(module, _ACTIVATION_MODULES):
+            return _first_arg_is_temporary(gm, node)
+        return False
+    if node.op == "call_function":
+        if node.target in _FRESH_FUNCTIONS:
+            return True
+        if node.target in _ACTIVATION_FUNCTIONS:
+            return _first_arg_is_temporary(gm, node)
+        return False
+    if node.op == "call_method":
+        if node.target in _FRESH_METHODS:
+            return True
+        if node.target in _ACTIVATION_METHODS:
+            return _first_arg_is_temporary(gm, node)
+    return False
+
+
+def _first_arg_is_temporary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    arg = node.args[0] if node.args else None
+    return isinstance(arg, torch.fx.Node) and _is_temporary(gm, arg)
+
+
+def _mark_owned_inputs(gm: torch.fx.GraphModule, qlayers: dict[str, QuantizedLayer]) -> None:
+    """Set ``owns_input`` on each quantized layer whose every call reads a temporary (see
+    ``_is_temporary``), so its forward may fake-quantize that input in place. Bit-identical to
+    the copying path; it only saves an allocation per layer."""
+    owned = dict.fromkeys(qlayers, True)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in qlayers:
+            arg = node.args[0] if node.args else None
+            if not (isinstance(arg, torch.fx.Node) and _is_temporary(gm, arg)):
+                owned[str(node.target)] = False
+    for name, qlayer in qlayers.items():
+        qlayer.owns_input = owned[name]

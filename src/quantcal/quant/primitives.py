@@ -216,15 +216,30 @@ def _own_params(scale: float, zero_point: int, bits: int) -> tuple[float, float,
 
 
 def fake_quantize_per_tensor_fast(
-    x: torch.Tensor, scale: float, inv_scale: float, zero_point: int, q_min: int, q_max: int
+    x: torch.Tensor,
+    scale: float,
+    inv_scale: float,
+    zero_point: int,
+    q_min: int,
+    q_max: int,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The per-tensor fake-quant arithmetic with precomputed constants, in fused in-place steps.
 
     ``(clamp(round(x * inv_scale) + z, q_min, q_max) - z) * scale``; ``inv_scale`` must be
     ``float32(1 / scale)``. Bit-identical to ``torch.fake_quantize_per_tensor_affine``; used by
     the quantized layers' forward (no autograd mask is built) and for ``bits > 8``.
+
+    With ``inplace=True`` a contiguous ``x`` is overwritten with the result and returned (no
+    allocation: on CPU a fresh output costs more than the arithmetic, as its pages are first
+    touched); the caller must own ``x``. A non-contiguous ``x`` is copied either way.
     """
     # clamp(round(y) + z, q_min, q_max) - z == clamp(round(y), q_min - z, q_max - z) exactly
     # (integers are exact in float32 up to 2^24): four passes over memory instead of six.
-    y = x.contiguous() * inv_scale
+    y = x.contiguous()
+    if inplace or y is not x:
+        y.mul_(inv_scale)  # y is x itself (owned by the caller) or a fresh contiguous copy
+    else:
+        y = x * inv_scale
     return y.round_().clamp_(q_min - zero_point, q_max - zero_point).mul_(scale)
