@@ -93,9 +93,26 @@ def test_layers_are_exactly_the_scheme():
         assert torch.equal(xq, torch.fake_quantize_per_tensor_affine(x, s, z, 0, 63))
         assert xq.unique().numel() <= 2**6
         assert layer.clip_fraction == 0.0  # min-max: nothing saturates on its own data
+        # int32 bias on the accumulator grid float32(s_x) * s_w[c], round half to even
+        assert torch.equal(layer.bias_fp32, fp.bias.detach())
+        grid = torch.tensor(s, dtype=torch.float32) * scale
+        steps = torch.round(fp.bias.detach().double() / grid.double())
+        assert torch.equal(layer.bias, steps.float() * grid)
     assert q.precision == "W4A6" and q.quant_config.weight_bits == 4
     assert not q.training
     assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_float_bias_option():
+    net = _net()
+    q = quant.quantize(net, quant.QuantConfig(bias_bits=None), _calib())
+    q32 = quant.quantize(net, quant.QuantConfig(), _calib())
+    deploy = to_deploy(net)
+    for (name, layer), (_, layer32) in zip(quantized_layers(q), quantized_layers(q32)):
+        assert layer.bias_bits is None and layer32.bias_bits == 32
+        assert torch.equal(layer.bias, deploy.get_submodule(name).bias.detach())
+        assert not torch.equal(layer32.bias, layer.bias)  # rounding moved it
+        assert torch.equal(layer32.weight, layer.weight)
 
 
 def test_weights_are_quantized_once_not_per_forward(monkeypatch):

@@ -54,6 +54,19 @@ def _graph_checks(path, qmodel):
     for node in weight_dq:
         values = onnx.numpy_helper.to_array(int8[node.input[0]])
         assert np.abs(values.astype(np.int32)).max() <= 127  # symmetric narrow range
+    # biases: int32 on the accumulator grid s_x * s_w[c], equal to the simulation's
+    int32 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32}
+    bias_dq = [
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int32
+    ]
+    layers = [layer for _, layer in quantized_layers(qmodel) if layer.bias_bits == 32]
+    assert len(bias_dq) == len(layers)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    sim = sorted(layer.bias.numpy().tobytes() for layer in layers)
+    stored = sorted(
+        (init[n.input[0]].astype(np.float32) * init[n.input[1]]).tobytes() for n in bias_dq
+    )
+    assert sim == stored
 
 
 @pytest.mark.parametrize("exporter", ["auto", "dynamo"])
@@ -83,13 +96,30 @@ def test_trained_w8a8_onnxruntime_agrees_with_simulation(tmp_path):
     _graph_checks(path, qmodel)
     with torch.no_grad():
         ref = qmodel(x)
-    out = quant.run_onnx(path, x)
-    agree = (out.argmax(1) == ref.argmax(1)).float().mean()
-    assert agree >= 0.99
-    # onnxruntime's fused integer kernels: measured 98.9 % here (4 of 360 images flip); a
-    # looser bound keeps this a regression check while the cause is open (see the report).
+    scale = ref.abs().mean()
+    out = quant.run_onnx(path, x)  # QDQ ops as written: integer grids, float conv
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+    assert (out - ref).abs().mean() <= 1e-3 * scale
+    # onnxruntime's fused integer kernels (QLinearConv: int32 accumulation, int32 bias,
+    # requantization to the next layer's grid) differ only by one-step rounding ties
     fused = quant.run_onnx(path, x, optimize=True)
-    assert (fused.argmax(1) == ref.argmax(1)).float().mean() >= 0.97
+    assert (fused.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+    assert (fused - ref).abs().mean() <= 1e-2 * scale
+
+
+def test_float_bias_exports_as_float(tmp_path):
+    torch.manual_seed(0)
+    qmodel = quant.quantize(Small(), quant.QuantConfig(bias_bits=None), _calib())
+    path = quant.export_onnx(qmodel, tmp_path / "float_bias.onnx", torch.randn(2, 3, 8, 8))
+    model = onnx.load(str(path))
+    assert not [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32]
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        ref = qmodel(x)
+    assert (quant.run_onnx(path, x) - ref).abs().max() <= 1e-3 * ref.abs().max()
+    q16 = quant.quantize(Small(), quant.QuantConfig(bias_bits=16), _calib())
+    with pytest.raises(ValueError, match="int32"):
+        quant.export_onnx(q16, tmp_path / "b16.onnx", torch.randn(2, 3, 8, 8))
 
 
 def test_export_bad_input(tmp_path):

@@ -269,3 +269,51 @@ def test_quant_config_validation_and_round_trip():
         qconfig.QuantConfig(percentile=101)
     with pytest.raises(ValueError, match="Did you mean 'act_bits'"):
         qconfig.QuantConfig.from_dict({"act_bit": 8})
+    for bad in (4, 33, True, "32", 32.0):
+        with pytest.raises(ValueError, match="bias_bits"):
+            qconfig.QuantConfig(bias_bits=bad)
+    assert qconfig.QuantConfig().bias_bits == 32
+    assert qconfig.QuantConfig(bias_bits=None).bias_bits is None
+
+
+# ----------------------------------------------------------------------------- biases
+
+
+def _bias_reference(b: np.ndarray, s_x: float, s_w: np.ndarray, bits: int) -> np.ndarray:
+    """Independent re-derivation: grid np.float32(s_x) * s_w, numpy round-half-even in float64."""
+    scale = (np.float32(s_x) * s_w.astype(np.float32)).astype(np.float32)
+    q_max = 2 ** (bits - 1) - 1
+    q = np.clip(np.rint(b.astype(np.float64) / scale.astype(np.float64)), -q_max, q_max)
+    return q.astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_bias_on_accumulator_grid_matches_numpy(bits):
+    g = torch.Generator().manual_seed(3)
+    s_w = torch.rand(6, generator=g) * 0.01 + 1e-4
+    s_x = 0.0173
+    bias = torch.randn(6, generator=g) * 3
+    scale = (torch.tensor(s_x) * s_w).to(torch.float64)
+    bias[0] = 0.0
+    bias[1] = float(12.5 * scale[1])  # a tie: half to even (12)
+    bias[2] = float(-7 * scale[2])  # exactly on the grid
+    bias[3] = 1e6  # saturates below 32 bits
+    out = P.fake_quantize_bias(bias, s_x, s_w, bits)
+    ref = _bias_reference(bias.numpy(), s_x, s_w.numpy(), bits)
+    assert np.array_equal(out.numpy(), ref)
+    assert out[0] == 0.0 and out[2] == bias[2]
+    assert out.dtype == bias.dtype
+    steps = out.double() / (torch.tensor(s_x) * s_w).double()
+    assert torch.allclose(steps, steps.round(), atol=1e-6)  # on the grid
+    if bits < 32:
+        assert steps[3].round() == 2 ** (bits - 1) - 1
+    assert (out - bias).abs()[:3].max() <= 0.5 * (torch.tensor(s_x) * s_w)[:3].max()
+
+
+def test_bias_bad_input():
+    with pytest.raises(ValueError, match="one weight scale per channel"):
+        P.fake_quantize_bias(torch.zeros(4), 0.1, torch.ones(3))
+    with pytest.raises(ValueError, match="bias bits"):
+        P.fake_quantize_bias(torch.zeros(3), 0.1, torch.ones(3), bits=4)
+    with pytest.raises(TypeError, match="floating-point"):
+        P.fake_quantize_bias(torch.zeros(3, dtype=torch.int32), 0.1, torch.ones(3))

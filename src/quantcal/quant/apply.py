@@ -12,7 +12,8 @@ Steps (Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.
    min-max PTQ of the study); a second fp32 pass counts, per layer, the fraction of inputs that
    saturate the chosen range (the "clipping fraction");
 4. each layer is replaced by a ``QuantConv``/``QuantLinear`` holding its fake-quantized weight,
-   computed once (symmetric per-channel), and the input's asymmetric per-tensor scale and
+   computed once (symmetric per-channel), its bias on the int32 accumulator grid
+   ``s_x * s_w[c]`` (``QuantConfig.bias_bits``), and the input's asymmetric per-tensor scale and
    zero-point; its forward is one fake-quant of the input plus the ordinary conv/linear;
 5. the result is frozen (no gradients) and in eval mode, with ``quant_config`` (the
    ``QuantConfig``) and ``precision`` attributes; every layer keeps a record of its parameters
@@ -38,6 +39,7 @@ from quantcal.quant.observers import RangeObserver, get_observer
 from quantcal.quant.primitives import (
     activation_qparams,
     activation_qrange,
+    fake_quantize_bias,
     fake_quantize_per_channel,
     fake_quantize_per_tensor_fast,
     weight_scale_per_channel,
@@ -61,7 +63,8 @@ class QuantizedLayer(nn.Module, abc.ABC):
     """A conv/linear layer with a fake-quantized input activation and a fixed fake-quant weight.
 
     Buffers (move with ``.to()``): ``weight`` (the dequantized symmetric per-channel weight),
-    ``bias``, ``weight_fp32``, ``weight_scale`` (per output channel), ``act_scale`` and
+    ``bias`` (on the int32 accumulator grid ``s_x * s_w[c]`` unless ``bias_bits`` is None),
+    ``weight_fp32``, ``bias_fp32``, ``weight_scale`` (per output channel), ``act_scale`` and
     ``act_zero_point``. Plain attributes record the bits, the observer's range, the clipping
     fraction on the range-calibration data and the layer kind.
     """
@@ -74,6 +77,7 @@ class QuantizedLayer(nn.Module, abc.ABC):
         act_bits: int,
         act_range: tuple[float, float],
         observer: str,
+        bias_bits: int | None = 32,
     ) -> None:
         super().__init__()
         weight = source.weight.detach()
@@ -81,9 +85,13 @@ class QuantizedLayer(nn.Module, abc.ABC):
         self.register_buffer("weight", fake_quantize_per_channel(weight, scale, weight_bits, 0))
         self.register_buffer("weight_fp32", weight.clone())
         self.register_buffer("weight_scale", scale.to(weight.device))
-        bias = source.bias.detach().clone() if source.bias is not None else None
-        self.register_buffer("bias", bias)
         act_scale, zero_point = activation_qparams(act_range[0], act_range[1], act_bits)
+        bias = source.bias.detach().clone() if source.bias is not None else None
+        self.register_buffer("bias_fp32", bias)
+        if bias is not None and bias_bits is not None:
+            bias = fake_quantize_bias(bias, act_scale, scale, bias_bits)
+        self.register_buffer("bias", bias)
+        self.bias_bits = bias_bits if bias is not None else None
         self.register_buffer("act_scale", torch.tensor(act_scale, dtype=torch.float32))
         self.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32))
         self.weight_bits = weight_bits
@@ -130,13 +138,15 @@ class QuantizedLayer(nn.Module, abc.ABC):
         return int((x < lo).sum()) + int((x > hi).sum())
 
     @abc.abstractmethod
-    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The conv/linear with the given weight (no quantization)."""
+    def layer_op(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The conv/linear with the given weight and bias (no quantization)."""
         ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
-            return self.layer_op(x, self.weight_fp32)
+            return self.layer_op(x, self.weight_fp32, self.bias_fp32)
         xq = fake_quantize_per_tensor_fast(
             x,
             self._scale,
@@ -146,7 +156,7 @@ class QuantizedLayer(nn.Module, abc.ABC):
             self._q_max,
             inplace=self.owns_input and not x.requires_grad,
         )
-        return self.layer_op(xq, self.weight)
+        return self.layer_op(xq, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -175,13 +185,13 @@ class QuantConv(QuantizedLayer):
     def depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels
 
-    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def layer_op(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return self._conv(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return self._conv(
-            x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+            return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class QuantLinear(QuantizedLayer):
@@ -194,8 +204,10 @@ class QuantLinear(QuantizedLayer):
         self.in_features = source.in_features
         self.out_features = source.out_features
 
-    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
+    def layer_op(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -358,6 +370,7 @@ def quantize(
             act_bits=bits[name][1],
             act_range=observers[name].range(),
             observer=config.observer,
+            bias_bits=config.bias_bits,
         )
     _record_clip_fractions(gm, modules, qlayers, xs)
     for name, qlayer in qlayers.items():

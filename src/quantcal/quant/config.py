@@ -44,6 +44,11 @@ class QuantConfig:
         ``max(bits, 8)`` for weights and activations instead of the config's bits; by default
         every conv and linear layer, first and last included, uses the config's bits.
       histogram_bins: bins of the histogram behind the "percentile" and "mse" observers.
+      bias_bits: biases are stored as integers of this many bits (symmetric) on the grid
+        ``s_x * s_w[c]`` of the layer's accumulator, as integer runtimes run them (Jacob et al.,
+        CVPR 2018, §2.4; ONNX QDQ, TFLite); 32 (default) or None to keep float biases. The
+        rounding is below one accumulator step, but an integer runtime's requantization ties
+        follow it, and across a deep net those ties decide single predictions.
     """
 
     weight_bits: int = 8
@@ -52,6 +57,7 @@ class QuantConfig:
     percentile: float = 99.99
     first_last_8bit: bool = False
     histogram_bins: int = 2048
+    bias_bits: int | None = 32
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -74,6 +80,13 @@ class QuantConfig:
         if isinstance(bins, bool) or not isinstance(bins, int) or not 16 <= bins <= 1 << 16:
             raise ValueError(
                 f"QuantConfig.histogram_bins must be an int in 16..65536, got {bins!r}"
+            )
+
+        b = self.bias_bits
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 8 <= b <= 32):
+            raise ValueError(
+                f"QuantConfig.bias_bits must be an int in 8..32 (32 is int32) or None for float "
+                f"biases, got {b!r}"
             )
 
     @property

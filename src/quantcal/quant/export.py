@@ -4,8 +4,9 @@
 of onnxruntime's and TensorRT's explicit quantization): before every quantized conv/linear, the
 input activation goes through ``QuantizeLinear -> DequantizeLinear`` (per-tensor scale and
 zero-point; quantcal's uint8 grid is stored as int8 with the zero-point shifted by -128: the same
-values, and onnxruntime's x86 s8s8 kernels avoid u8s8 saturation) and the weight is an **int8
-initializer** feeding ``DequantizeLinear`` with per-axis (per-output-channel) scales.
+values, and onnxruntime's x86 s8s8 kernels avoid u8s8 saturation), the weight is an **int8
+initializer** feeding ``DequantizeLinear`` with per-axis (per-output-channel) scales, and the
+bias an **int32 initializer** on the accumulator grid ``s_x * s_w[c]`` (``QuantConfig.bias_bits``).
 onnxruntime then runs the integer-valued model, an independent check of quantcal's fake-quant
 arithmetic.
 
@@ -95,7 +96,7 @@ class _QDQLayer(nn.Module):
                 127,
                 torch.int8,
             )
-            return layer.layer_op(xq, wq)
+            return layer.layer_op(xq, wq, layer.bias)
         xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
         # Symmetric weights use [-q_max, q_max] within int8's [-128, 127]; the stored scales keep
         # |W / s| <= q_max, so the int8 container clamps nothing.
@@ -103,7 +104,7 @@ class _QDQLayer(nn.Module):
         wq = torch.fake_quantize_per_channel_affine(
             layer.weight_fp32, layer.weight_scale, zeros, 0, -128, 127
         )
-        return layer.layer_op(xq, wq)
+        return layer.layer_op(xq, wq, layer.bias)
 
 
 def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
@@ -114,6 +115,11 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
             f"(e.g. 'W8A8'); {type(qmodel).__name__} has no quantized layers"
         )
     for name, layer in layers:
+        if layer.bias_bits not in (None, 32):
+            raise ValueError(
+                f"layer {name!r} has {layer.bias_bits}-bit biases; ONNX QDQ export stores biases "
+                "as int32 (bias_bits=32, the default) or float (bias_bits=None)"
+            )
         if layer.act_bits != 8 or layer.weight_bits > 8:
             raise ValueError(
                 f"layer {name!r} is W{layer.weight_bits}A{layer.act_bits}; ONNX QDQ export "
@@ -227,6 +233,75 @@ def _fold_weight_quantizers(model: Any) -> int:
     return folded
 
 
+def _producers(graph: Any) -> dict[str, Any]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _quantize_bias_initializers(model: Any) -> int:
+    """Store each quantized Conv/Gemm bias as an int32 initializer behind a per-axis
+    ``DequantizeLinear`` with scale ``float32(s_x) * s_w[c]`` (the QDQ form of integer biases);
+    returns the count.
+
+    A layer qualifies when its input and weight come from ``DequantizeLinear`` nodes with
+    constant scales and its float bias lies exactly on that grid (``QuantConfig.bias_bits=32``:
+    ``float32(q) * s == b``); a float bias that does not (``bias_bits=None``) is left alone.
+    """
+    onnx = _require("onnx")
+    numpy_helper = onnx.numpy_helper
+    graph = model.graph
+    consts = _constant_arrays(graph, numpy_helper)
+    inits = {init.name: init for init in graph.initializer}
+    producers = _producers(graph)
+    done = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
+        bias_name = node.input[2]
+        if bias_name not in inits or x_dq is None or w_dq is None:
+            continue
+        if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        if x_dq.input[1] not in consts or w_dq.input[1] not in consts:
+            continue
+        bias = numpy_helper.to_array(inits[bias_name])
+        if bias.dtype != np.float32 or bias.ndim != 1:
+            continue
+        x_scale = np.float32(consts[x_dq.input[1]].reshape(()))
+        w_scale = consts[w_dq.input[1]].astype(np.float32).reshape(-1)
+        if w_scale.size == 1:
+            w_scale = np.repeat(w_scale, bias.size)
+        if w_scale.shape != bias.shape:
+            continue
+        scale = (x_scale * w_scale).astype(np.float32)
+        q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+        if np.abs(q).max(initial=0) > 2**31 - 1:
+            continue
+        if not np.array_equal(q.astype(np.float32) * scale, bias):
+            continue  # a float bias off the grid: bias_bits=None
+        stem = f"{bias_name}_int32"
+        graph.initializer.append(numpy_helper.from_array(q.astype(np.int32), name=stem))
+        graph.initializer.append(numpy_helper.from_array(scale, name=f"{stem}_scale"))
+        graph.initializer.append(
+            numpy_helper.from_array(np.zeros(bias.shape, np.int32), name=f"{stem}_zero_point")
+        )
+        dq = onnx.helper.make_node(
+            "DequantizeLinear",
+            [stem, f"{stem}_scale", f"{stem}_zero_point"],
+            [f"{stem}_dequantized"],
+            name=f"{stem}_DequantizeLinear",
+            axis=0,
+        )
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = f"{stem}_dequantized"
+        done += 1
+    used = {inp for n in graph.node for inp in n.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return done
+
+
 def _count_int8_weight_dequantizers(model: Any) -> int:
     int8 = {i.name for i in model.graph.initializer if i.data_type == 3}  # TensorProto.INT8
     return sum(n.op_type == "DequantizeLinear" and n.input[0] in int8 for n in model.graph.node)
@@ -255,6 +330,16 @@ def export_onnx(
     data = _export_bytes(qmodel, names, example_input.detach().cpu().contiguous(), exporter)
     proto = onnx.load_from_string(data)
     _fold_weight_quantizers(proto)
+    int32_biases = _quantize_bias_initializers(proto)
+    expected_biases = sum(
+        layer.bias_bits == 32 for _, layer in quantized_layers(qmodel) if layer.bias is not None
+    )
+    if int32_biases != expected_biases:
+        raise RuntimeError(
+            f"the ONNX graph has {int32_biases} int32 biases for {expected_biases} quantized "
+            "layers with int32 biases; the exporter's graph changed (try exporter='torchscript' "
+            "or exporter='dynamo')"
+        )
     int8_weights = _count_int8_weight_dequantizers(proto)
     if int8_weights != len(names):
         raise RuntimeError(

@@ -156,7 +156,8 @@ def _sqnr_sums(
     def fp32_hook(module: QuantizedLayer, args: tuple, output: torch.Tensor, name: str) -> None:
         ref = output.detach().to(torch.float64)
         reference[name].append(ref.clone())  # clone: an in-place activation may follow
-        alone = module.layer_op(module.quantize_input(args[0]), module.weight).to(torch.float64)
+        xq = module.quantize_input(args[0])
+        alone = module.layer_op(xq, module.weight, module.bias).to(torch.float64)
         sums[name]["signal"] += float(ref.pow(2).sum())
         sums[name]["noise_isolated"] += float((ref - alone).pow(2).sum())
 

@@ -143,6 +143,36 @@ def fake_quantize_per_channel(
     return out.to(weight.dtype)
 
 
+# ----------------------------------------------------------------------------- biases
+
+
+def bias_scale(act_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The accumulator grid of a layer, ``float32(s_x) * s_w[c]`` in float32 (per channel)."""
+    return torch.tensor(act_scale, dtype=torch.float32) * weight_scale.detach().to(torch.float32)
+
+
+def fake_quantize_bias(
+    bias: torch.Tensor, act_scale: float, weight_scale: torch.Tensor, bits: int = 32
+) -> torch.Tensor:
+    """The bias on the accumulator grid: ``float32(q) * s`` with ``s = bias_scale(...)`` and
+    ``q = clamp(round(b / s), -(2^(b-1) - 1), 2^(b-1) - 1)`` (division in float64, round half
+    to even); the value an integer runtime adds (ONNX ``DequantizeLinear`` of the int32 bias),
+    returned in the dtype of ``bias``."""
+    _check_float(bias, "bias")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 32:
+        raise ValueError(f"bias bits must be an int in 8..32, got {bits!r}")
+    scale = bias_scale(act_scale, weight_scale).to(bias.device)
+    if scale.shape != bias.shape:
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} needs one weight scale per channel, got "
+            f"{tuple(weight_scale.shape)}"
+        )
+    q_max = 2 ** (bits - 1) - 1
+    q = torch.round(bias.detach().to(torch.float64) / scale.to(torch.float64))
+    q = q.clamp_(-q_max, q_max)
+    return (q.to(torch.float32) * scale).to(bias.dtype)
+
+
 # ----------------------------------------------------------------------------- activations
 
 
