@@ -337,7 +337,9 @@ _TRAINED: dict[str, tuple[nn.Module, object]] = {}
 
 
 def trained_on_digits(name: str) -> tuple[nn.Module, object]:
-    """``(model, splits)``: registry model ``name`` (width 0.1) trained briefly on ``digits``.
+    """``(model, splits)``: registry model ``name`` (width 0.25) trained briefly on ``digits``
+    (measured test top-1: 91-99 %; at width 0.1 and 3 epochs it was 61-93 %, where W8A8 vs fp32
+    moved by a flip of 4 images between torch builds).
 
     Uses the data layer (``load_dataset``) and a minimal Adam loop: the study's SGD recipe in
     ``train.train`` needs many more epochs to leave a usable eval-mode net at this size, too slow
@@ -352,9 +354,9 @@ def trained_on_digits(name: str) -> tuple[nn.Module, object]:
         try:
             torch.manual_seed(0)
             model = models.create_model(
-                name, num_classes=10, image_size=8, in_chans=1, width=0.1, seed=0
+                name, num_classes=10, image_size=8, in_chans=1, width=0.25, seed=0
             )
-            epochs, bs, lr = 3, 32, 0.01
+            epochs, bs, lr = 4, 32, 0.01
             opt = torch.optim.Adam(model.parameters(), lr=lr)
             steps = epochs * (len(splits.train) // bs)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
