@@ -434,3 +434,30 @@ def test_w4a4_is_worse_and_better_observers_help(digits_results):
     assert mean("W4A4/minmax") < mean("fp32") - 2.0, digits_results
     best_alternative = max(mean("W4A4/percentile"), mean("W4A4/mse"))
     assert best_alternative >= mean("W4A4/minmax") - 1.0, digits_results
+
+
+@pytest.mark.parametrize("name", ["augshufflenet", "ghostnet_vgg16", "mobileone_s0"])
+def test_quantizing_the_deploy_form_is_the_same(name):
+    """The study deploys once per model and quantizes every cell from that deploy form."""
+    from quantcal import models
+
+    net = models.create_model(name, num_classes=10, image_size=8, in_chans=1, width=0.25, seed=0)
+    _randomise_bn_stats(net)
+    net.eval()
+    calib, x = [torch.randn(32, 1, 8, 8)], torch.randn(8, 1, 8, 8)
+    deploy = to_deploy(net)
+    with torch.no_grad():
+        assert torch.equal(to_deploy(deploy)(x), deploy(x))
+        assert torch.equal(
+            quant.quantize(deploy, "W4A4", calib)(x), quant.quantize(net, "W4A4", calib)(x)
+        )
+
+
+def _randomise_bn_stats(net: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)

@@ -365,6 +365,7 @@ class _Runner:
         self.quiet = quiet
         self.log = log
         self._splits: dict[tuple, Any] = {}
+        self._deployed: tuple[str, Any] | None = None  # (train key, deploy model) of the group
 
     # -- data ------------------------------------------------------------------------------
     def splits(self, g: Group):
@@ -443,6 +444,16 @@ class _Runner:
         return trained, key, meta
 
     # -- logits stage ----------------------------------------------------------------------
+    def deployed(self, model, train_key: str):
+        """The fp32 deploy form of the group's trained model, built once per group: every
+        cell quantizes from it (``quantize`` copies it; ``to_deploy`` of a deploy graph is the
+        same function, tested bit-identical) instead of re-deploying the training form."""
+        from quantcal import models
+
+        if self._deployed is None or self._deployed[0] != train_key:
+            self._deployed = (train_key, models.to_deploy(model))
+        return self._deployed[1]
+
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
         import torch
 
@@ -465,18 +476,19 @@ class _Runner:
             "observer": cell.observer,
             "sample": cell.sample,
         }
+        deploy = self.deployed(model, train_key)
         if qc is None:
-            net = models.to_deploy(model)
+            net = deploy
         else:
             calib = self.ptq_batches(splits, cell.sample)
-            net = quant.quantize(model, qc, calib)
+            net = quant.quantize(deploy, qc, calib)
             try:
                 meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
                 meta["inspect_error"] = f"{type(exc).__name__}: {exc}"
         bits = 32 if qc is None else qc.weight_bits
         stats = models.describe(
-            models.to_deploy(model), splits.image_size, in_chans=splits.channels, weight_bits=bits
+            deploy, splits.image_size, in_chans=splits.channels, weight_bits=bits
         )
         meta.update(params=stats.params, macs=stats.macs, weight_bytes=stats.weight_bytes)
         out = {}
