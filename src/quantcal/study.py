@@ -366,6 +366,7 @@ class _Runner:
         self.log = log
         self._splits: dict[tuple, Any] = {}
         self._deployed: tuple[str, Any] | None = None  # (train key, deploy model) of the group
+        self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
 
     # -- data ------------------------------------------------------------------------------
     def splits(self, g: Group):
@@ -506,6 +507,28 @@ class _Runner:
         return out, meta, key
 
     # -- row stage -------------------------------------------------------------------------
+    def _fp32_fit_for(self, fp32_key: str) -> _FitFn:
+        """The fp32 cell's recalibrator fits, each fitted once per group (every quantized
+        cell's paired difference vs fp32 and ``temperature_fp32`` reuse them)."""
+
+        def fit(method: str, fp32: dict) -> tuple[Any, float | None]:
+            import warnings
+
+            key = (fp32_key, method)
+            if key not in self._fp32_fits:
+                if len(self._fp32_fits) > 64:
+                    self._fp32_fits.clear()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = _fit_and_apply(method, fp32, fp32)
+                self._fp32_fits[key] = (result, [str(w.message) for w in caught])
+            result, messages = self._fp32_fits[key]
+            for message in messages:  # each caller records the fit's warnings, cached or not
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return result
+
+        return fit
+
     def row(
         self,
         cell: QuantCell,
@@ -520,7 +543,7 @@ class _Runner:
         path = self.cache / "rows" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
-        row = _score(self.config, cell, method, lg, fp32)
+        row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key))
         row.update(
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
@@ -616,37 +639,64 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
     return row
 
 
-def _recalibrate(method: str, lg: dict, fp32: dict, notes: list[str] | None = None):
+_FitFn = Callable[[str, dict], tuple[Any, "float | None"]]
+
+
+def _fit_and_apply(method: str, fit_on: dict, apply_to: dict) -> tuple[Any, float | None]:
+    """Fit ``method`` on ``fit_on``'s validation logits and apply it to ``apply_to``'s test
+    logits; returns (test logits, temperature or None)."""
+    from quantcal import recal
+
+    r = recal.get(method)().fit(fit_on["val_logits"], fit_on["val_labels"])
+    temp = getattr(r, "temperature", None)
+    return r(apply_to["test_logits"]), (None if temp is None else float(temp))
+
+
+def _recalibrate(
+    method: str,
+    lg: dict,
+    fp32: dict,
+    notes: list[str] | None = None,
+    fp32_fit: _FitFn | None = None,
+):
     """Fit ``method`` on this cell's validation logits; return (test logits, temperature).
 
-    Warnings of the fit (a temperature at its bound, say) are appended to ``notes``."""
+    ``temperature_fp32`` applies the fp32 model's temperature instead. ``fp32_fit(method,
+    fp32)`` returns the fp32 model's fit (the runner memoises it per group); by default it is
+    refitted. Warnings of the fit (a temperature at its bound, say) are appended to ``notes``."""
     import warnings
 
     from quantcal import recal
 
+    fp32_fit = fp32_fit or (lambda m, f: _fit_and_apply(m, f, f))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if method == REUSE_FP32_TEMPERATURE:
-            ts = recal.get("temperature")().fit(fp32["val_logits"], fp32["val_labels"])
-            fixed = recal.get("temperature").fixed(ts.temperature)
-            out = fixed(lg["test_logits"]), float(ts.temperature)
+            _, t_fp32 = fp32_fit("temperature", fp32)
+            fixed = recal.get("temperature").fixed(t_fp32)
+            out = fixed(lg["test_logits"]), float(t_fp32)
         else:
-            r = recal.get(method)().fit(lg["val_logits"], lg["val_labels"])
-            temp = getattr(r, "temperature", None)
-            out = r(lg["test_logits"]), (None if temp is None else float(temp))
+            out = _fit_and_apply(method, lg, lg)
     if notes is not None:
         notes.extend(str(w.message) for w in caught if str(w.message) not in notes)
     return out
 
 
 def _score(
-    config: StudyConfig, cell: QuantCell, method: str, lg: dict, fp32: dict
+    config: StudyConfig,
+    cell: QuantCell,
+    method: str,
+    lg: dict,
+    fp32: dict,
+    fp32_fit: _FitFn | None = None,
 ) -> dict[str, Any]:
+    import warnings
+
     from quantcal import metrics
 
     labels = lg["test_labels"]
     notes: list[str] = []
-    z, temperature = _recalibrate(method, lg, fp32, notes)
+    z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit)
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
     row.update({k: float(v) for k, v in rep.items() if k in row})
@@ -656,7 +706,12 @@ def _score(
     if config.bootstrap > 0:
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
-        z_fp32, _ = _recalibrate(method, fp32, fp32, [])
+        if method == REUSE_FP32_TEMPERATURE or fp32_fit is None:
+            z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # recorded in the fp32 cell's own row
+                z_fp32, _ = fp32_fit(method, fp32)
         d = metrics.paired_bootstrap_diff("ece", z, z_fp32, labels, **boot)
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
