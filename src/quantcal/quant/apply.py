@@ -427,36 +427,36 @@ _ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.hardswish,
 _ACTIVATION_METHODS = {"relu", "relu_"}
 
 
+def _value_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """ "fresh" (a new tensor), "activation" (elementwise, may return its input) or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _FRESH_MODULES):
+            return "fresh"
+        return "activation" if isinstance(module, _ACTIVATION_MODULES) else None
+    tables = {
+        "call_function": (_FRESH_FUNCTIONS, _ACTIVATION_FUNCTIONS),
+        "call_method": (_FRESH_METHODS, _ACTIVATION_METHODS),
+    }
+    if node.op not in tables:
+        return None
+    fresh, activation = tables[node.op]
+    if node.target in fresh:
+        return "fresh"
+    return "activation" if node.target in activation else None
+
+
 def _is_temporary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether ``node``'s value is a tensor created inside the graph that aliases nothing else
     and that only one node reads. Conservative: anything not known is not a temporary (views,
     ``contiguous``, graph inputs, attributes, unknown calls)."""
     if len(node.users) != 1:
         return False
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, _FRESH_MODULES):
-            return True
-        if isinstance(module, _ACTIVATION_MODULES):
-            return _first_arg_is_temporary(gm, node)
-        return False
-    if node.op == "call_function":
-        if node.target in _FRESH_FUNCTIONS:
-            return True
-        if node.target in _ACTIVATION_FUNCTIONS:
-            return _first_arg_is_temporary(gm, node)
-        return False
-    if node.op == "call_method":
-        if node.target in _FRESH_METHODS:
-            return True
-        if node.target in _ACTIVATION_METHODS:
-            return _first_arg_is_temporary(gm, node)
-    return False
-
-
-def _first_arg_is_temporary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    arg = node.args[0] if node.args else None
-    return isinstance(arg, torch.fx.Node) and _is_temporary(gm, arg)
+    kind = _value_kind(gm, node)
+    if kind == "activation":  # a temporary when its input is one
+        arg = node.args[0] if node.args else None
+        return isinstance(arg, torch.fx.Node) and _is_temporary(gm, arg)
+    return kind == "fresh"
 
 
 def _mark_owned_inputs(gm: torch.fx.GraphModule, qlayers: dict[str, QuantizedLayer]) -> None:

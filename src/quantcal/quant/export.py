@@ -226,11 +226,15 @@ def _fold_weight_quantizers(model: Any) -> int:
                     other.input[i] = name
         graph.node.remove(node)
         folded += 1
+    _drop_unused_initializers(graph)
+    return folded
+
+
+def _drop_unused_initializers(graph: Any) -> None:
     used = {inp for n in graph.node for inp in n.input} | {o.name for o in graph.output}
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return folded
 
 
 def _producers(graph: Any) -> dict[str, Any]:
@@ -295,10 +299,7 @@ def _quantize_bias_initializers(model: Any) -> int:
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{stem}_dequantized"
         done += 1
-    used = {inp for n in graph.node for inp in n.input} | {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return done
 
 
