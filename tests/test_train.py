@@ -283,7 +283,8 @@ _WORKER = textwrap.dedent(
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
     cfg = train.TrainConfig(epochs=2, batch_size=16, lr=0.1, schedule="cosine", crop_padding=1)
-    res = train.train(model, split, cfg, out_dir=os.path.join(out, "ckpt"), progress=False)
+    res = train.train(model, split, cfg, device="cpu",  # gloo, also where GPUs exist
+                      out_dir=os.path.join(out, "ckpt"), progress=False)
     torch.save({"state": res.model.state_dict(), "history": res.history},
                os.path.join(out, f"rank{rank}.pt"))
     """
@@ -355,3 +356,17 @@ def test_predict_logits_rejects_bad_inputs():
         predict_logits(_net(), whole)
     with pytest.raises(ValueError, match="expected logits"):
         predict_logits(nn.Identity(), [(torch.zeros(2, 3, 4, 4), torch.zeros(2))])
+
+
+def test_ddp_rank_without_its_gpu_is_a_clear_error():
+    # two torchrun processes on a machine with fewer GPUs: rank 1 has no cuda:1 (found on a
+    # one-GPU machine, where NCCL then failed with "invalid device ordinal")
+    info = tr._Dist(rank=1, world_size=2, local_rank=1)
+    missing = torch.cuda.device_count()  # index one past the last GPU (0 on a CPU machine)
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        tr._resolve_device(f"cuda:{missing}", info)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match=r"device='cpu'"):
+            tr._resolve_device("cuda", info)
+    assert tr._resolve_device("cpu", info) == torch.device("cpu")
+    assert tr._init_process_group(tr._Dist(), torch.device("cpu")) == tr._Dist()

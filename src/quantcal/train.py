@@ -295,7 +295,7 @@ class _Dist:
 
 
 def _dist_from_env() -> _Dist:
-    """Rank info from torchrun's env (WORLD_SIZE, RANK, LOCAL_RANK); initialise if needed."""
+    """Rank info from torchrun's env (WORLD_SIZE, RANK, LOCAL_RANK); nothing is initialised."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
@@ -304,27 +304,39 @@ def _dist_from_env() -> _Dist:
             f"WORLD_SIZE={world} is set but RANK is not: launch with torchrun (which sets "
             "RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) or unset WORLD_SIZE"
         )
+    rank = int(os.environ["RANK"])
+    return _Dist(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def _init_process_group(info: _Dist, dev: torch.device) -> _Dist:
+    """Join the process group unless one exists: NCCL when this rank trains on a GPU, gloo
+    when it trains on the CPU (so CPU DDP also works on a machine that has GPUs)."""
     import torch.distributed as dist
 
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    created = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-        created = True
-    return _Dist(rank=rank, world_size=world, local_rank=local, created=created)
+    if info.world_size <= 1 or dist.is_initialized():
+        return info
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dataclasses.replace(info, created=True)
 
 
 def _resolve_device(device: torch.device | str | None, dist: _Dist) -> torch.device:
+    """The training device: ``device``, by default CUDA if available else CPU; under torchrun a
+    bare "cuda" is ``cuda:LOCAL_RANK``, which must exist."""
     if device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", dist.local_rank if dist.world_size > 1 else 0)
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"training device {dev} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s). Under torchrun start at most that many "
+            "processes per node (--nproc_per_node), or train on the CPU with device='cpu' "
+            "(DDP then uses gloo)"
+        )
     return dev
 
 
@@ -400,8 +412,9 @@ def train(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     split = _train_split(splits)
     dist_info = _dist_from_env()
+    dev = _resolve_device(device, dist_info)
+    dist_info = _init_process_group(dist_info, dev)
     try:
-        dev = _resolve_device(device, dist_info)
         fork = [dev.index] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork), _determinism(config.deterministic, dev):
             return _run(
