@@ -161,6 +161,8 @@ class Shared(nn.Module):
         self.c = nn.Conv2d(6, 6, 1)
         self.d = nn.Conv2d(3, 6, 1)
         self.e = nn.Conv2d(6, 6, 1)
+        self.f = nn.Conv2d(6, 6, 1)
+        self.register_buffer("buf", torch.zeros(0))
         self.act = nn.ReLU(inplace=True)
         self.fc = nn.Linear(6, 4)
 
@@ -169,6 +171,7 @@ class Shared(nn.Module):
         u = self.b(h) + self.c(h)
         v = self.act(u[:, :6])  # in-place ReLU on a view of u, which is read again below
         e = self.e(self.act(self.d(x)))  # d reads the graph input; e reads a temporary
+        e = e + self.f(torch.add(e, 1.0, out=self.buf.resize_(0)))  # f reads a buffer: not owned
         w = self.b(v) + u + e  # b is reused, once on a shared input
         return self.fc(self.act(w).mean((2, 3)))  # mean is not known to be fresh: not owned
 
@@ -179,7 +182,8 @@ def test_inplace_input_path_only_where_the_graph_proves_it_is_safe():
     calib = [torch.randn(8, 3, 6, 6)]
     q = quant.quantize(net, "W4A4", calib)
     owned = {name: layer.owns_input for name, layer in quantized_layers(q)}
-    assert owned == {"a": False, "b": False, "c": False, "d": False, "e": True, "fc": False}
+    expected = {"a": False, "b": False, "c": False, "d": False, "e": True, "f": False}
+    assert owned == {**expected, "fc": False}
     xs = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         fast = q(xs)

@@ -450,7 +450,7 @@ def _is_temporary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether ``node``'s value is a tensor created inside the graph that aliases nothing else
     and that only one node reads. Conservative: anything not known is not a temporary (views,
     ``contiguous``, graph inputs, attributes, unknown calls)."""
-    if len(node.users) != 1:
+    if len(node.users) != 1 or "out" in node.kwargs:  # out= writes into an existing tensor
         return False
     kind = _value_kind(gm, node)
     if kind == "activation":  # a temporary when its input is one
