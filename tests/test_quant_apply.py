@@ -162,7 +162,6 @@ class Shared(nn.Module):
         self.d = nn.Conv2d(3, 6, 1)
         self.e = nn.Conv2d(6, 6, 1)
         self.f = nn.Conv2d(6, 6, 1)
-        self.register_buffer("buf", torch.zeros(0))
         self.act = nn.ReLU(inplace=True)
         self.fc = nn.Linear(6, 4)
 
@@ -171,7 +170,7 @@ class Shared(nn.Module):
         u = self.b(h) + self.c(h)
         v = self.act(u[:, :6])  # in-place ReLU on a view of u, which is read again below
         e = self.e(self.act(self.d(x)))  # d reads the graph input; e reads a temporary
-        e = e + self.f(torch.add(e, 1.0, out=self.buf.resize_(0)))  # f reads a buffer: not owned
+        e = e + self.f(torch.add(e, 1.0, out=torch.empty_like(e)))  # out=: not owned
         w = self.b(v) + u + e  # b is reused, once on a shared input
         return self.fc(self.act(w).mean((2, 3)))  # mean is not known to be fresh: not owned
 
