@@ -1,8 +1,9 @@
 """Post-training quantization: fake-quantize any fx-traceable CNN at any precision.
 
 Scheme (Kuang & Wong, arXiv 2309.13866; REFERENCE.md §5): weights symmetric per output channel,
-activations asymmetric per tensor with ranges from range-calibration batches, applied to the
-deploy form (``models.to_deploy``).
+activations asymmetric per tensor with ranges from range-calibration batches, biases as int32 on
+each layer's accumulator grid ``s_x * s_w[c]`` (``QuantConfig.bias_bits``), applied to the deploy
+form (``models.to_deploy``).
 
 >>> qmodel = quant.quantize(model, quant.parse_precision("W4A8"), splits.ptq_calib.batches(256))
 >>> quant.inspect(qmodel, some_batches)            # per-layer scales, clipping, SQNR
