@@ -567,15 +567,19 @@ class _Runner:
         )
         return row
 
+    def error_rows(self, cells: list[QuantCell], exc: BaseException) -> None:
+        """Error rows for every method of cells whose logits never came to exist."""
+        for cell in cells:
+            for m in self.config.recal:
+                self.error_row(cell, m, _pending_key(cell, m), exc)
+
     # -- a whole group ---------------------------------------------------------------------
     def run_group(self, g: Group, cells: list[QuantCell]) -> None:
         methods = self.config.recal
         try:
             model, tkey, _ = self.trained_model(g)
         except Exception as exc:
-            for cell in cells:
-                for m in methods:
-                    self.error_row(cell, m, _pending_key(cell, m), exc)
+            self.error_rows(cells, exc)
             return
         if _rank() != 0:
             return  # under torchrun, ranks > 0 only help to train
@@ -583,9 +587,7 @@ class _Runner:
         try:
             fp32, fp32_meta, fp32_key = self.logits(fp32_cell, model, tkey)
         except Exception as exc:
-            for cell in cells:
-                for m in methods:
-                    self.error_row(cell, m, _pending_key(cell, m), exc)
+            self.error_rows(cells, exc)
             return
         for cell in cells:
             try:
@@ -594,8 +596,7 @@ class _Runner:
                 else:
                     lg, lmeta, lkey = self.logits(cell, model, tkey)
             except Exception as exc:
-                for m in methods:
-                    self.error_row(cell, m, _pending_key(cell, m), exc)
+                self.error_rows([cell], exc)
                 continue
             for m in methods:
                 try:
@@ -675,6 +676,8 @@ def _recalibrate(
             _, t_fp32 = fp32_fit("temperature", fp32)
             fixed = recal.get("temperature").fixed(t_fp32)
             out = fixed(lg["test_logits"]), float(t_fp32)
+        elif lg is fp32:
+            out = fp32_fit(method, fp32)
         else:
             out = _fit_and_apply(method, lg, lg)
     if notes is not None:
@@ -690,8 +693,6 @@ def _score(
     fp32: dict,
     fp32_fit: _FitFn | None = None,
 ) -> dict[str, Any]:
-    import warnings
-
     from quantcal import metrics
 
     labels = lg["test_labels"]
@@ -706,12 +707,7 @@ def _score(
     if config.bootstrap > 0:
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
-        if method == REUSE_FP32_TEMPERATURE or fp32_fit is None:
-            z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # recorded in the fp32 cell's own row
-                z_fp32, _ = fp32_fit(method, fp32)
+        z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit)
         d = metrics.paired_bootstrap_diff("ece", z, z_fp32, labels, **boot)
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)

@@ -122,8 +122,17 @@ class QuantizedLayer(nn.Module, abc.ABC):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The fake-quantized input (asymmetric per tensor, contiguous first); ``x`` is never
         modified."""
+        return self._fake_quant(x, inplace=False)
+
+    def _fake_quant(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         return fake_quantize_per_tensor_fast(
-            x, self._scale, self._inv_scale, self._zero_point, self._q_min, self._q_max
+            x,
+            self._scale,
+            self._inv_scale,
+            self._zero_point,
+            self._q_min,
+            self._q_max,
+            inplace=inplace,
         )
 
     def saturation_count(self, x: torch.Tensor) -> int:
@@ -147,15 +156,7 @@ class QuantizedLayer(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return self.layer_op(x, self.weight_fp32, self.bias_fp32)
-        xq = fake_quantize_per_tensor_fast(
-            x,
-            self._scale,
-            self._inv_scale,
-            self._zero_point,
-            self._q_min,
-            self._q_max,
-            inplace=self.owns_input and not x.requires_grad,
-        )
+        xq = self._fake_quant(x, inplace=self.owns_input and not x.requires_grad)
         return self.layer_op(xq, self.weight, self.bias)
 
     def extra_repr(self) -> str:
