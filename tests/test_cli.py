@@ -87,9 +87,10 @@ def test_eval_brings_your_own_checkpoint(tmp_path, capsys):
             "--quiet",
         ]
     )
-    assert code == 0  # the sweep goes on: the failure becomes error rows
-    import csv
-
-    with open(tmp_path / "e2" / "results.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert rows and all(r["status"] == "error" and "does not fit" in r["error"] for r in rows)
+    # Bad input: refused before anything is computed, with a short message and status 2.
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "Check the model name, width" in err
+    assert len(err.splitlines()) <= 3, err
+    assert not (tmp_path / "e2" / "results.csv").exists()
+    assert not (tmp_path / "e2" / "cache" / "train").exists()

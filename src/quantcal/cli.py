@@ -27,7 +27,28 @@ _EPILOG_RUN = """examples:
   quantcal run my_study.toml --set train.epochs=5 --set quant.observers='["minmax","mse"]'
   quantcal run paper_cifar100 --shard 0/4 --out /shared/paper   # shard 0 of 4 machines
 
-Re-running the same command resumes: finished stages are read from OUT/cache."""
+Re-running the same command resumes: finished stages are read from OUT/cache.
+OUT must be new, empty or made by quantcal (--force adopts another folder)."""
+
+_EXIT_CODES = """exit status:
+  0    every cell computed (a shard: every cell of this shard)
+  1    some cells failed: they are error rows in results.csv, grouped by cause on stderr,
+       with tracebacks in OUT/cache/errors/*.log; everything else was computed and written
+  2    bad input (study file, option, dataset, model factory, checkpoint, output folder):
+       nothing was computed
+  130  interrupted: finished stages are cached, re-run the same command to resume
+
+Results and tables go to stdout; progress, notes and errors to stderr (one plain line per
+epoch and stage when stderr is not a terminal)."""
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out folder that quantcal did not make (it then "
+        "replaces results.csv, report.html, config.toml, ... there)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -37,7 +58,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a busy machine)",
+        help="CPU threads for PyTorch; for run and eval this overrides the study's pinned "
+        "`threads` and enters the cache keys (default: the study's, else PyTorch's choice; "
+        "1 is fastest on a busy machine)",
     )
 
 
@@ -74,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a study: train each model, quantize it at each precision, recalibrate, "
         "measure, and write OUT/results.csv, OUT/report.html and OUT/figures/. Without STUDY "
         "the embedded demo runs (scikit-learn digits, offline, a few minutes on 2 CPU cores).",
-        epilog=_EPILOG_RUN,
+        epilog=_EPILOG_RUN + "\n\n" + _EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -105,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a study key, e.g. train.epochs=5 (value parsed as TOML)",
     )
-    p.add_argument("--fresh", action="store_true", help="discard OUT/cache and start over")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the cache entries quantcal wrote in OUT/cache and start over",
+    )
+    _add_force(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -130,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a TrainConfig field, e.g. lr=0.05",
     )
     p.add_argument("--out", default="runs/train")
+    _add_force(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -139,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and measure, exactly as `run` does, and write the same results and report.",
         epilog="examples:\n  quantcal eval --checkpoint model.pt --model shufflenetv2 --width 0.5 "
         "--dataset cifar100\n  quantcal eval --checkpoint net.pt --model mypkg.nets:build "
-        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6",
+        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6\n\n" + _EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
@@ -155,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split")
     p.add_argument("--out", default="runs/eval")
+    _add_force(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -162,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="(re)write report.html for a finished run folder",
         description="Assemble the cached rows of a run (all shards) into "
         "results.csv and write report.html and figures/.",
-        epilog="example:\n  quantcal report runs/demo",
+        epilog="example:\n  quantcal report runs/demo\n\nexit status: 0 all cells ok, 1 some "
+        "cells failed (grouped on stderr), 2 the folder is not a finished run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir")
@@ -193,18 +224,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
+def _cell_label(r: dict) -> str:
+    where = "" if r.get("observer") in (None, "-") else f" {r['observer']} #{r['ptq_sample']}"
+    return (
+        f"{r['dataset']} {r['arch']}@{float(r['width']):g} seed {r['seed']} {r['precision']}{where}"
+    )
+
+
+def report_failures(failed: list[dict], out: Path, total: int | None = None) -> int:
+    """Print failed rows on stderr grouped by cause ("12 cells: ..."); returns the exit status
+    (1 when any failed, else 0)."""
+    if not failed:
+        return 0
+    by_cause: dict[str, list[dict]] = {}
+    for r in failed:
+        by_cause.setdefault(str(r.get("error") or "unknown error"), []).append(r)
+    of = f" of {total}" if total else ""
+    cells = {_cell_label(r) for r in failed}
+    print(
+        f"quantcal: {len(failed)}{of} result rows failed ({len(cells)} cells), by cause:",
+        file=sys.stderr,
+    )
+    for cause, rows in sorted(by_cause.items(), key=lambda kv: -len(kv[1])):
+        labels = sorted({_cell_label(r) for r in rows})
+        shown = "; ".join(labels[:3]) + (f"; and {len(labels) - 3} more" if len(labels) > 3 else "")
+        print(f"  {len(labels)} cells: {cause}\n      ({shown})", file=sys.stderr)
+    print(
+        f"  error rows are in {out / 'results.csv'} (status, error); tracebacks in "
+        f"{out / 'cache' / 'errors'}/*.log. Re-running retries them.",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _finish(out: Path, t0: float, quiet: bool) -> int:
-    from quantcal import report
+    from quantcal import report, study
 
     if not (out / "results.csv").exists():
         print(f"partial run in {out}: other shards still have cells to compute")
-        return 0
+        return report_failures(study.failed_rows(out), out)
     rows = report.load_rows(out)
     if not quiet:
         print()
         print(report.summary_table(rows))
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    return report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -213,18 +277,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     if args.dataset:
         overrides["data.datasets"] = list(args.dataset)
+    if args.threads is not None:
+        overrides["threads"] = args.threads
     shard = study.parse_shard(args.shard)
     t0 = time.perf_counter()
     config = study.load_study(args.study, overrides)
     out = Path(args.out) if args.out else Path("runs") / config.name
     study.run_study(
-        config, out, resume=not args.fresh, shard=shard, device=args.device, quiet=args.quiet
+        config,
+        out,
+        resume=not args.fresh,
+        shard=shard,
+        device=args.device,
+        quiet=args.quiet,
+        force=args.force,
     )
     return _finish(out, t0, args.quiet)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from quantcal import data, metrics, train
+    from quantcal import _runfolder, data, metrics, train
     from quantcal._io import atomic_torch_save, atomic_write_json
     from quantcal.study import _resolve_device, build_model
 
@@ -243,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         width=args.width,
         seed=args.seed,
     )
-    out = Path(args.out)
+    out = _runfolder.claim(args.out, force=args.force)
     result = train.train(
         model, splits, cfg, device=device, out_dir=out, resume=True, progress=not args.quiet
     )
@@ -292,9 +364,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "quant": {"precisions": precisions, "observers": split(args.observers)},
         "recal": {"methods": split(args.recal)},
     }
+    if args.threads is not None:
+        raw["threads"] = args.threads
     t0 = time.perf_counter()
     out = Path(args.out)
-    study.run_study(raw, out, device=args.device, quiet=args.quiet)
+    study.run_study(raw, out, device=args.device, quiet=args.quiet, force=args.force)
     return _finish(out, t0, args.quiet)
 
 
@@ -302,13 +376,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from quantcal import report, study
 
     out = Path(args.run_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give the run's output folder")
     if (out / "cache").exists():
         study.assemble(out)
     else:
         report.write_report(out)
-    print(report.summary_table(report.load_rows(out)))
+    rows = report.load_rows(out)
+    print(report.summary_table(rows))
     print(f"\nreport: {(out / 'report.html').resolve()}")
-    return 0
+    return report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -364,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"quantcal {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission: what was finished is cached
+        print(
+            f"quantcal {args.command}: error: {exc}. Finished stages are cached; fix the cause "
+            "and re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished stages are cached; re-run the same command to resume",

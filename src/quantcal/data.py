@@ -53,6 +53,7 @@ __all__ = [
     "Split",
     "Splits",
     "data_root",
+    "dataset_digest",
     "download",
     "list_datasets",
     "load_dataset",
@@ -637,7 +638,9 @@ def _assemble(
         for k, (src, idx) in parts.items()
     }
     if num_classes is None:
-        num_classes = int(max(int(lab.max()) for _, lab in pools.values() if len(lab))) + 1
+        num_classes = _classes_from_train(name, pools)
+    _check_label_range(name, pools, num_classes)
+    notes = [*notes, *_absent_class_notes(splits, num_classes)]
     if class_names is None:
         class_names = tuple(str(i) for i in range(num_classes))
     some = next(iter(pools.values()))[0]
@@ -652,6 +655,51 @@ def _assemble(
         notes=tuple(notes),
         **splits,
     )
+
+
+def _classes_from_train(name: str, pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """The class count of a file without a class list: the largest *train* label plus one.
+
+    Only train decides: one stray label in val or test must not turn a 10-class study into a
+    100-class one (it is refused by :func:`_check_label_range` instead)."""
+    labels = pools["train"][1]
+    if not len(labels):
+        raise ValueError(f"{name}: train_labels is empty; a dataset needs training images")
+    return int(labels.max()) + 1
+
+
+def _check_label_range(
+    name: str, pools: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int
+) -> None:
+    """Refuse labels outside 0..num_classes-1, naming the array, the values and their count."""
+    for part, (_, labels) in pools.items():
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if len(bad):
+            values, counts = np.unique(bad, return_counts=True)
+            shown = ", ".join(f"{v} ({c} images)" for v, c in zip(values[:10], counts[:10]))
+            more = f" and {len(values) - 10} more values" if len(values) > 10 else ""
+            raise ValueError(
+                f"{name}: {part}_labels holds class ids outside 0..{num_classes - 1}: {shown}"
+                f"{more}. The dataset has {num_classes} classes (for a file: the largest train "
+                "label plus one). Fix or drop those labels; a class must have training images."
+            )
+
+
+def _absent_class_notes(splits: dict[str, Split], num_classes: int) -> list[str]:
+    """One note per split that lacks some classes (a class absent from train is never learnt,
+    one absent from val is never seen by recalibration, one absent from test is not measured)."""
+    notes = []
+    for part in ("train", "val", "test"):
+        present = np.unique(splits[part].labels.numpy())
+        missing = np.setdiff1d(np.arange(num_classes), present)
+        if len(missing):
+            shown = ", ".join(str(int(c)) for c in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            notes.append(
+                f"{len(missing)} of {num_classes} classes have no {part} images (class "
+                f"{shown}{more})"
+            )
+    return notes
 
 
 def _default_size(value: int | None, default: int, what: str) -> int:
@@ -880,6 +928,33 @@ def _reject_unused(name: str, unused: dict[str, Any]) -> None:
         raise ValueError(
             f"dataset {name!r} does not take {sorted(bad)} (it has official splits for those)"
         )
+
+
+def dataset_digest(name: str, *, file_digest: Callable[[str], str] | None = None) -> str:
+    """A content identity of dataset ``name`` for cache keys: equal digests, equal data.
+
+    ``npz:PATH``: ``"sha256:..."`` of the file (``file_digest(path)``, default a fresh
+    SHA-256; the study runner passes a memoised one). A downloadable dataset: ``"md5:..."`` of
+    its official file, which every load verifies. Anything else (``digits``, a dataset a user
+    registered): the SHA-256 of its loaded splits' images, labels and positions (seed 0).
+    Raises :class:`DatasetNotFoundError` for a missing ``npz:`` file.
+    """
+    from quantcal._digest import sha256_file
+
+    if name.lower().startswith("npz:"):
+        path = Path(name[4:]).expanduser()
+        if not path.is_file():
+            raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
+        return "sha256:" + (file_digest or sha256_file)(str(path))
+    if name.lower() in SOURCES:
+        return "md5:" + SOURCES[name.lower()].md5
+    splits = load_dataset(name, seed=0)
+    h = hashlib.sha256()
+    for part, split in splits.items():
+        for t in (split.images, split.labels, split.indices):
+            h.update(f"{part}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def list_datasets() -> list[str]:

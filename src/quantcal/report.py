@@ -721,6 +721,56 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 """
 
 
+def _figure_name(kind: str, dataset: str, model: str) -> str:
+    """A short, safe file name: the dataset's file name (not its whole path), the model, and a
+    hash of the full pair so two files with one name never collide."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{_ds_label(dataset)}_{model}").strip("_")[:60]
+    tag = hashlib.sha256(f"{dataset}\0{model}".encode()).hexdigest()[:8]
+    return f"{kind}_{slug}_{tag}"
+
+
+def _notes_section(rows: list[dict], run: Path) -> list[str]:
+    """Each distinct note of the rows with the cells it applies to, and any cache entries that
+    were damaged and rebuilt (their numbers equal a clean run's; listed so nothing is hidden)."""
+    from quantcal._cache import healed_entries
+
+    parts: list[str] = []
+    by_note: dict[str, set[str]] = {}
+    for r in rows:
+        for note in filter(None, (n.strip() for n in str(r.get("notes") or "").split(" | "))):
+            by_note.setdefault(note, set()).add(f"{_model_label(r)} {r['precision']}")
+    if by_note:
+        parts.append(
+            "<h2>Notes</h2><p class='muted'>What a number may not mean as its name "
+            "says (also in the notes column of results.csv).</p>"
+        )
+        parts.append(
+            _html_table(
+                ["note", "cells"],
+                [
+                    [n, ", ".join(sorted(c)[:6]) + (" …" if len(c) > 6 else "")]
+                    for n, c in by_note.items()
+                ],
+            )
+        )
+    healed = healed_entries(run / "cache")
+    if healed:
+        parts.append(
+            "<h2>Cache entries rebuilt</h2><p class='muted'>Damaged entries found and "
+            "computed again; the results equal a clean run's.</p>"
+        )
+        parts.append(
+            _html_table(
+                ["file", "what was wrong"],
+                [[h.get("file", ""), h.get("reason", "")] for h in healed[-50:]],
+            )
+        )
+    return parts
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``figures/*.png`` and a self-contained ``report.html``; returns the HTML path."""
     run = Path(run_dir)
@@ -743,10 +793,9 @@ def write_report(run_dir: str | Path) -> Path:
         figs.append(("recal_gain", "ECE after each recalibration method", fig_recal_gain(rows)))
         figs.append(("acc_vs_ece", "Accuracy vs ECE", fig_acc_vs_ece(rows)))
         for ds, model in _groups(_main_rows(rows)):
-            safe = f"reliability_{ds}_{model}".replace("/", "_").replace(":", "_").replace("@", "_")
             figs.append(
                 (
-                    safe,
+                    _figure_name("reliability", ds, model),
                     f"Reliability diagrams: {ds} / {model}",
                     fig_reliability(rows, details, ds, model),
                 )
@@ -808,6 +857,7 @@ def write_report(run_dir: str | Path) -> Path:
                 [[r["dataset"], r["arch"], r["precision"], r["recal"], r["error"]] for r in errors],
             )
         )
+    parts.extend(_notes_section(rows, run))
     parts.append("<h2>Configuration</h2><pre>" + html.escape(config_text) + "</pre>")
     parts.append(
         "<p class='muted'>Full results: results.csv (one row per cell and method); "

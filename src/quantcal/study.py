@@ -4,33 +4,48 @@ Every expensive stage is cached on disk under ``out_dir/cache`` by a hash of its
 plus the keys of its inputs, so re-running a finished study does no training or inference and a
 run killed at any moment redoes only what is missing:
 
-- train: keyed by dataset, split sizes, seed, arch, width and recipe;
-  files ``cache/train/KEY/{model.pt, meta.json, last.pt}``.
+- train: keyed by the dataset's content digest (SHA-256 of an ``npz:`` file, the verified md5 of
+  an official one), split sizes, seed, arch, width, recipe, pinned thread count and the
+  checkpoint's SHA-256 where one is given; files ``cache/train/KEY/{model.pt, meta.json,
+  last.pt}``.
 - logits: keyed by the train key, the precision config and the range-calibration sample;
   files ``cache/logits/KEY.pt`` and ``KEY.json``.
-- row: keyed by the logits key, the recalibration method, the fp32 logits key and the metric
-  settings; file ``cache/rows/KEY.json``.
+- row: keyed by the logits key, the recalibration method, the fp32 logits key, the metric
+  settings and the row schema (the result columns), so a new column recomputes rows but never
+  retrains; file ``cache/rows/KEY.json``.
 
-A failing cell becomes an error row (``status = "error"`` and the message) and the sweep goes on;
-error rows are kept in ``cache/errors`` so that shards can assemble them, and are retried on the
-next run. ``shard=(i, n)`` gives shard ``i`` every ``n``-th training group; all shards share one
-output folder and the last to finish writes ``results.csv`` and the report.
+Each stage has its own version. Every entry is verified on read (tensor files against the
+SHA-256 recorded in the JSON beside them); a damaged one is removed with a message and computed
+again (see ``quantcal._cache``). The output folder must be quantcal's (``quantcal._runfolder``).
+
+Before computing anything, the inputs of this shard's groups are checked (datasets load, model
+factories import, checkpoints fit): bad input raises ``ValueError`` and nothing is computed. A cell
+that fails later becomes an error row (``status = "error"`` and the message) and the sweep goes
+on; error rows are kept in ``cache/errors`` so that shards can assemble them, and are retried on
+the next run (:func:`failed_rows` lists them). ``shard=(i, n)`` gives shard ``i`` every ``n``-th
+training group; all shards share one output folder and the last to finish writes
+``results.csv`` and the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import os
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantcal._io import atomic_torch_save, atomic_write_json, atomic_write_text
+from quantcal import _runfolder
+from quantcal._cache import Cache
+from quantcal._digest import FileDigests
+from quantcal._io import atomic_write_bytes, atomic_write_json, atomic_write_text, torch_bytes
 from quantcal.studyconfig import (
     REUSE_FP32_TEMPERATURE,
     ModelSpec,
@@ -45,12 +60,17 @@ __all__ = [
     "QuantCell",
     "StudyConfig",
     "expand_cells",
+    "failed_rows",
     "load_study",
     "parse_shard",
     "run_study",
 ]
 
-_CACHE_VERSION = 1
+# Each stage's cache version: bumping one recomputes that stage and those after it, never the
+# stages before (v2: data content digests and pinned threads in the keys, verified entries).
+_TRAIN_VERSION = 2
+_LOGITS_VERSION = 2
+_ROW_VERSION = 2
 
 #: Columns of results.csv, in order (one row per dataset, arch, width, seed, precision,
 #: observer, range-calibration sample and recalibration method).
@@ -155,38 +175,51 @@ def expand_cells(config: StudyConfig) -> list[tuple[Group, list[QuantCell]]]:
 # ---------------------------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------------------------
-def _data_key(config: StudyConfig, g: Group) -> dict[str, Any]:
-    return {
-        "dataset": g.dataset,
-        "seed": g.seed,
-        "val_size": config.val_size,
-        "ptq_calib_size": config.ptq_calib_size,
-        "ptq_calib_samples": config.ptq_calib_samples,
-    }
+def _split_args(config: StudyConfig, g: Group) -> tuple:
+    """What decides a group's splits besides the data's content."""
+    return (g.dataset, g.seed, config.val_size, config.ptq_calib_size, config.ptq_calib_samples)
 
 
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _train_key(config: StudyConfig, g: Group) -> str:
+def _train_key(
+    config: StudyConfig, g: Group, data_digest: str, checkpoint_digest: str | None = None
+) -> str:
+    """Key of a trained (or loaded) model: the data's content, its splits, the model, and the
+    recipe with the pinned thread count (or the checkpoint's digest)."""
+    dataset, seed, val_size, ptq_size, ptq_samples = _split_args(config, g)
     spec: dict[str, Any] = {
-        "v": _CACHE_VERSION,
-        "data": _data_key(config, g),
+        "v": _TRAIN_VERSION,
+        "data": {
+            "dataset": dataset,
+            "digest": data_digest,
+            "seed": seed,
+            "val_size": val_size,
+            "ptq_calib_size": ptq_size,
+            "ptq_calib_samples": ptq_samples,
+        },
         "arch": g.model.arch,
         "width": g.model.width,
     }
+    if config.threads is not None:
+        spec["threads"] = config.threads
     if g.model.checkpoint is not None:
-        spec["checkpoint"] = _file_digest(g.model.checkpoint)
+        spec["checkpoint"] = checkpoint_digest
     else:
         spec["train"] = {**config.train, "seed": g.seed}
     return content_hash(spec)
+
+
+def import_factory(arch: str) -> Callable[..., Any]:
+    """The callable named by ``module:function`` (ValueError saying how to fix it if not)."""
+    import importlib
+
+    mod_name, _, fn_name = arch.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot import model factory {arch!r}: {exc}. Give 'module:function' with the "
+            "module on PYTHONPATH"
+        ) from exc
 
 
 def build_model(
@@ -200,7 +233,6 @@ def build_model(
 ):
     """A registry model, or ``module:factory``: a callable imported from a module and called
     with whichever of (num_classes, image_size, in_chans, width) its signature accepts."""
-    import importlib
     import inspect as pyinspect
 
     from quantcal import models
@@ -214,14 +246,7 @@ def build_model(
             width=width,
             seed=seed,
         )
-    mod_name, _, fn_name = arch.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"cannot import model factory {arch!r}: {exc}. Give 'module:function' with the "
-            "module on PYTHONPATH"
-        ) from exc
+    factory = import_factory(arch)
     if seed is not None:
         import torch
 
@@ -250,17 +275,31 @@ def load_weights(model, path: str | Path):
             "torch.save'd state dict (weights only); re-save it with "
             "torch.save(model.state_dict(), path)"
         ) from exc
+    return load_state(model, obj, path)
+
+
+def load_state(model, obj: Any, where: str | Path):
+    """Load a loaded checkpoint object (see :func:`load_weights`) into ``model``; eval mode."""
     state = obj
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state"):
             if isinstance(obj.get(key), dict):
                 state = obj[key]
                 break
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoint {where} holds a {type(state).__name__}, not a state dict; re-save it "
+            "with torch.save(model.state_dict(), path)"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        shown = " ".join(lines[:3]) + (
+            f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else ""
+        )
         raise ValueError(
-            f"checkpoint {path} does not fit the model: {exc}. Check the model name, width and "
+            f"checkpoint {where} does not fit the model: {shown}. Check the model name, width and "
             "number of classes"
         ) from exc
     return model.eval()
@@ -279,7 +318,7 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     qc = _quant_config(config, cell)
     return content_hash(
         {
-            "v": _CACHE_VERSION,
+            "v": _LOGITS_VERSION,
             "train": train_key,
             "quant": None if qc is None else qc.to_dict(),
             "sample": cell.sample,
@@ -290,7 +329,8 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
 def _row_key(config: StudyConfig, logits_key: str, fp32_key: str, method: str) -> str:
     return content_hash(
         {
-            "v": _CACHE_VERSION,
+            "v": _ROW_VERSION,
+            "schema": list(RESULT_COLUMNS),
             "logits": logits_key,
             "fp32": fp32_key,
             "recal": method,
@@ -357,6 +397,8 @@ class _Runner:
         device: str,
         quiet: bool,
         log: Callable[[str], None],
+        *,
+        assembling: bool = False,
     ):
         self.config = config
         self.out = out_dir
@@ -364,23 +406,89 @@ class _Runner:
         self.device = device
         self.quiet = quiet
         self.log = log
+        #: When only assembling cached rows, a data file or checkpoint that has since moved away
+        #: is identified by the digest recorded when it was used.
+        self.assembling = assembling
+        self.store = Cache(self.cache, log)
+        self.digests = FileDigests(self.cache / "digests.json")
+        self.failures: list[dict[str, Any]] = []
+        self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
+        self._data_digests: dict[str, str] = {}
         self._deployed: tuple[str, Any] | None = None  # (train key, deploy model) of the group
         self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
+
+    def say(self, message: str) -> None:
+        """A progress line with the run's elapsed time (stderr; one line, no terminal needed)."""
+        s = int(time.perf_counter() - self._t0)
+        self.log(f"[{s // 60:>3}:{s % 60:02d}] {message}")
+
+    # -- identities ------------------------------------------------------------------------
+    def file_digest(self, path: str) -> str:
+        """SHA-256 of a file (memoised by size and mtime); when assembling, the digest last
+        recorded for a file that is gone."""
+        try:
+            return self.digests(path)
+        except FileNotFoundError:
+            known = self.digests.last_known(path) if self.assembling else None
+            if known is None:
+                raise
+            return known
+
+    def data_digest(self, dataset: str) -> str:
+        from quantcal import data
+
+        if dataset not in self._data_digests:
+            if dataset.lower().startswith("npz:"):
+                digest = "sha256:" + self.file_digest(dataset[4:])
+            else:
+                digest = data.dataset_digest(dataset)
+            self._data_digests[dataset] = digest
+        return self._data_digests[dataset]
+
+    def train_key(self, g: Group) -> str:
+        ckpt = None if g.model.checkpoint is None else self.file_digest(g.model.checkpoint)
+        return _train_key(self.config, g, self.data_digest(g.dataset), ckpt)
 
     # -- data ------------------------------------------------------------------------------
     def splits(self, g: Group):
         from quantcal import data
 
-        key = tuple(sorted(_data_key(self.config, g).items()))
+        key = _split_args(self.config, g)
         if key not in self._splits:
             kw: dict[str, Any] = {"seed": g.seed}
             if self.config.val_size is not None:
                 kw["val_size"] = self.config.val_size
             if self.config.ptq_calib_size is not None:
                 kw["ptq_calib_size"] = self.config.ptq_calib_size * self.config.ptq_calib_samples
-            self._splits[key] = data.load_dataset(g.dataset, **kw)
+            splits = data.load_dataset(g.dataset, **kw)
+            for note in splits.notes:
+                self.say(f"note   {g.dataset} (seed {g.seed}): {note}")
+            self._splits[key] = splits
         return self._splits[key]
+
+    def preflight(self, groups: list[Group]) -> None:
+        """Check every input of ``groups`` before computing anything: each dataset loads, each
+        ``module:factory`` imports, each checkpoint loads into its model. Raises ValueError
+        naming the input (bad input exits 2 and computes nothing)."""
+        for g in groups:
+            try:
+                splits = self.splits(g)
+                self.data_digest(g.dataset)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"dataset {g.dataset!r}: {exc}") from exc
+            if ":" in g.model.arch:
+                import_factory(g.model.arch)
+            if g.model.checkpoint is not None:
+                model = build_model(
+                    g.model.arch,
+                    num_classes=splits.num_classes,
+                    image_size=splits.image_size,
+                    in_chans=splits.channels,
+                    width=g.model.width,
+                    seed=g.seed,
+                )
+                load_weights(model, g.model.checkpoint)
 
     def ptq_batches(self, splits, sample: int) -> list:
         """Range-calibration sample ``sample``: the sample-th of equal disjoint slices."""
@@ -403,7 +511,7 @@ class _Runner:
     def trained_model(self, g: Group):
         from quantcal import train
 
-        key = _train_key(self.config, g)
+        key = self.train_key(g)
         folder = self.cache / "train" / key
         splits = self.splits(g)
         model = build_model(
@@ -416,11 +524,30 @@ class _Runner:
         )
         if g.model.checkpoint is not None:
             return load_weights(model, g.model.checkpoint), key, {"checkpoint": g.model.checkpoint}
-        final = folder / "model.pt"
-        if final.exists() and (folder / "meta.json").exists():
-            return load_weights(model, final), key, json.loads((folder / "meta.json").read_text())
+        final, meta_path, last = folder / "model.pt", folder / "meta.json", folder / "last.pt"
+        meta = self.store.read_json(meta_path, ("history", "model_sha256"))
+        if meta is not None:
+            state = self.store.read_torch(final, meta["model_sha256"])
+            if state is not None:
+                return load_state(model, state, final), key, meta
+            meta_path.unlink(missing_ok=True)  # its model is gone: train (or resume) again
+        elif final.exists():
+            self.store.heal(final, "no valid meta.json beside it")
+        if last.exists():
+            try:
+                train.load_checkpoint(last)
+            except ValueError as exc:
+                self.store.heal(last, str(exc).split(". ")[0])
         cfg = train.TrainConfig.from_dict({**self.config.train, "seed": g.seed})
-        self.log(f"train  {g.label}  ({cfg.epochs} epochs)")
+        self.say(f"train  {g.label}  ({cfg.epochs} epochs)")
+
+        def epoch_line(epoch: int, _model, rec: dict[str, float]) -> None:
+            if _rank() == 0:
+                self.say(
+                    f"train  {g.label}  epoch {epoch}/{cfg.epochs}  loss {rec['loss']:.3f}  "
+                    f"train acc {100 * rec['train_acc']:.1f} %  ({rec['seconds']:.1f} s)"
+                )
+
         result = train.train(
             model,
             splits,
@@ -429,19 +556,20 @@ class _Runner:
             out_dir=folder,
             resume=True,
             progress=not self.quiet,
+            on_epoch_end=epoch_line,
         )
         trained = result.model.to("cpu").eval()
+        raw = torch_bytes({"model": trained.state_dict(), "config": getattr(trained, "config", {})})
         meta = {
             "group": g.label,
             "history": result.history,
             "seconds": result.seconds,
             "train_config": cfg.to_dict(),
+            "model_sha256": hashlib.sha256(raw).hexdigest(),
         }
-        if _rank() == 0:
-            atomic_write_json(folder / "meta.json", meta)
-            atomic_torch_save(
-                {"model": trained.state_dict(), "config": getattr(trained, "config", {})}, final
-            )
+        if _rank() == 0:  # the model first: meta.json is what marks the entry complete
+            atomic_write_bytes(final, raw)
+            atomic_write_json(meta_path, meta)
         return trained, key, meta
 
     # -- logits stage ----------------------------------------------------------------------
@@ -456,23 +584,23 @@ class _Runner:
         return self._deployed[1]
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
-        import torch
-
         from quantcal import models, quant, train
 
         key = _logits_key(self.config, cell, train_key)
         path = self.cache / "logits" / f"{key}.pt"
         meta_path = path.with_suffix(".json")
-        if path.exists() and meta_path.exists():
-            return (
-                torch.load(path, map_location="cpu", weights_only=True),
-                json.loads(meta_path.read_text()),
-                key,
-            )
+        meta = self.store.read_json(meta_path, ("sha256", "precision"))
+        if meta is not None:
+            cached = self.store.read_torch(path, meta["sha256"])
+            if cached is not None:
+                return cached, meta, key
+            meta_path.unlink(missing_ok=True)
+        elif path.exists():
+            self.store.heal(path, "no valid JSON record beside it")
         splits = self.splits(cell.group)
         t0 = time.perf_counter()
         qc = _quant_config(self.config, cell)
-        meta: dict[str, Any] = {
+        meta = {
             "precision": cell.precision,
             "observer": cell.observer,
             "sample": cell.sample,
@@ -502,8 +630,12 @@ class _Runner:
             )
             out[f"{name}_logits"], out[f"{name}_labels"] = lg, lb
         meta["seconds"] = time.perf_counter() - t0
-        atomic_torch_save(out, path)
-        atomic_write_json(meta_path, meta)
+        raw = torch_bytes(out)
+        meta["sha256"] = hashlib.sha256(raw).hexdigest()
+        atomic_write_bytes(path, raw)
+        atomic_write_json(meta_path, meta)  # last: it marks the entry complete
+        where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
+        self.say(f"eval   {cell.group.label}  {cell.precision}{where}  ({meta['seconds']:.1f} s)")
         return out, meta, key
 
     # -- row stage -------------------------------------------------------------------------
@@ -541,9 +673,11 @@ class _Runner:
     ) -> dict[str, Any]:
         key = _row_key(self.config, lkey, fp32_key, method)
         path = self.cache / "rows" / f"{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key))
+        cached = self.store.read_json(path, ("row_id", "status"))
+        if cached is not None:
+            return cached
+        notes = list(self.splits(cell.group).notes)
+        row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key), notes)
         row.update(
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
@@ -557,14 +691,17 @@ class _Runner:
         return row
 
     def error_row(self, cell: QuantCell, method: str, key: str, exc: BaseException) -> dict:
+        """Record a failed (cell, method): in ``cache/errors`` for assembly and retry, and in
+        :attr:`failures` (kept even when the disk refuses the record, e.g. when it is full)."""
         row = _base_row(self.config, cell, method)
         row.update(status="error", error=f"{type(exc).__name__}: {exc}", row_id=key)
-        atomic_write_json(self.cache / "errors" / f"{key}.json", row)
+        self.failures.append(row)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        atomic_write_text(self.cache / "errors" / f"{key}.log", tb)
-        self.log(
-            f"error  {cell.group.label} {cell.precision} {method}: {type(exc).__name__}: {exc}"
-        )
+        try:
+            atomic_write_json(self.cache / "errors" / f"{key}.json", row)
+            atomic_write_text(self.cache / "errors" / f"{key}.log", tb)
+        except OSError as write_exc:
+            self.say(f"error  cannot record the failure in {self.cache / 'errors'}: {write_exc}")
         return row
 
     def error_rows(self, cells: list[QuantCell], exc: BaseException) -> None:
@@ -572,6 +709,8 @@ class _Runner:
         for cell in cells:
             for m in self.config.recal:
                 self.error_row(cell, m, _pending_key(cell, m), exc)
+        what = "every cell" if len(cells) > 1 else f"{cells[0].precision}"
+        self.say(f"error  {cells[0].group.label} ({what}): {type(exc).__name__}: {exc}")
 
     # -- a whole group ---------------------------------------------------------------------
     def run_group(self, g: Group, cells: list[QuantCell]) -> None:
@@ -603,6 +742,7 @@ class _Runner:
                     self.row(cell, m, lg, lmeta, lkey, fp32, fp32_key)
                 except Exception as exc:
                     self.error_row(cell, m, _row_key(self.config, lkey, fp32_key, m), exc)
+                    self.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
 
 
 def _pending_key(cell: QuantCell, method: str) -> str:
@@ -692,11 +832,13 @@ def _score(
     lg: dict,
     fp32: dict,
     fp32_fit: _FitFn | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
+    """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column."""
     from quantcal import metrics
 
     labels = lg["test_labels"]
-    notes: list[str] = []
+    notes = list(notes or [])
     z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit)
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
@@ -731,7 +873,7 @@ def _collect_rows(runner: _Runner, plan) -> tuple[list[dict], int]:
     cfg = runner.config
     rows, missing = [], 0
     for g, cells in plan:
-        tkey = _train_key(cfg, g)
+        tkey = runner.train_key(g)
         fp32_key = _logits_key(cfg, cells[0], tkey)
         for cell in cells:
             lkey = _logits_key(cfg, cell, tkey)
@@ -743,8 +885,8 @@ def _collect_rows(runner: _Runner, plan) -> tuple[list[dict], int]:
                     runner.cache / "errors" / f"{rk}.json",
                     runner.cache / "errors" / f"{_pending_key(cell, m)}.json",
                 ):
-                    if path.exists():
-                        found = json.loads(path.read_text())
+                    found = runner.store.read_json(path, ("row_id", "status"))
+                    if found is not None:
                         break
                 if found is None:
                     missing += 1
@@ -772,10 +914,9 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
             details["reliability"][r["row_id"]] = r["reliability"]
     cfg = runner.config
     for g, cells in plan:
-        tkey = _train_key(cfg, g)
-        meta = runner.cache / "train" / tkey / "meta.json"
-        if meta.exists():
-            m = json.loads(meta.read_text())
+        tkey = runner.train_key(g)
+        m = runner.store.read_json(runner.cache / "train" / tkey / "meta.json")
+        if m is not None:
             details["training"].append(
                 {
                     "dataset": g.dataset,
@@ -787,24 +928,44 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                 }
             )
         for cell in cells[1:]:
-            lpath = runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.json"
-            if lpath.exists():
-                lm = json.loads(lpath.read_text())
-                if lm.get("inspect"):
-                    details["inspect"].append(
-                        {
-                            "dataset": g.dataset,
-                            "arch": g.model.arch,
-                            "width": g.model.width,
-                            "seed": g.seed,
-                            "precision": cell.precision,
-                            "observer": cell.observer,
-                            "ptq_sample": cell.sample,
-                            "layers": lm["inspect"],
-                        }
-                    )
+            lm = runner.store.read_json(
+                runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.json"
+            )
+            if lm is not None and lm.get("inspect"):
+                details["inspect"].append(
+                    {
+                        "dataset": g.dataset,
+                        "arch": g.model.arch,
+                        "width": g.model.width,
+                        "seed": g.seed,
+                        "precision": cell.precision,
+                        "observer": cell.observer,
+                        "ptq_sample": cell.sample,
+                        "layers": lm["inspect"],
+                    }
+                )
     atomic_write_json(out_dir / "details.json", details)
     return path
+
+
+def _stderr_log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+@contextmanager
+def _pinned_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op CPU threads (None: leave PyTorch's setting), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_study(
@@ -818,14 +979,18 @@ def run_study(
     overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     report: bool = True,
+    force: bool = False,
 ) -> Path:
     """Run (or finish) a study into ``out_dir``; returns the folder.
 
-    ``resume=False`` clears the cache first. With ``shard=(i, n)`` only every n-th training group
-    is computed here; whichever shard completes the last cell writes results.csv and the report.
+    ``out_dir`` must be new, empty or a quantcal run folder (``force=True`` adopts another
+    non-empty folder). ``resume=False`` first removes the cache entries quantcal wrote. Bad input
+    (a dataset that does not load, a factory that does not import, a checkpoint that does not
+    fit) raises ``ValueError`` before anything is computed; cells that fail later become error
+    rows (see :func:`failed_rows`). With ``shard=(i, n)`` only every n-th training group is
+    computed here; whichever shard completes the last cell writes results.csv and the report.
+    Progress and stage lines go to ``log`` (default stderr; none with ``quiet``).
     """
-    import shutil
-
     from tqdm.auto import tqdm
 
     config = load_study(config_or_path, overrides)
@@ -833,24 +998,31 @@ def run_study(
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     out = Path(out_dir) if out_dir is not None else Path("runs") / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "cache").exists():
-        shutil.rmtree(out / "cache")
-    dev = _resolve_device(device)
+    _runfolder.claim(out, force=force)
     if log is None:
-        log = (lambda s: None) if quiet else (lambda s: tqdm.write(s))
-    atomic_write_text(out / "config.toml", config.to_toml())
-    atomic_write_json(out / "env.json", environment_record(dev))
-    runner = _Runner(config, out, dev, quiet, log)
-    plan = expand_cells(config)
-    mine = [(g, cells) for k, (g, cells) in enumerate(plan) if k % n == i]
-    bar = tqdm(mine, desc=f"study {config.name}", unit="model", disable=quiet or None)
-    for g, cells in bar:
-        bar.set_postfix_str(g.label)
-        runner.run_group(g, cells)
-    if _rank() != 0:
-        return out
-    rows, missing = _collect_rows(runner, plan)
+        log = (lambda s: None) if quiet else _stderr_log
+    if not resume:
+        removed = _runfolder.clear_cache(out)
+        if removed:
+            log(f"fresh  removed {removed} cache entries of {out}")
+    stale = _runfolder.remove_stale_tmp(out)
+    if stale:
+        log(f"cache  removed {len(stale)} temporary files left by a killed run")
+    dev = _resolve_device(device)
+    with _pinned_threads(config.threads):
+        runner = _Runner(config, out, dev, quiet, log)
+        plan = expand_cells(config)
+        mine = [(g, cells) for k, (g, cells) in enumerate(plan) if k % n == i]
+        runner.preflight([g for g, _ in mine])
+        atomic_write_text(out / "config.toml", config.to_toml())
+        atomic_write_json(out / "env.json", environment_record(dev))
+        bar = tqdm(mine, desc=f"study {config.name}", unit="model", disable=quiet or None)
+        for g, cells in bar:
+            bar.set_postfix_str(g.label)
+            runner.run_group(g, cells)
+        if _rank() != 0:
+            return out
+        rows, missing = _collect_rows(runner, plan)
     if missing:
         log(
             f"{missing} result rows are still missing (other shards running?); "
@@ -873,25 +1045,40 @@ def iter_rows(out_dir: str | Path) -> Iterator[dict[str, str]]:
         yield from csv.DictReader(fh)
 
 
-def assemble(out_dir: str | Path, *, report: bool = True) -> Path:
-    """Collect the cached rows of a (possibly sharded) run into results.csv and the report.
-
-    Raises ``ValueError`` naming how many rows are missing when some cells never ran.
-    """
+def _assembler(out_dir: str | Path, log: Callable[[str], None]) -> tuple[_Runner, list]:
     out = Path(out_dir)
     cfg_path = out / "config.toml"
-    if not cfg_path.exists():
+    if not cfg_path.is_file():
         raise FileNotFoundError(
             f"{out} holds no config.toml: is it a `quantcal run` output folder?"
         )
     config = load_study(cfg_path)
-    runner = _Runner(config, out, "cpu", True, lambda s: None)
-    plan = expand_cells(config)
+    return _Runner(config, out, "cpu", True, log, assembling=True), expand_cells(config)
+
+
+def failed_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The error rows recorded in a run folder's cache (every shard's), for its study."""
+    runner, plan = _assembler(out_dir, lambda s: None)
+    rows, _ = _collect_rows(runner, plan)
+    return [r for r in rows if r.get("status") != "ok"]
+
+
+def assemble(
+    out_dir: str | Path, *, report: bool = True, log: Callable[[str], None] | None = None
+) -> Path:
+    """Collect the cached rows of a (possibly sharded) run into results.csv and the report.
+
+    Raises ``ValueError`` naming how many rows are missing when some cells never ran (or their
+    cache entries were damaged: those are named on ``log`` and rebuilt by the next run).
+    """
+    out = Path(out_dir)
+    runner, plan = _assembler(out, log or _stderr_log)
     rows, missing = _collect_rows(runner, plan)
     if missing:
         raise ValueError(
-            f"{missing} result rows of {out} are missing: some cells have not run yet. Finish the "
-            f"study (re-run `quantcal run` with the same study and --out; every shard) first."
+            f"{missing} result rows of {out} are missing: some cells have not run yet (or their "
+            f"cache entries were damaged). Finish the study (re-run `quantcal run` with the same "
+            f"study and --out; every shard) first."
         )
     write_results(out, rows, plan, runner)
     if report:

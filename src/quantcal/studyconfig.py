@@ -6,6 +6,7 @@ listed method and scored on the test split. File layout (every key optional but 
 
     name = "demo"
     seeds = [0]
+    threads = 1                    # CPU threads for PyTorch (absent: PyTorch's choice); see below
 
     [data]
     datasets = ["digits"]          # registry names, or "npz:PATH"
@@ -33,7 +34,13 @@ listed method and scored on the test split. File layout (every key optional but 
     bootstrap = 1000
     level = 0.95
 
-Unknown keys are an error naming the closest valid key.
+Unknown keys are an error naming the closest valid key. Precisions are stored in canonical form
+(``"fp32"``, ``"W4A8"``), so ``["W4A4", "w4a4"]`` is refused as a duplicate.
+
+``threads`` pins PyTorch's CPU thread count for the whole run and enters the cache keys: float
+sums are ordered differently with another thread count, so a CPU study trained with 1 thread and
+one trained with 2 are different experiments (the demo's W4A4 MobileOne accuracy moved from 32 %
+to 19 % between them). A study whose numbers are quoted pins it; ``--threads`` overrides it.
 """
 
 from __future__ import annotations
@@ -125,6 +132,7 @@ class StudyConfig:
     bootstrap: int = 1000
     level: float = 0.95
     eval_batch_size: int = 512
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         from quantcal import quant, recal
@@ -154,9 +162,11 @@ class StudyConfig:
                 raise ValueError(f"model.checkpoint: no file at {m.checkpoint!r}")
         set_("seeds", _tuple_of("seeds", self.seeds, int))
         set_("datasets", _tuple_of("data.datasets", self.datasets, str))
-        set_("precisions", _tuple_of("quant.precisions", self.precisions, str))
-        for p in self.precisions:
-            quant.parse_precision(p)  # raises ValueError naming the accepted forms
+        _check_datasets(self.datasets)
+        precisions = [
+            canonical_precision(p) for p in _tuple_of("quant.precisions", self.precisions, str)
+        ]
+        set_("precisions", _tuple_of("quant.precisions", precisions, str))
         if "fp32" not in [p.lower() for p in self.precisions]:
             raise ValueError(
                 "quant.precisions must include 'fp32': every quantized cell is compared with it"
@@ -191,6 +201,10 @@ class StudyConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
         # Validates every field and names the closest valid key for a typo.
@@ -202,6 +216,7 @@ class StudyConfig:
         return {
             "name": self.name,
             "seeds": list(self.seeds),
+            "threads": self.threads,
             "data": {
                 "datasets": list(self.datasets),
                 "val_size": self.val_size,
@@ -233,7 +248,7 @@ class StudyConfig:
 
 # section -> {toml key: StudyConfig field}
 _LAYOUT: dict[str | None, dict[str, str]] = {
-    None: {"name": "name", "seeds": "seeds"},
+    None: {"name": "name", "seeds": "seeds", "threads": "threads"},
     "data": {"datasets": "datasets", "val_size": "val_size", "ptq_calib_size": "ptq_calib_size"},
     "quant": {
         "precisions": "precisions",
@@ -250,6 +265,34 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
     },
 }
 _TOP_TABLES = ("data", "model", "train", "quant", "recal", "metrics")
+
+
+def canonical_precision(text: str) -> str:
+    """``"fp32"`` or ``"W{w}A{a}"`` for any spelling ``parse_precision`` accepts (ValueError
+    naming the accepted forms otherwise)."""
+    from quantcal import quant
+
+    qc = quant.parse_precision(text)
+    return "fp32" if qc is None else f"W{qc.weight_bits}A{qc.act_bits}"
+
+
+def _check_datasets(names: tuple[str, ...]) -> None:
+    """Each name is a registered dataset or ``npz:PATH`` (the file itself is checked when the
+    run starts: a study file may be written on one machine and run on another)."""
+    from quantcal import data
+
+    known = data.list_datasets()
+    for name in names:
+        if name.lower().startswith("npz:"):
+            if not name[4:].strip():
+                raise ValueError("data.datasets: 'npz:' needs a file path, e.g. 'npz:data.npz'")
+        elif name.lower() not in known:
+            hint = closest(name.lower(), known)
+            raise ValueError(
+                f"data.datasets: unknown dataset {name!r}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; choose from {known} or give 'npz:PATH' (a MedMNIST-layout file)"
+            )
 
 
 def _unknown_key(where: str, key: str, valid: list[str]) -> ValueError:
@@ -339,6 +382,11 @@ def load_study(
         builtins = builtin_studies()
         if not path.exists() and str(source) in builtins:
             path = builtins[str(source)]
+        if path.is_dir():
+            raise ValueError(
+                f"study {str(source)!r} is a folder; give a .toml study file or one of the "
+                f"built-in studies: {', '.join(builtins)}"
+            )
         if not path.exists():
             raise FileNotFoundError(
                 f"study file {str(source)!r} not found; give a path to a .toml file or one of the "

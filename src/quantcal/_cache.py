@@ -1,0 +1,95 @@
+"""Reading the study cache: every entry is verified, and a damaged one is treated as missing.
+
+A cached JSON that does not parse, or parses to the wrong type or without its required keys, and
+a cached tensor file whose SHA-256 differs from the one recorded in its JSON beside it, are
+removed with a message naming the file; the stage that wrote them then computes them again, so
+a rerun heals the cache and gives the same results as a clean run. Every heal is also recorded in
+``cache/healed.json`` for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from quantcal._io import atomic_write_json
+
+
+class Cache:
+    """Verified reads of ``root`` (a run's ``cache/`` folder); ``log`` receives heal messages."""
+
+    def __init__(self, root: Path, log: Callable[[str], None]) -> None:
+        self.root = Path(root)
+        self.log = log
+
+    def heal(self, path: Path, reason: str) -> None:
+        """Remove a damaged entry, say so, and record it in ``healed.json``."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        rel = path.relative_to(self.root.parent) if path.is_relative_to(self.root.parent) else path
+        self.log(f"cache  {rel} was damaged ({reason}): removed, it will be computed again")
+        record = self.root / "healed.json"
+        try:
+            past = json.loads(record.read_text(encoding="utf-8"))
+            if not isinstance(past, list):
+                past = []
+        except (OSError, ValueError):
+            past = []
+        past.append({"file": str(rel), "reason": reason, "time": time.time()})
+        with contextlib.suppress(OSError):  # the record is a courtesy; never fail a run on it
+            atomic_write_json(record, past)
+
+    def read_json(self, path: Path, required: Iterable[str] = ()) -> dict[str, Any] | None:
+        """The JSON object at ``path``; None when absent or damaged (then healed)."""
+        if not path.exists():
+            return None
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self.heal(path, f"unreadable JSON: {exc}")
+            return None
+        if not isinstance(obj, dict):
+            self.heal(path, f"holds a JSON {type(obj).__name__}, not an object")
+            return None
+        lacking = [k for k in required if k not in obj]
+        if lacking:
+            self.heal(path, f"lacks {', '.join(lacking)}")
+            return None
+        return obj
+
+    def read_torch(self, path: Path, sha256: str) -> Any | None:
+        """``torch.load(path, weights_only=True)`` if the file's SHA-256 is ``sha256``; None when
+        absent or damaged (then healed)."""
+        import torch
+
+        if not path.exists():
+            return None
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            self.heal(path, f"unreadable: {exc}")
+            return None
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != sha256:
+            self.heal(path, f"SHA-256 {actual[:12]}... differs from the recorded {sha256[:12]}...")
+            return None
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:  # verified bytes that still fail to load: a torch change
+            self.heal(path, f"cannot be loaded: {type(exc).__name__}: {exc}")
+            return None
+
+
+def healed_entries(cache_root: Path) -> list[dict[str, Any]]:
+    """The heal records of a run's cache (empty when none or unreadable)."""
+    try:
+        obj = json.loads((Path(cache_root) / "healed.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [r for r in obj if isinstance(r, dict)] if isinstance(obj, list) else []
