@@ -405,6 +405,36 @@ def test_failing_cells_exit_1_with_one_grouped_message(tmp_path, monkeypatch, ca
     assert sorted(r["status"] for r in rows) == ["error", "error", "ok", "ok"]
 
 
+def test_diverged_training_is_one_named_cause(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(study.load_study(_tiny(**{"train.lr": 1e6})).to_toml())
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "2 cells: FloatingPointError: training diverged: the mean loss of epoch 1 is nan" in err
+    assert all(r["status"] == "error" for r in _rows(tmp_path / "run"))
+    assert not list((tmp_path / "run" / "cache" / "train").glob("*/last.pt"))  # nothing NaN kept
+
+
+def test_full_disk_while_caching_fails_the_cells_not_the_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    real = study.atomic_write_bytes
+
+    def full(path, data):
+        if Path(path).suffix == ".pt" and "logits" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(study, "atomic_write_bytes", full)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(study.load_study(TINY).to_toml())
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(study, "atomic_write_bytes", real)
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert all(r["status"] == "ok" for r in _rows(tmp_path / "run"))
+
+
 @pytest.mark.parametrize(
     ("dataset", "match"),
     [

@@ -225,10 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 def _cell_label(r: dict) -> str:
-    where = "" if r.get("observer") in (None, "-") else f" {r['observer']} #{r['ptq_sample']}"
-    return (
-        f"{r['dataset']} {r['arch']}@{float(r['width']):g} seed {r['seed']} {r['precision']}{where}"
-    )
+    n = lambda v: f"{float(v):g}"  # noqa: E731 - numeric columns arrive as float or str
+    where = "" if r.get("observer") in (None, "-") else f" {r['observer']} #{n(r['ptq_sample'])}"
+    return f"{r['dataset']} {r['arch']}@{n(r['width'])} seed {n(r['seed'])} {r['precision']}{where}"
+
+
+def report_notes(rows: list[dict]) -> None:
+    """Each distinct note of the rows once on stderr, with how many rows it concerns."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for note in filter(None, (x.strip() for x in str(r.get("notes") or "").split(" | "))):
+            counts[note] = counts.get(note, 0) + 1
+    for note, k in counts.items():
+        print(f"note: {k} rows: {note}", file=sys.stderr)
 
 
 def report_failures(failed: list[dict], out: Path, total: int | None = None) -> int:
@@ -268,6 +277,7 @@ def _finish(out: Path, t0: float, quiet: bool) -> int:
         print()
         print(report.summary_table(rows))
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
+    report_notes(rows)
     return report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
 
 

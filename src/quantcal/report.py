@@ -639,7 +639,7 @@ def summary_table(rows: list[dict]) -> str:
             )
     errors = [r for r in rows if r.get("status") != "ok"]
     if errors:
-        lines.append(f"{len(errors)} cells failed; see the 'error' column of results.csv")
+        lines.append(f"{len(errors)} result rows failed; see the 'error' column of results.csv")
     return "\n".join(lines)
 
 

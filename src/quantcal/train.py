@@ -508,6 +508,13 @@ def _run(
             use_cl,
             progress,
         )
+        if not math.isfinite(record["loss"]):
+            # Before the checkpoint: a resume restarts from the last finite epoch.
+            raise FloatingPointError(
+                f"training diverged: the mean loss of epoch {epoch + 1} is {record['loss']} "
+                f"(lr {config.lr:g}, batch {config.batch_size}); lower the learning rate or check "
+                "the data"
+            )
         history.append(record)
         if ckpt is not None and rank == 0:
             atomic_torch_save(
