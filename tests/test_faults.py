@@ -449,6 +449,91 @@ def test_bad_dataset_exits_2_before_computing(tmp_path, capsys, dataset, match):
     assert not (out / "cache" / "train").exists()
 
 
+def _hostile_npz(path: Path, kind: str) -> None:
+    """Write one kind of broken dataset file at ``path``."""
+    img = np.zeros((40, 8, 8), np.uint8)
+    lab = np.arange(40) % 4
+    good = {"train_images": img, "train_labels": lab}
+    if kind == "empty_file":
+        path.write_bytes(b"")
+    elif kind == "not_a_zip":
+        path.write_bytes(b"not a zip file at all")
+    elif kind == "truncated_zip":
+        np.savez(path, **good)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "single_npy":
+        with open(path, "wb") as fh:
+            np.save(fh, img)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "no_train":
+        np.savez(path, test_images=img, test_labels=lab)
+    elif kind == "float_images":
+        np.savez(path, train_images=img.astype(np.float32), train_labels=lab)
+    elif kind == "5d_images":
+        np.savez(path, train_images=img[:, None, None], train_labels=lab)
+    elif kind == "non_square":
+        np.savez(path, train_images=np.zeros((40, 8, 6), np.uint8), train_labels=lab)
+    elif kind == "float_labels":
+        np.savez(path, train_images=img, train_labels=lab.astype(np.float32))
+    elif kind == "labels_2_columns":
+        np.savez(path, train_images=img, train_labels=np.stack([lab, lab], 1))
+    elif kind == "length_mismatch":
+        np.savez(path, train_images=img, train_labels=lab[:30])
+    elif kind == "negative_label":
+        np.savez(path, train_images=img, train_labels=lab - 1)
+    elif kind == "images_without_labels":
+        np.savez(path, **good, test_images=img)
+    elif kind == "labels_without_images":
+        np.savez(path, **good, val_labels=lab)
+    elif kind == "shape_differs":
+        np.savez(path, **good, test_images=np.zeros((10, 9, 9), np.uint8), test_labels=lab[:10])
+    elif kind == "object_array":
+        np.savez(path, train_images=np.array([img, None], dtype=object), train_labels=lab)
+    elif kind == "empty_train":
+        np.savez(path, train_images=img[:0], train_labels=lab[:0])
+    elif kind == "stray_val_label":
+        np.savez(path, **good, val_images=img[:8], val_labels=np.full(8, 7))
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+HOSTILE_NPZ = [
+    "empty_file",
+    "not_a_zip",
+    "truncated_zip",
+    "single_npy",
+    "folder",
+    "no_train",
+    "float_images",
+    "5d_images",
+    "non_square",
+    "float_labels",
+    "labels_2_columns",
+    "length_mismatch",
+    "negative_label",
+    "images_without_labels",
+    "labels_without_images",
+    "shape_differs",
+    "object_array",
+    "empty_train",
+    "stray_val_label",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE_NPZ)
+def test_hostile_npz_exits_2_naming_the_file(tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.npz"
+    _hostile_npz(path, kind)
+    out = tmp_path / "run"
+    code = cli.main(["run", "demo", "--dataset", f"npz:{path}", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert str(path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (out / "cache" / "train").exists()
+
+
 def test_malformed_npz_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((4, 8, 8), np.uint8))

@@ -785,11 +785,40 @@ def _load_cifar100(
     )
 
 
+def _open_npz(path: Path) -> Any:
+    """``np.load`` of an npz archive, or ValueError naming the file and what is wrong."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:  # BadZipFile, EOFError, pickle refusals, ... all mean "not an npz"
+        raise ValueError(
+            f"{path} cannot be read as an npz archive ({type(exc).__name__}: {exc}); write it "
+            "with numpy.savez or numpy.savez_compressed"
+        ) from exc
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} holds a single array, not an npz archive; write it with numpy.savez("
+            "path, train_images=..., train_labels=..., ...)"
+        )
+    return z
+
+
+def _npz_member(z: Any, path: Path, key: str) -> np.ndarray:
+    try:
+        return z[key]
+    except Exception as exc:  # a truncated or corrupt member
+        raise ValueError(
+            f"{path}: member {key!r} cannot be read ({type(exc).__name__}: {exc}); the file "
+            "is damaged, truncated or holds Python objects (store uint8 images and integer labels)"
+        ) from exc
+
+
 def _read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (NCHW uint8, labels int64)} for the splits present in a MedMNIST-layout npz."""
     if not path.is_file():
+        if path.is_dir():
+            raise ValueError(f"npz dataset {path} is a folder; give the .npz file")
         raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         keys = set(z.files)
         if "train_images" not in keys or "train_labels" not in keys:
             raise ValueError(
@@ -801,12 +830,18 @@ def _read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             if f"{part}_images" in keys:
                 if f"{part}_labels" not in keys:
                     raise ValueError(f"{path} has {part}_images but no {part}_labels")
-                imgs = _to_nchw(z[f"{part}_images"], f"{path}:{part}_images")
-                labs = _labels_1d(z[f"{part}_labels"], imgs.shape[0], f"{path}:{part}_labels")
+                imgs = _to_nchw(_npz_member(z, path, f"{part}_images"), f"{path}:{part}_images")
+                labs = _labels_1d(
+                    _npz_member(z, path, f"{part}_labels"), imgs.shape[0], f"{path}:{part}_labels"
+                )
                 pools[part] = (imgs, labs)
+            elif f"{part}_labels" in keys:
+                raise ValueError(f"{path} has {part}_labels but no {part}_images")
     shapes = {p: v[0].shape[1:] for p, v in pools.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"{path}: splits have different image shapes {shapes}")
+    if not len(pools["train"][1]):
+        raise ValueError(f"{path}: train_images is empty; a dataset needs training images")
     return pools
 
 
