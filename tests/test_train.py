@@ -83,13 +83,19 @@ def test_defaults_are_the_study_recipe():
         ({"warmup_epochs": 300}, "warmup_epochs"),
         ({"augment": "yes"}, "augment"),
         ({"crop_padding": -1}, "crop_padding"),
-        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"objective": "focall"}, "did you mean .focal."),
+        ({"objective": {"name": "focal", "gamma": -1}}, "gamma must be in"),
         ({"nesterov": True, "momentum": 0.0}, "nesterov"),
     ],
 )
 def test_config_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**kw)
+
+
+def test_old_label_smoothing_key_points_to_the_objective():
+    with pytest.raises(ValueError, match='objective = {name = "label_smoothing", epsilon = 0.1}'):
+        TrainConfig.from_dict({"label_smoothing": 0.1})
 
 
 def test_config_dict_round_trip_and_unknown_key():

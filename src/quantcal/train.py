@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from quantcal import objectives
 from quantcal._io import atomic_torch_save
 from quantcal._registry import closest
 from quantcal.data import Split, Splits
@@ -68,9 +68,11 @@ class TrainConfig:
     ``batch_size`` is global (divided over DDP ranks). ``schedule``: "cosine_restarts" (``cycles``
     cycles, lengths growing by ``cycle_mult``, summing to the post-warm-up epochs), "cosine" (one
     cycle) or "constant"; ``warmup_epochs`` ramps linearly from ``lr / warmup_steps`` to ``lr``
-    first. ``augment``: random crop with ``crop_padding`` zero pixels (None: ``round(size / 8)``,
-    at least 1: 4 for 32x32 and 28x28 as in the CIFAR recipe, 1 for 8x8 digits), plus a
-    horizontal flip if ``hflip``. ``amp``: "auto" = bf16 autocast on CUDA, off on CPU; "bf16"
+    first. ``objective``: the training objective, a name or ``{"name": ..., params}`` (see
+    :mod:`quantcal.objectives`; stored in canonical form with defaults filled). ``augment``:
+    random crop with ``crop_padding`` zero pixels (None: ``round(size / 8)``, at least 1: 4 for
+    32x32 and 28x28 as in the CIFAR recipe, 1 for 8x8 digits), plus a horizontal flip if
+    ``hflip``. ``amp``: "auto" = bf16 autocast on CUDA, off on CPU; "bf16"
     or "off" force it.
     ``channels_last``: "auto" = on for CUDA. ``deterministic``: deterministic algorithms (needed
     for bitwise-reproducible resumes; strict on CPU, warn-only on CUDA). ``log_every``: steps
@@ -87,7 +89,7 @@ class TrainConfig:
     cycles: int = 3
     cycle_mult: float = 2.0
     warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    objective: str | dict[str, Any] = "ce"
     augment: bool = True
     crop_padding: int | None = None
     hflip: bool = True
@@ -135,10 +137,9 @@ class TrainConfig:
                 f"TrainConfig.warmup_epochs must be in [0, epochs={self.epochs}), got "
                 f"{self.warmup_epochs}"
             )
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(
-                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
+        from quantcal import objectives
+
+        object.__setattr__(self, "objective", objectives.canonical(self.objective))
         for name, allowed in (
             ("schedule", SCHEDULES),
             ("amp", AMP_MODES),
@@ -158,6 +159,11 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a dict; an unknown key raises ValueError naming the closest valid key."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if "label_smoothing" in values:
+            raise ValueError(
+                "TrainConfig.label_smoothing is now a training objective: write objective = "
+                f'{{name = "label_smoothing", epsilon = {values["label_smoothing"]}}}'
+            )
         for key in values:
             if key not in names:
                 hint = closest(str(key), names)
@@ -583,6 +589,12 @@ def _train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     seen, lr = 0, opt.param_groups[0]["lr"]
     show = progress and dist_info.rank == 0
+    objective = objectives.build(config.objective)
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            return net(inputs)
+
     bar = tqdm(
         total=spe,
         desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -608,9 +620,7 @@ def _train_epoch(
         for step, (x, y) in enumerate(batches):
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss, logits = objective(forward, x, y, (config.seed, epoch, step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lr = opt.param_groups[0]["lr"]
