@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -94,7 +95,7 @@ def test_config_validation_names_the_field(kw, field):
 
 
 def test_old_label_smoothing_key_points_to_the_objective():
-    with pytest.raises(ValueError, match='objective = {name = "label_smoothing", epsilon = 0.1}'):
+    with pytest.raises(ValueError, match=re.escape('{name = "label_smoothing", epsilon = 0.1}')):
         TrainConfig.from_dict({"label_smoothing": 0.1})
 
 
@@ -174,9 +175,11 @@ class _CrashAfter(nn.Module):
         return self.inner(x)
 
 
-def test_resume_after_a_crash_gives_bitwise_the_same_weights(tmp_path):
+@pytest.mark.parametrize("objective", ["ce", {"name": "mixup", "alpha": 0.4}, "flsd53"])
+def test_resume_after_a_crash_gives_bitwise_the_same_weights(tmp_path, objective):
     split = _split()
     cfg = TrainConfig(
+        objective=objective,
         epochs=3,
         batch_size=8,
         lr=0.05,
@@ -279,7 +282,7 @@ _WORKER = textwrap.dedent(
     from quantcal.data import Split, Splits
 
     torch.set_num_threads(1)
-    out = sys.argv[1]
+    out, objective = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 4
@@ -288,7 +291,8 @@ _WORKER = textwrap.dedent(
     torch.manual_seed(100 + rank)  # different initial weights per rank: DDP broadcasts rank 0's
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
-    cfg = train.TrainConfig(epochs=2, batch_size=16, lr=0.1, schedule="cosine", crop_padding=1)
+    cfg = train.TrainConfig(epochs=2, batch_size=16, lr=0.1, schedule="cosine", crop_padding=1,
+                            objective=objective)
     res = train.train(model, split, cfg, device="cpu",  # gloo, also where GPUs exist
                       out_dir=os.path.join(out, "ckpt"), progress=False)
     torch.save({"state": res.model.state_dict(), "history": res.history},
@@ -297,7 +301,8 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_ddp_two_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("objective", ["ce", "mixup"])
+def test_ddp_two_processes_end_with_identical_weights(tmp_path, objective):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -311,6 +316,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
         "--nproc_per_node=2",
         str(script),
         str(tmp_path),
+        objective,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _cell_label(r: dict) -> str:
     n = lambda v: f"{float(v):g}"  # noqa: E731 - numeric columns arrive as float or str
     where = "" if r.get("observer") in (None, "-") else f" {r['observer']} #{n(r['ptq_sample'])}"
-    return f"{r['dataset']} {r['arch']}@{n(r['width'])} seed {n(r['seed'])} {r['precision']}{where}"
+    obj = "" if (r.get("objective") or "ce") == "ce" else f" {r['objective']}"
+    return (
+        f"{r['dataset']} {r['arch']}@{n(r['width'])}{obj} seed {n(r['seed'])} "
+        f"{r['precision']}{where}"
+    )
 
 
 def report_notes(rows: list[dict]) -> None:
@@ -410,7 +414,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from quantcal import data, models, quant, recal
+    from quantcal import data, models, objectives, quant, recal
     from quantcal.studyconfig import REUSE_FP32_TEMPERATURE, builtin_studies
 
     print("models:          " + ", ".join(models.list_models()))
@@ -418,6 +422,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("precisions:      " + ", ".join(quant.PRECISIONS) + " (any wXaY with 2 <= X, Y <= 16)")
     print("range estimators:" + " " + ", ".join(quant.available_observers()))
     print("recalibrators:   " + ", ".join([*recal.available(), REUSE_FP32_TEMPERATURE]))
+    print("objectives:      " + ", ".join(objectives.available()) + " ([train] objectives)")
     print("studies:         " + ", ".join(builtin_studies()))
     return 0
 

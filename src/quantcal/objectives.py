@@ -4,8 +4,9 @@ An objective is called once per training step as ``objective(forward, x, y, step
 returns ``(loss, logits)``: ``forward(x)`` runs the network (under the trainer's autocast and
 memory format), ``y`` are integer labels, ``step_seed`` is an integer unique to (run seed, epoch,
 step) for objectives that draw random numbers (mixup), so a resumed or distributed run draws the
-same numbers. ``logits`` are those of the un-mixed batch where there is one, for the train
-accuracy the trainer logs. Losses are computed in float32 and averaged over the batch.
+same numbers. ``logits`` are those of the batch the network saw, for the train accuracy the
+trainer logs. Losses are averaged over the batch, in float32 for half-precision logits (autocast)
+and in the logits' own precision otherwise.
 
 Objectives (the names are public; a study lists them under ``[train] objectives``):
 
@@ -83,10 +84,15 @@ class LogitObjective(Objective):
         self, forward: Forward, x: torch.Tensor, y: torch.Tensor, step_seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward(x)
-        return self.loss(logits.float(), y), logits
+        return self.loss(_full_precision(logits), y), logits
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("training objective")
+
+
+def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (under autocast) as float32; float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _number(name: str, key: str, value: Any) -> float:
@@ -186,7 +192,7 @@ class Mixup(Objective):
         perm = torch.from_numpy(perm_np).to(x.device)
         mixed = x * lam + x.index_select(0, perm) * (1.0 - lam)
         logits = forward(mixed)
-        z = logits.float()
+        z = _full_precision(logits)
         loss = lam * F.cross_entropy(z, y) + (1.0 - lam) * F.cross_entropy(
             z, y.index_select(0, perm)
         )

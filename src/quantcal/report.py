@@ -26,6 +26,7 @@ _PREC_ORDER = {"fp32": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
 _TEXT_COLUMNS = {
     "dataset",
     "arch",
+    "objective",
     "precision",
     "observer",
     "recal",
@@ -89,7 +90,9 @@ def _main_rows(rows: list[dict]) -> list[dict]:
 
 
 def _model_label(r: dict) -> str:
-    return f"{r['arch']}@{r['width']:g}"
+    """``arch@width``, with the training objective when it is not plain cross-entropy."""
+    obj = r.get("objective") or "ce"
+    return f"{r['arch']}@{r['width']:g}" + ("" if obj == "ce" else f" {obj}")
 
 
 def _groups(rows: list[dict]) -> list[tuple[str, str]]:
@@ -344,6 +347,9 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
             "evidence": ev,
         }
     )
+    from quantcal.findings import FINDINGS
+
+    out.extend(f for f in (finding(rows) for finding in FINDINGS) if f is not None)
     if small:
         out.append(
             {
@@ -562,6 +568,7 @@ def _worst_inspect(rows: list[dict], details: dict) -> tuple[dict | None, dict |
                 ins["dataset"],
                 ins["arch"],
                 ins["width"],
+                ins.get("objective", "ce"),
                 ins["seed"],
                 ins["precision"],
                 ins["observer"],
@@ -570,6 +577,7 @@ def _worst_inspect(rows: list[dict], details: dict) -> tuple[dict | None, dict |
                 r["dataset"],
                 r["arch"],
                 r["width"],
+                r.get("objective") or "ce",
                 r["seed"],
                 r["precision"],
                 r["observer"],
@@ -618,8 +626,9 @@ def _temp(rows: list[dict]) -> str:
 def summary_table(rows: list[dict]) -> str:
     """A compact plain-text table of the key numbers, for the terminal."""
     main = _main_rows(rows)
+    mw = max([22, *(len(m) for _, m in _groups(main))])  # the model column fits every label
     header = (
-        f"{'dataset':<16} {'model':<22} {'prec':<5} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
+        f"{'dataset':<16} {'model':<{mw}} {'prec':<5} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
         f"{'+TS':>6} {'fp32T':>6} {'T':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -631,7 +640,7 @@ def summary_table(rows: list[dict]) -> str:
             )
             ci = f"[{_pct(r['ece_lo'])},{_pct(r['ece_hi'])}]" if r.get("ece_lo") is not None else ""
             lines.append(
-                f"{_ds_label(ds)[:16]:<16} {model[:22]:<22} {r['precision']:<5} "
+                f"{_ds_label(ds)[:16]:<16} {model:<{mw}} {r['precision']:<5} "
                 f"{_pct(r['accuracy']):>6} "
                 f"{_pct(r['ece']):>6} {ci:>14} {_pct(ts[0]['ece']) if ts else '–':>6} "
                 f"{_pct(f32[0]['ece']) if f32 else '–':>6} "

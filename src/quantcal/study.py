@@ -72,12 +72,13 @@ _TRAIN_VERSION = 2
 _LOGITS_VERSION = 2
 _ROW_VERSION = 2
 
-#: Columns of results.csv, in order (one row per dataset, arch, width, seed, precision,
-#: observer, range-calibration sample and recalibration method).
+#: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
+#: precision, observer, range-calibration sample and recalibration method).
 RESULT_COLUMNS = (
     "dataset",
     "arch",
     "width",
+    "objective",
     "seed",
     "precision",
     "observer",
@@ -117,15 +118,18 @@ RESULT_COLUMNS = (
 
 @dataclass(frozen=True)
 class Group:
-    """One trained network: a dataset, an architecture at a width, a seed."""
+    """One trained network: a dataset, an architecture at a width, a training objective (its
+    label, see :func:`quantcal.objectives.label`), a seed."""
 
     dataset: str
     model: ModelSpec
     seed: int
+    objective: str = "ce"
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} / {self.model.label} / seed {self.seed}"
+        obj = "" if self.objective == "ce" else f" / {self.objective}"
+        return f"{self.dataset} / {self.model.label}{obj} / seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -157,19 +161,31 @@ def parse_shard(text: str) -> tuple[int, int]:
 def expand_cells(config: StudyConfig) -> list[tuple[Group, list[QuantCell]]]:
     """Every training group with its quantized cells, in the study's order (fp32 first)."""
     out = []
+    objectives = config.objective_labels()
     for dataset in config.datasets:
         for spec in config.models:
-            for seed in config.seeds:
-                g = Group(dataset, spec, seed)
-                cells = [QuantCell(g, "fp32", None, None)]
-                for p in config.precisions:
-                    if p.lower() == "fp32":
-                        continue
-                    for obs in config.observers:
-                        for s in range(config.ptq_calib_samples):
-                            cells.append(QuantCell(g, p, obs, s))
-                out.append((g, cells))
+            for objective in objectives:
+                for seed in config.seeds:
+                    g = Group(dataset, spec, seed, objective)
+                    cells = [QuantCell(g, "fp32", None, None)]
+                    for p in config.precisions:
+                        if p.lower() == "fp32":
+                            continue
+                        for obs in config.observers:
+                            for s in range(config.ptq_calib_samples):
+                                cells.append(QuantCell(g, p, obs, s))
+                    out.append((g, cells))
     return out
+
+
+def _objective_spec(config: StudyConfig, g: Group) -> dict[str, Any]:
+    """The canonical objective of a group (looked up by its label)."""
+    from quantcal import objectives
+
+    for spec in config.objectives or ():
+        if objectives.label(spec) == g.objective:
+            return dict(spec)
+    return objectives.canonical(g.objective)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ def _train_key(
     if g.model.checkpoint is not None:
         spec["checkpoint"] = checkpoint_digest
     else:
-        spec["train"] = {**config.train, "seed": g.seed}
+        spec["train"] = {**config.train, "objective": _objective_spec(config, g), "seed": g.seed}
     return content_hash(spec)
 
 
@@ -538,7 +554,9 @@ class _Runner:
                 train.load_checkpoint(last)
             except ValueError as exc:
                 self.store.heal(last, str(exc).split(". ")[0])
-        cfg = train.TrainConfig.from_dict({**self.config.train, "seed": g.seed})
+        cfg = train.TrainConfig.from_dict(
+            {**self.config.train, "objective": _objective_spec(self.config, g), "seed": g.seed}
+        )
         self.say(f"train  {g.label}  ({cfg.epochs} epochs)")
 
         def epoch_line(epoch: int, _model, rec: dict[str, float]) -> None:
@@ -752,6 +770,7 @@ def _pending_key(cell: QuantCell, method: str) -> str:
             "cell": [
                 cell.group.dataset,
                 cell.group.model.label,
+                cell.group.objective,
                 cell.group.seed,
                 cell.precision,
                 cell.observer,
@@ -768,6 +787,7 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
         dataset=cell.group.dataset,
         arch=cell.group.model.arch,
         width=cell.group.model.width,
+        objective=cell.group.objective,
         seed=cell.group.seed,
         precision=cell.precision,
         observer=cell.observer or "-",
@@ -922,6 +942,7 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                     "dataset": g.dataset,
                     "arch": g.model.arch,
                     "width": g.model.width,
+                    "objective": g.objective,
                     "seed": g.seed,
                     "history": m.get("history", []),
                     "seconds": m.get("seconds"),
@@ -937,6 +958,7 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                         "dataset": g.dataset,
                         "arch": g.model.arch,
                         "width": g.model.width,
+                        "objective": g.objective,
                         "seed": g.seed,
                         "precision": cell.precision,
                         "observer": cell.observer,

@@ -17,8 +17,9 @@ listed method and scored on the test split. File layout (every key optional but 
     arch = "shufflenetv2"
     width = 0.25
 
-    [train]                        # any quantcal.train.TrainConfig field
+    [train]                        # any quantcal.train.TrainConfig field, and:
     epochs = 30
+    objectives = ["ce", {name = "focal", gamma = 3}]   # an axis: one model per objective
 
     [quant]
     precisions = ["fp32", "W8A8", "W4A8", "W4A4"]
@@ -33,6 +34,11 @@ listed method and scored on the test split. File layout (every key optional but 
     n_bins = 15
     bootstrap = 1000
     level = 0.95
+
+``[train] objectives`` lists training objectives (names or tables, see
+:mod:`quantcal.objectives`); each trains its own model, which then goes through every precision,
+range estimator and recalibrator. Default ``["ce"]``; a single ``objective = ...`` is the same as
+a one-item list.
 
 Unknown keys are an error naming the closest valid key. Precisions are stored in canonical form
 (``"fp32"``, ``"W4A8"``), so ``["W4A4", "w4a4"]`` is refused as a duplicate.
@@ -133,6 +139,8 @@ class StudyConfig:
     level: float = 0.95
     eval_batch_size: int = 512
     threads: int | None = None
+    #: Training objectives in canonical form (``{"name": ..., params}``); None: ``["ce"]``.
+    objectives: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         from quantcal import quant, recal
@@ -207,8 +215,25 @@ class StudyConfig:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
-        # Validates every field and names the closest valid key for a typo.
-        set_("train", dict(TrainConfig.from_dict(dict(self.train)).to_dict()))
+        set_("objectives", _objectives_axis(self.objectives, dict(self.train)))
+        if len(self.objectives) > 1 and any(m.checkpoint for m in self.models):
+            raise ValueError(
+                "[train] objectives lists several objectives, but a [[model]] gives a trained "
+                "checkpoint: objectives apply to models the study trains. Put checkpoint "
+                "models in a study of their own"
+            )
+        train = {k: v for k, v in self.train.items() if k not in ("objective", "objectives")}
+        # Validates every field and names the closest valid key for a typo; the objective is
+        # the axis above, so it is not part of the shared recipe.
+        recipe = TrainConfig.from_dict(train).to_dict()
+        recipe.pop("objective")
+        set_("train", recipe)
+
+    def objective_labels(self) -> list[str]:
+        """Short labels of the objectives, in order (``ce``, ``focal(gamma=3)``, ...)."""
+        from quantcal import objectives
+
+        return [objectives.label(o) for o in self.objectives or ()]
 
     # --- (de)serialisation ----------------------------------------------------------------
     def to_toml_dict(self) -> dict[str, Any]:
@@ -226,7 +251,10 @@ class StudyConfig:
                 {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
                 for m in self.models
             ],
-            "train": dict(self.train),
+            "train": {
+                **self.train,
+                "objectives": [dict(o) for o in self.objectives or ()],
+            },
             "quant": {
                 "precisions": list(self.precisions),
                 "observers": list(self.observers),
@@ -274,6 +302,39 @@ def canonical_precision(text: str) -> str:
 
     qc = quant.parse_precision(text)
     return "fp32" if qc is None else f"W{qc.weight_bits}A{qc.act_bits}"
+
+
+def _objectives_axis(field_value: Any, train: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The objectives axis from ``objectives=`` or ``[train] objectives`` / ``objective`` (one
+    place only), canonical and without duplicates."""
+    from quantcal import objectives
+
+    given = [
+        (where, v)
+        for where, v in (
+            ("objectives", field_value),
+            ("[train] objectives", train.get("objectives")),
+            ("[train] objective", train.get("objective")),
+        )
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(
+            f"the training objectives are given twice ({' and '.join(w for w, _ in given)}); "
+            "list them once, as [train] objectives = [...]"
+        )
+    items = given[0][1] if given else ["ce"]
+    if given and given[0][0] == "[train] objective":
+        items = [items]
+    if isinstance(items, (str, Mapping)):
+        items = [items]
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"[train] objectives must be a non-empty list, got {items!r}")
+    canon = tuple(objectives.canonical(o) for o in items)
+    labels = [objectives.label(o) for o in canon]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"[train] objectives lists an objective twice: {labels}")
+    return canon
 
 
 def _check_datasets(names: tuple[str, ...]) -> None:
