@@ -237,7 +237,7 @@ def test_canonical_fills_defaults_and_labels_are_stable():
         ({"name": "focal", "gamma": -1}, r"gamma must be in \[0, 20\]"),
         ({"name": "mixup", "alpha": 0}, r"alpha must be in \(0, 10\]"),
         ({"name": "mixup", "alpha": float("nan")}, "finite number"),
-        ({"name": "mbls", "margin": 0}, "margin must be > 0"),
+        ({"name": "mbls", "margin": 0}, r"margin must be in \(0, inf\)"),
         ({"name": "focal", "gama": 2}, "takes no \\['gama'\\]; its parameters: gamma"),
         ({"gamma": 2}, "a name or a table with 'name'"),
         ({"name": "focal", "gamma": "3"}, "finite number"),

@@ -50,21 +50,16 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Objective(abc.ABC):
-    """An objective: ``defaults`` maps each parameter to its default; :meth:`check` validates
-    them; calling it runs one step's forward pass and returns ``(loss, logits)``."""
+    """An objective: ``params`` lists each parameter as (name, default, allowed interval, e.g.
+    ``"[0, 1)"``); calling it runs one step's forward pass and returns ``(loss, logits)``."""
 
     name = ""
-    #: ((parameter, default), ...) in the order they are written.
-    defaults: tuple[tuple[str, float], ...] = ()
+    #: ((parameter, default, interval), ...) in the order they are written.
+    params: tuple[tuple[str, float, str], ...] = ()
 
     def __init__(self, **params: float) -> None:
         for key, value in params.items():
             setattr(self, key, value)
-
-    @classmethod
-    def check(cls, params: dict[str, float]) -> None:
-        """Raise ValueError naming a parameter out of its range (none by default)."""
-        return None
 
     @abc.abstractmethod
     def __call__(
@@ -88,6 +83,15 @@ class LogitObjective(Objective):
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("training objective")
+
+
+def _within(value: float, interval: str) -> bool:
+    """``value`` in an interval written ``"[lo, hi)"`` (``inf`` allowed)."""
+    lo_s, hi_s = interval[1:-1].split(",")
+    lo, hi = float(lo_s), float(hi_s)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
 
 
 def _full_precision(logits: torch.Tensor) -> torch.Tensor:
@@ -116,14 +120,7 @@ class LabelSmoothing(LogitObjective):
     """``L = -sum_k q_k log p_k`` with ``q = (1 - eps) one_hot(y) + eps / K``."""
 
     name = "label_smoothing"
-    defaults = (("epsilon", 0.1),)
-
-    @classmethod
-    def check(cls, params: dict[str, float]) -> None:
-        if not 0 <= params["epsilon"] < 1:
-            raise ValueError(
-                f"objective 'label_smoothing': epsilon must be in [0, 1), got {params['epsilon']}"
-            )
+    params = (("epsilon", 0.1, "[0, 1)"),)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.epsilon)
@@ -140,12 +137,7 @@ class Focal(LogitObjective):
     """``L = -(1 - p_y)^gamma log p_y`` (Lin et al. 2017; Mukhoti et al. 2020)."""
 
     name = "focal"
-    defaults = (("gamma", 3.0),)
-
-    @classmethod
-    def check(cls, params: dict[str, float]) -> None:
-        if not 0 <= params["gamma"] <= 20:
-            raise ValueError(f"objective 'focal': gamma must be in [0, 20], got {params['gamma']}")
+    params = (("gamma", 3.0, "[0, 20]"),)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _focal(logits, y, self.gamma)
@@ -172,12 +164,7 @@ class Mixup(Objective):
     et al. 2018). ``lam`` and ``perm`` come from ``step_seed`` (reproducible across resumes)."""
 
     name = "mixup"
-    defaults = (("alpha", 0.2),)
-
-    @classmethod
-    def check(cls, params: dict[str, float]) -> None:
-        if not 0 < params["alpha"] <= 10:
-            raise ValueError(f"objective 'mixup': alpha must be in (0, 10], got {params['alpha']}")
+    params = (("alpha", 0.2, "(0, 10]"),)
 
     def draw(self, n: int, step_seed: int) -> tuple[float, np.ndarray]:
         """(lam, perm) of one step."""
@@ -204,14 +191,7 @@ class MarginLabelSmoothing(LogitObjective):
     """``L = CE + weight * mean_i sum_k relu(max_j z_ij - z_ik - margin)`` (Liu et al. 2022)."""
 
     name = "mbls"
-    defaults = (("margin", 10.0), ("weight", 0.1))
-
-    @classmethod
-    def check(cls, params: dict[str, float]) -> None:
-        if not params["margin"] > 0:
-            raise ValueError(f"objective 'mbls': margin must be > 0, got {params['margin']}")
-        if not params["weight"] >= 0:
-            raise ValueError(f"objective 'mbls': weight must be >= 0, got {params['weight']}")
+    params = (("margin", 10.0, "(0, inf)"), ("weight", 0.1, "[0, inf)"))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gaps = logits.max(dim=1, keepdim=True).values - logits
@@ -243,14 +223,17 @@ def canonical(spec: str | Mapping[str, Any]) -> dict[str, Any]:
             + f"; valid objectives: {', '.join(available())}"
         )
     cls = OBJECTIVES.get(name)
-    defaults = dict(cls.defaults)
-    extra = sorted(set(spec) - {"name"} - set(defaults))
+    extra = sorted(set(spec) - {"name"} - {p for p, _, _ in cls.params})
     if extra:
-        allowed = ", ".join(defaults) or "none"
+        allowed = ", ".join(p for p, _, _ in cls.params) or "none"
         raise ValueError(f"objective {name!r} takes no {extra}; its parameters: {allowed}")
-    params = {k: _number(name, k, spec.get(k, v)) for k, v in defaults.items()}
-    cls.check(params)
-    return {"name": name, **params}
+    values = {}
+    for key, default, interval in cls.params:
+        v = _number(name, key, spec.get(key, default))
+        if not _within(v, interval):
+            raise ValueError(f"objective {name!r}: {key} must be in {interval}, got {v:g}")
+        values[key] = v
+    return {"name": name, **values}
 
 
 def build(spec: str | Mapping[str, Any]) -> Objective:

@@ -496,15 +496,18 @@ class _Runner:
             if ":" in g.model.arch:
                 import_factory(g.model.arch)
             if g.model.checkpoint is not None:
-                model = build_model(
-                    g.model.arch,
-                    num_classes=splits.num_classes,
-                    image_size=splits.image_size,
-                    in_chans=splits.channels,
-                    width=g.model.width,
-                    seed=g.seed,
-                )
-                load_weights(model, g.model.checkpoint)
+                load_weights(self.fresh_model(g, splits), g.model.checkpoint)
+
+    def fresh_model(self, g: Group, splits):
+        """The group's architecture, freshly initialised for its data (seeded)."""
+        return build_model(
+            g.model.arch,
+            num_classes=splits.num_classes,
+            image_size=splits.image_size,
+            in_chans=splits.channels,
+            width=g.model.width,
+            seed=g.seed,
+        )
 
     def ptq_batches(self, splits, sample: int) -> list:
         """Range-calibration sample ``sample``: the sample-th of equal disjoint slices."""
@@ -530,14 +533,7 @@ class _Runner:
         key = self.train_key(g)
         folder = self.cache / "train" / key
         splits = self.splits(g)
-        model = build_model(
-            g.model.arch,
-            num_classes=splits.num_classes,
-            image_size=splits.image_size,
-            in_chans=splits.channels,
-            width=g.model.width,
-            seed=g.seed,
-        )
+        model = self.fresh_model(g, splits)
         if g.model.checkpoint is not None:
             return load_weights(model, g.model.checkpoint), key, {"checkpoint": g.model.checkpoint}
         final, meta_path, last = folder / "model.pt", folder / "meta.json", folder / "last.pt"
