@@ -275,9 +275,10 @@ def test_calibration_training_preset_runs_on_digits(tmp_path):
             "data.val_size": 180,
             "data.ptq_calib_size": 100,
             "model": [{"arch": "shufflenetv2", "width": 0.1}],
-            "train.epochs": 2,
+            "train.epochs": 1,
             "train.batch_size": 64,
             "train.augment": False,
+            "quant.precisions": ["fp32", "W4A4"],
             "metrics.bootstrap": 30,
         },
     )
@@ -288,7 +289,7 @@ def test_calibration_training_preset_runs_on_digits(tmp_path):
     assert [r["objective"] for r in rows if r["precision"] == "fp32" and r["recal"] == "none"] == (
         labels
     )
-    assert len(rows) == 6 * 4 * 3 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 6 * 2 * 3 and all(r["status"] == "ok" for r in rows)
     # Six different models: their fp32 logits differ.
     assert len({r["nll"] for r in rows if r["precision"] == "fp32" and r["recal"] == "none"}) == 6
     html = (out / "report.html").read_text()
