@@ -298,6 +298,23 @@ def test_force_adopts_a_foreign_folder(tmp_path):
     study.run_study(TINY, out, quiet=True)  # marked now: no --force needed
 
 
+def test_run_folder_of_an_earlier_release_is_recognised(tmp_path):
+    out = tmp_path / "old_run"
+    out.mkdir()
+    (out / "env.json").write_text('{"quantcal": "0.1.0", "torch": "2.13.0"}\n')
+    (out / "config.toml").write_text('name = "tiny"\n')
+    (out / "results.csv").write_text("dataset\n")
+    study.run_study(TINY, out, quiet=True, report=False)
+    assert (out / MARKER).is_file() and len(_rows(out)) == N_ROWS
+    # an env.json that is not quantcal's does not make a folder quantcal's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "env.json").write_text('{"conda": "base"}\n')
+    (other / "config.toml").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="did not make"):
+        study.run_study(TINY, other, quiet=True)
+
+
 def test_fresh_removes_only_what_quantcal_wrote(clean_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(clean_run, out)
