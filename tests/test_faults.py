@@ -571,7 +571,7 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     captured = capsys.readouterr()
     err = captured.err
     assert "epoch 1/2" in err and "epoch 2/2" in err
-    assert "eval " in err and "W8A8" in err
+    assert "eval " in err and "W8A8" in err and "score " in err and "report.html" in err
     assert all(line.startswith("[") for line in err.splitlines() if "epoch" in line)
     assert "report:" in captured.out and "epoch" not in captured.out
 

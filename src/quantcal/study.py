@@ -428,6 +428,7 @@ class _Runner:
         self.store = Cache(self.cache, log)
         self.digests = FileDigests(self.cache / "digests.json")
         self.failures: list[dict[str, Any]] = []
+        self.scored = 0  # rows computed (not read from the cache) by this runner
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
         self._data_digests: dict[str, str] = {}
@@ -691,6 +692,7 @@ class _Runner:
         if cached is not None:
             return cached
         notes = list(self.splits(cell.group).notes)
+        self.scored += 1
         row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key), notes)
         row.update(
             params=lmeta.get("params"),
@@ -751,12 +753,19 @@ class _Runner:
             except Exception as exc:
                 self.error_rows([cell], exc)
                 continue
+            t0, scored = time.perf_counter(), self.scored
             for m in methods:
                 try:
                     self.row(cell, m, lg, lmeta, lkey, fp32, fp32_key)
                 except Exception as exc:
                     self.error_row(cell, m, _row_key(self.config, lkey, fp32_key, m), exc)
                     self.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
+            if self.scored > scored:
+                where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
+                self.say(
+                    f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
+                    f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
+                )
 
 
 def _pending_key(cell: QuantCell, method: str) -> str:
@@ -1048,10 +1057,12 @@ def run_study(
         )
         return out
     write_results(out, rows, plan, runner)
+    runner.say(f"write  {out / 'results.csv'} ({len(rows)} rows)")
     if report:
         from quantcal import report as report_mod
 
         report_mod.write_report(out)
+        runner.say(f"write  {out / 'report.html'}")
     return out
 
 
