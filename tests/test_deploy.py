@@ -130,6 +130,52 @@ class _Block(nn.Module):
         return nn.Sequential(conv, nn.ReLU())
 
 
+class _InPlaceBlock(_Block):
+    """The public-library convention (timm's MobileOneBlock, RepVGG, FastViT, RepGhost):
+    ``reparameterize()`` rewrites the block itself, deletes its branches and returns None."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.reparam_conv: nn.Module | None = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return super().forward(x)
+
+    def reparameterize(self) -> None:
+        if self.reparam_conv is not None:  # already done
+            return
+        self.reparam_conv = super().reparameterize()
+        del self.a, self.b
+
+
+def test_in_place_reparameterize_returning_none_is_accepted():
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), _InPlaceBlock(4), _InPlaceBlock(4)))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every BatchNorm folded: no warning
+        deploy = to_deploy(model)
+    assert not any(isinstance(m, _BN) for m in deploy.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deploy.modules()) == 3
+    _assert_equivalent(model, deploy, torch.randn(2, 3, 9, 9))
+    assert all(m.reparam_conv is None for m in model.modules() if isinstance(m, _InPlaceBlock))
+    again = to_deploy(deploy)  # the deploy form deploys to the same function
+    _assert_equivalent(deploy, again, torch.randn(2, 3, 9, 9))
+
+
+def test_reparameterize_returning_something_else_is_a_clear_error():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x
+
+        def reparameterize(self):
+            return 3
+
+    with pytest.raises(TypeError, match=r"must return an nn.Module or None \(in place\)"):
+        to_deploy(nn.Sequential(nn.Conv2d(3, 3, 1), Odd()))
+
+
 def test_custom_model_folds_what_it_can_and_warns_about_the_rest():
     model = _randomise_bn(_Custom())
     before = _state(model)

@@ -3,7 +3,8 @@
 ``to_deploy(model)`` returns an eval-mode copy in which
 
 1. every submodule with a callable ``reparameterize()`` (MobileOne blocks; Vasu et al., CVPR 2023)
-   is replaced, children first, by the single equivalent module it returns, and
+   is replaced, children first, by the single equivalent module it returns (or, when it
+   returns None, kept as it rewrote itself in place), and
 2. every BatchNorm whose input is the output of a conv layer used only by that
    BatchNorm is folded into that layer (Jacob et al., "Quantization and Training of Neural
    Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, §3.2):
@@ -109,7 +110,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _reparameterize(module: nn.Module) -> nn.Module:
-    """Post-order replacement of every submodule with a callable ``reparameterize``."""
+    """Post-order replacement of every submodule with a callable ``reparameterize``.
+
+    Two conventions are accepted: quantcal's, where ``reparameterize()`` returns the equivalent
+    module, and the in-place one of the common public MobileOne, RepVGG, FastViT and RepGhost
+    code, where it rewrites the module itself and returns None (the module is then kept)."""
     for name, child in list(module.named_children()):
         new_child = _reparameterize(child)
         if new_child is not child:
@@ -117,10 +122,12 @@ def _reparameterize(module: nn.Module) -> nn.Module:
     fn = getattr(module, "reparameterize", None)
     if callable(fn):
         new = fn()
+        if new is None:  # reparameterized in place
+            return module.eval()
         if not isinstance(new, nn.Module):
             raise TypeError(
-                f"{type(module).__name__}.reparameterize() must return an nn.Module, "
-                f"got {type(new).__name__}"
+                f"{type(module).__name__}.reparameterize() must return an nn.Module or None "
+                f"(in place), got {type(new).__name__}"
             )
         return new.eval()
     return module
