@@ -401,3 +401,27 @@ def test_bootstrap_arguments_are_validated():
         M.bootstrap_ci("ece", z, y, n_resamples=0)
     with pytest.raises(TypeError, match="name or a callable"):
         M.bootstrap_ci(3, z, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# probabilities are refused, never silently read as logits
+# ----------------------------------------------------------------------------------------------
+def test_probabilities_are_refused_and_log_probabilities_equal_logits():
+    from quantcal import recal
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (500,), generator=g)
+    probs = logits.softmax(1)
+    for fn in (M.ece, M.nll, M.calibration_report, M.accuracy):
+        with pytest.raises(ValueError, match=r"look like probabilities.*log-probabilities"):
+            fn(probs, labels)
+    with pytest.raises(ValueError, match="look like probabilities"):
+        recal.TemperatureScaling().fit(probs, labels)
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    with pytest.raises(ValueError, match="look like probabilities"):
+        M.ece(one_hot, labels)
+    assert M.ece(probs.log(), labels) == pytest.approx(M.ece(logits, labels), abs=1e-6)
+    # logits in [0, 1] that do not sum to 1 are logits
+    small = torch.rand(500, 10, generator=g)
+    assert 0 <= M.ece(small, labels) <= 1

@@ -101,7 +101,28 @@ def _validate_logits(logits: ArrayLike) -> torch.Tensor:
             f"logits must have at least 2 classes (columns), got C = {z.shape[1]}; for a "
             f"binary problem with one logit s per sample pass the two columns [0, s]."
         )
+    _refuse_probabilities(z)
     return z
+
+
+def _refuse_probabilities(z: torch.Tensor, head: int = 1024) -> None:
+    """Raise when the input holds probabilities: every entry of the first ``head`` rows in
+    [0, 1] and each of those rows summing to 1 (within 1e-4). Softmax of probabilities is not
+    the model's confidence (``ece(probs)`` came out 0.742 where the truth was 0.027), so this
+    is never computed silently; logits of real models do not look like this."""
+    if not z.is_floating_point():
+        return
+    rows = z[:head]
+    lo, hi = rows.amin(), rows.amax()
+    if not (bool(lo >= 0) and bool(hi <= 1)):
+        return
+    if bool(((rows.double().sum(dim=1) - 1.0).abs() <= 1e-4).all()):
+        raise ValueError(
+            "these look like probabilities (every row lies in [0, 1] and sums to 1), but "
+            "metrics and recalibrators take logits: softmax applied to probabilities is not the "
+            "model's confidence. Pass the logits, or log-probabilities (probs.log(), which have "
+            "the same softmax); if the model ends with a softmax, take the layer before it."
+        )
 
 
 def _validate(logits: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
