@@ -632,3 +632,33 @@ def test_demo_pins_one_thread_and_the_run_applies_it(tmp_path, monkeypatch):
         torch.set_num_threads(before)
     keys = [p.name for d in ("one", "two") for p in (tmp_path / d / "cache" / "train").iterdir()]
     assert len(set(keys)) == 2  # a different thread count is a different experiment
+
+
+def test_quantizer_warnings_become_notes_on_rows_report_and_stderr(tmp_path, monkeypatch, capsys):
+    """A user model whose classifier input range is tiny: its int32 biases would overflow. The
+    quantizer keeps them in float and says so, and the study carries that to every place a
+    number is read."""
+    (tmp_path / "tinyhead_mod.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes, in_chans):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)\n"
+        "        self.fc = nn.Linear(8, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.relu(self.conv(x)).mean((2, 3)) * 1e-10)\n\n\n"
+        "def build(num_classes, in_chans):\n"
+        "    return Net(num_classes, in_chans)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _tiny(model=[{"arch": "tinyhead_mod:build", "width": 1.0}])
+    out = tmp_path / "run"
+    study.run_study(cfg, out, quiet=False)
+    err = capsys.readouterr().err
+    assert "biases beyond the int32" in err and "fc (" in err
+    rows = _rows(out)
+    w8 = [r for r in rows if r["precision"] == "W8A8"]
+    assert w8 and all("biases beyond the int32" in r["notes"] for r in w8)
+    assert not any("biases beyond" in r["notes"] for r in rows if r["precision"] == "fp32")
+    assert "biases beyond the int32" in (out / "report.html").read_text()

@@ -115,6 +115,58 @@ def test_float_bias_option():
         assert torch.equal(layer32.weight, layer.weight)
 
 
+class TinyRangeHead(nn.Module):
+    """A classifier whose input range is ~1e-10 (near-zero pooled features): on the int32 grid
+    s_x * s_w[c] its biases (0.03 to 1) overflow; clamping them would wipe every logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([0.031, -0.5, 1.0, 0.2]))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)) * 1e-10)
+
+
+def test_bias_beyond_the_integer_grid_stays_float_and_is_named():
+    torch.manual_seed(0)
+    net = TinyRangeHead().eval()
+    calib = _calib()
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) have biases beyond the int32.*fc \(4 of 4"):
+        q = quant.quantize(net, quant.QuantConfig(), calib)
+    fc = dict(quantized_layers(q))["fc"]
+    # independent check of the overflow: round(b / (s_x * s_w)) beyond 2^31 - 1
+    grid = torch.tensor(fc.act_scale_float, dtype=torch.float32) * fc.weight_scale
+    assert (torch.round(fc.bias_fp32.double() / grid.double()).abs() > 2**31 - 1).all()
+    assert fc.bias_overflow == 4 and fc.bias_bits is None
+    assert torch.equal(fc.bias, fc.bias_fp32)
+    # the layer computes F.linear(fake-quantized input, fake-quantized weight, float bias)
+    x = torch.randn(5, 3, 8, 8)
+    feats = torch.relu(dict(quantized_layers(q))["conv"](x)).mean((2, 3)) * 1e-10
+    xq = torch.fake_quantize_per_tensor_affine(
+        feats, fc.act_scale_float, fc.act_zero_point_int, 0, 255
+    )
+    ref = torch.nn.functional.linear(xq, fc.weight, fc.bias_fp32)
+    assert torch.allclose(q(x), ref, atol=1e-6)
+    assert torch.allclose(q(x), net(x), atol=1e-3)  # the logits survive (they are ~ the bias)
+    rows = {r["name"]: r for r in quant.inspect(q, calib).to_rows()}
+    assert rows["fc"]["bias_overflow"] == 4 and rows["conv"]["bias_overflow"] == 0
+    # the other layer's bias stays on the grid
+    assert dict(quantized_layers(q))["conv"].bias_bits == 32
+
+
+def test_bias_overflow_counts_like_the_clamp():
+    b = torch.tensor([1e-3, -1.0, 0.0, 5.0])
+    s_w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # grid 1e-9: 1e6, 1e9 and 0 steps fit int32 (max 2^31 - 1 = 2.1e9), 5e9 does not;
+    # in int16 (max 32767) only 0 fits; on a 1e-12 grid 1e9 fits int32, 1e12 and 5e12 do not
+    assert P.bias_overflow(b, 1e-9, s_w, 32) == 1
+    assert P.bias_overflow(b, 1e-9, s_w, 16) == 3
+    assert P.bias_overflow(b, 1e-12, s_w, 32) == 2
+
+
 def test_weights_are_quantized_once_not_per_forward(monkeypatch):
     q = quant.quantize(_net(), "W8A8", _calib())
     calls = []

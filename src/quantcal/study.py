@@ -432,7 +432,8 @@ class _Runner:
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
         self._data_digests: dict[str, str] = {}
-        self._deployed: tuple[str, Any] | None = None  # (train key, deploy model) of the group
+        # (train key, deploy model, its warnings) of the group being evaluated
+        self._deployed: tuple[str, Any, list[str]] | None = None
         self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
 
     def say(self, message: str) -> None:
@@ -595,7 +596,9 @@ class _Runner:
         from quantcal import models
 
         if self._deployed is None or self._deployed[0] != train_key:
-            self._deployed = (train_key, models.to_deploy(model))
+            with _recorded_warnings() as notes:
+                deploy = models.to_deploy(model)
+            self._deployed = (train_key, deploy, notes)
         return self._deployed[1]
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
@@ -621,11 +624,14 @@ class _Runner:
             "sample": cell.sample,
         }
         deploy = self.deployed(model, train_key)
+        notes = list(self._deployed[2]) if self._deployed else []
         if qc is None:
             net = deploy
         else:
             calib = self.ptq_batches(splits, cell.sample)
-            net = quant.quantize(deploy, qc, calib)
+            with _recorded_warnings() as caught:
+                net = quant.quantize(deploy, qc, calib)
+            notes.extend(n for n in caught if n not in notes)
             try:
                 meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
@@ -645,6 +651,9 @@ class _Runner:
             )
             out[f"{name}_logits"], out[f"{name}_labels"] = lg, lb
         meta["seconds"] = time.perf_counter() - t0
+        meta["notes"] = notes  # what the deploy form and the quantizer could not do as asked
+        for note in notes:
+            self.say(f"note   {cell.group.label}  {cell.precision}: {note}")
         raw = torch_bytes(out)
         meta["sha256"] = hashlib.sha256(raw).hexdigest()
         atomic_write_bytes(path, raw)
@@ -691,7 +700,7 @@ class _Runner:
         cached = self.store.read_json(path, ("row_id", "status"))
         if cached is not None:
             return cached
-        notes = list(self.splits(cell.group).notes)
+        notes = [*self.splits(cell.group).notes, *lmeta.get("notes", [])]
         self.scored += 1
         row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key), notes)
         row.update(
@@ -766,6 +775,21 @@ class _Runner:
                     f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
                     f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
                 )
+
+
+@contextmanager
+def _recorded_warnings() -> Iterator[list[str]]:
+    """Collect the messages of warnings raised inside (each once) instead of printing them:
+    they become notes on the result rows and progress lines on stderr."""
+    import warnings
+
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield messages
+    for w in caught:
+        if str(w.message) not in messages:
+            messages.append(str(w.message))
 
 
 def _pending_key(cell: QuantCell, method: str) -> str:

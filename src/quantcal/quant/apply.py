@@ -27,6 +27,7 @@ import abc
 import contextlib
 import math
 import operator
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from quantcal.quant.observers import RangeObserver, get_observer
 from quantcal.quant.primitives import (
     activation_qparams,
     activation_qrange,
+    bias_overflow,
     fake_quantize_bias,
     fake_quantize_per_channel,
     fake_quantize_per_tensor_fast,
@@ -88,8 +90,15 @@ class QuantizedLayer(nn.Module, abc.ABC):
         act_scale, zero_point = activation_qparams(act_range[0], act_range[1], act_bits)
         bias = source.bias.detach().clone() if source.bias is not None else None
         self.register_buffer("bias_fp32", bias)
+        #: Bias values beyond the integer grid; the remedy is to keep this layer's bias in float
+        #: (``bias_bits`` None) rather than clamp it, and ``quantize`` names the layer.
+        self.bias_overflow = 0
         if bias is not None and bias_bits is not None:
-            bias = fake_quantize_bias(bias, act_scale, scale, bias_bits)
+            self.bias_overflow = bias_overflow(bias, act_scale, scale, bias_bits)
+            if self.bias_overflow:
+                bias_bits = None
+            else:
+                bias = fake_quantize_bias(bias, act_scale, scale, bias_bits)
         self.register_buffer("bias", bias)
         self.bias_bits = bias_bits if bias is not None else None
         self.register_buffer("act_scale", torch.tensor(act_scale, dtype=torch.float32))
@@ -373,6 +382,7 @@ def quantize(
             observer=config.observer,
             bias_bits=config.bias_bits,
         )
+    _warn_bias_overflow(qlayers, config.bias_bits)
     _record_clip_fractions(gm, modules, qlayers, xs)
     for name, qlayer in qlayers.items():
         _set_submodule(gm, name, qlayer)
@@ -381,6 +391,25 @@ def quantize(
     gm.quant_config = config
     gm.precision = config.name
     return gm.eval()
+
+
+def _warn_bias_overflow(qlayers: dict[str, QuantizedLayer], bits: int | None) -> None:
+    """Name every layer whose bias did not fit the integer grid (kept in float instead)."""
+    over = {n: q for n, q in qlayers.items() if q.bias_overflow}
+    if not over:
+        return
+    listed = ", ".join(
+        f"{n} ({q.bias_overflow} of {q.bias_fp32.numel()} values, input range "
+        f"[{q.range_min:.3g}, {q.range_max:.3g}])"
+        for n, q in over.items()
+    )
+    warnings.warn(
+        f"quantize: {len(over)} layer(s) have biases beyond the int{bits} accumulator grid "
+        f"s_x*s_w[c] (their input range is tiny, so clamping would wipe the bias); their biases "
+        f"stay in float: {listed}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _record_clip_fractions(

@@ -53,6 +53,8 @@ class LayerReport:
     weight_scale_min: float
     weight_scale_max: float
     clip_fraction: float
+    #: Bias values beyond the integer accumulator grid (that layer's bias then stays in float).
+    bias_overflow: int = 0
     sqnr_db: float = math.nan
     sqnr_isolated_db: float = math.nan
 
@@ -109,6 +111,7 @@ def _record(name: str, layer: QuantizedLayer) -> LayerReport:
         weight_scale_min=float(layer.weight_scale.min()),
         weight_scale_max=float(layer.weight_scale.max()),
         clip_fraction=layer.clip_fraction,
+        bias_overflow=int(getattr(layer, "bias_overflow", 0)),
     )
 
 

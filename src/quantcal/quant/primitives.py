@@ -151,6 +151,18 @@ def bias_scale(act_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
     return torch.tensor(act_scale, dtype=torch.float32) * weight_scale.detach().to(torch.float32)
 
 
+def bias_overflow(
+    bias: torch.Tensor, act_scale: float, weight_scale: torch.Tensor, bits: int = 32
+) -> int:
+    """How many bias values lie beyond the ``bits``-bit accumulator grid: ``|round(b / s)| >
+    2^(b-1) - 1`` with ``s = bias_scale(...)``. :func:`fake_quantize_bias` would clamp them; a
+    layer whose input range is tiny (``s_x`` near 0) clamps every bias toward 0 and its outputs
+    are then wrong, which is never to pass silently."""
+    scale = bias_scale(act_scale, weight_scale).to(bias.device).to(torch.float64)
+    q = torch.round(bias.detach().to(torch.float64) / scale)
+    return int((q.abs() > 2 ** (bits - 1) - 1).sum())
+
+
 def fake_quantize_bias(
     bias: torch.Tensor, act_scale: float, weight_scale: torch.Tensor, bits: int = 32
 ) -> torch.Tensor:
