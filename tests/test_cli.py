@@ -70,6 +70,8 @@ def test_eval_brings_your_own_checkpoint(tmp_path, capsys):
     )
     assert code == 0
     assert (out / "report.html").exists()
+    # an untrained network is at chance: said, not hidden
+    assert "near chance" in capsys.readouterr().err
     # A checkpoint that does not fit the model is a clear error, not a traceback.
     code = cli.main(
         [
@@ -94,3 +96,145 @@ def test_eval_brings_your_own_checkpoint(tmp_path, capsys):
     assert len(err.splitlines()) <= 3, err
     assert not (tmp_path / "e2" / "results.csv").exists()
     assert not (tmp_path / "e2" / "cache" / "train").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A model trained in plain PyTorch on x / 16: its preprocessing, declared or not
+# ----------------------------------------------------------------------------------------------
+_PLAIN_NET = """
+import torch
+from torch import nn
+
+
+def build(num_classes, in_chans):
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(32, num_classes),
+    )
+"""
+
+
+@pytest.fixture(scope="module")
+def plain_digits_model(tmp_path_factory):
+    """A CNN trained outside quantcal on sklearn digits scaled x / 16, and its true accuracy on
+    quantcal's digits test split fed the same way."""
+    import importlib.util
+
+    import torch
+
+    from quantcal import data
+
+    folder = tmp_path_factory.mktemp("plain")
+    (folder / "plainnet.py").write_text(_PLAIN_NET)
+    spec = importlib.util.spec_from_file_location("plainnet_fixture", folder / "plainnet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    splits = data.load_dataset("digits")
+    torch.manual_seed(0)
+    net = mod.build(10, 1)
+    x = splits.train.images.float() / 255.0  # = digits / 16 up to the uint8 rounding
+    y = splits.train.labels
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(splits.test.images.float() / 255.0).argmax(1) == splits.test.labels).double()
+    torch.save(net.state_dict(), folder / "plain.pt")
+    return folder, float(acc.mean())
+
+
+def _eval_plain(folder, out, *extra):
+    return cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(folder / "plain.pt"),
+            "--model",
+            str(folder / "plainnet.py") + ":build",
+            "--dataset",
+            "digits",
+            "--precisions",
+            "fp32",
+            "--recal",
+            "none,temperature",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def test_declared_preprocessing_gives_the_models_real_accuracy(
+    plain_digits_model, tmp_path, capsys
+):
+    import csv
+
+    folder, true_acc = plain_digits_model
+    assert true_acc > 0.9
+    assert _eval_plain(folder, tmp_path / "declared", "--mean", "0", "--std", "1") == 0
+    with open(tmp_path / "declared" / "results.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["recal"] == "none")
+    assert float(row["accuracy"]) == pytest.approx(true_acc, abs=1e-9)
+    err = capsys.readouterr().err
+    assert "check the preprocessing" not in err and "check the preprocessing" not in row["notes"]
+
+
+def test_undeclared_preprocessing_is_flagged(plain_digits_model, tmp_path, capsys):
+    import csv
+
+    folder, _ = plain_digits_model
+    assert _eval_plain(folder, tmp_path / "undeclared") == 0
+    err = capsys.readouterr().err
+    assert "check the preprocessing" in err
+    with open(tmp_path / "undeclared" / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all("check the preprocessing" in r["notes"] for r in rows)
+    assert "check the preprocessing" in (tmp_path / "undeclared" / "report.html").read_text()
+
+
+def test_factory_declares_its_preprocessing_and_modules_load_from_the_current_folder(
+    plain_digits_model, tmp_path, capsys, monkeypatch
+):
+    import csv
+
+    folder, true_acc = plain_digits_model
+    (tmp_path / "declaring.py").write_text(_PLAIN_NET + "\nbuild.mean = 0.0\nbuild.std = 1.0\n")
+    monkeypatch.chdir(tmp_path)  # 'declaring' is found in the current folder, no PYTHONPATH
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(folder / "plain.pt"),
+            "--model",
+            "declaring:build",
+            "--dataset",
+            "digits",
+            "--precisions",
+            "fp32",
+            "--recal",
+            "none",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "declared by declaring:build" in err and "mean (0)" in err
+    with open(tmp_path / "run" / "results.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["accuracy"]) == pytest.approx(true_acc, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [(["--mean", "0"], "go together"), (["--mean", "a", "--std", "1"], "comma-separated numbers")],
+)
+def test_bad_preprocessing_options(plain_digits_model, tmp_path, capsys, extra, match):
+    folder, _ = plain_digits_model
+    assert _eval_plain(folder, tmp_path / "bad", *extra) == 2
+    assert match in capsys.readouterr().err

@@ -172,7 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
-    p.add_argument("--model", required=True, help="registry name or module:factory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="registry name, module:factory (the module on PYTHONPATH or in the current folder) "
+        "or path/to/file.py:factory; the factory is called with whichever of num_classes, "
+        "image_size, in_chans, width it accepts, and may declare its input normalisation as "
+        "factory.mean and factory.std",
+    )
+    p.add_argument(
+        "--mean",
+        default=None,
+        help="the model's input normalisation: per-channel means on the [0, 1] pixel scale, "
+        "comma-separated (as timm gives them), with --std; '--mean 0 --std 1' feeds x / 255. "
+        "Default: what the factory declares, else the dataset's statistics",
+    )
+    p.add_argument("--std", default=None, help="per-channel standard deviations, with --mean")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--dataset", required=True)
     p.add_argument("--precisions", default="fp32,W8A8,W4A8,W4A4")
@@ -357,6 +372,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute_factory(arch: str) -> str:
+    """``path/file.py:fn`` with an absolute path (the run folder may be read from elsewhere)."""
+    mod, sep, fn = arch.rpartition(":")
+    if sep and mod.endswith(".py"):
+        return f"{Path(mod).expanduser().resolve()}:{fn}"
+    return arch
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantcal import study
 
@@ -370,7 +393,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "data": {"datasets": [args.dataset]},
         "model": [
             {
-                "arch": args.model,
+                "arch": _absolute_factory(args.model),
                 "width": args.width,
                 "checkpoint": str(Path(args.checkpoint).resolve()),
             }
@@ -380,6 +403,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     }
     if args.threads is not None:
         raw["threads"] = args.threads
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together: give both or neither")
+    if args.mean is not None:
+        for name in ("mean", "std"):
+            try:
+                raw["data"][name] = [float(v) for v in split(getattr(args, name))]
+            except ValueError:
+                raise ValueError(
+                    f"--{name} must be comma-separated numbers, got {getattr(args, name)!r}"
+                ) from None
     t0 = time.perf_counter()
     out = Path(args.out)
     study.run_study(raw, out, device=args.device, quiet=args.quiet, force=args.force)

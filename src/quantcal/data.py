@@ -27,6 +27,7 @@ library: streamed to a temporary file with a progress bar, md5-checked, then ren
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -59,7 +60,9 @@ __all__ = [
     "load_dataset",
     "md5sum",
     "normalize",
+    "per_channel",
     "stratified_split",
+    "with_normalization",
 ]
 
 DATASETS: Registry[Callable[..., Splits]] = Registry("dataset")
@@ -963,6 +966,39 @@ def _reject_unused(name: str, unused: dict[str, Any]) -> None:
         raise ValueError(
             f"dataset {name!r} does not take {sorted(bad)} (it has official splits for those)"
         )
+
+
+def per_channel(values: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+    """One finite value per channel from a number or a sequence (a single value is repeated);
+    ValueError naming ``what`` otherwise."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be numbers, got {values!r}") from None
+    if len(out) == 1:
+        out = out * channels
+    if len(out) != channels or not all(np.isfinite(out)):
+        raise ValueError(
+            f"{what} needs 1 or {channels} finite values (one per channel), got {list(values)}"
+        )
+    return out
+
+
+def with_normalization(
+    splits: Splits, mean: float | Sequence[float], std: float | Sequence[float]
+) -> Splits:
+    """The same splits, normalised as ``(x / 255 - mean) / std`` with the given per-channel
+    ``mean`` and ``std`` (on the [0, 1] pixel scale, as timm and torchvision give them; one value
+    is used for every channel): ``mean=0, std=1`` feeds ``x / 255``. Images are shared."""
+    c = splits.channels
+    m = per_channel(mean, c, "mean")
+    sd = per_channel(std, c, "std")
+    if min(sd) <= 0:
+        raise ValueError(f"std must be > 0 for every channel, got {list(sd)}")
+    parts = {k: dataclasses.replace(v, mean=m, std=sd) for k, v in splits.items()}
+    return dataclasses.replace(splits, mean=m, std=sd, **parts)
 
 
 def dataset_digest(name: str, *, file_digest: Callable[[str], str] | None = None) -> str:

@@ -197,10 +197,15 @@ def _split_args(config: StudyConfig, g: Group) -> tuple:
 
 
 def _train_key(
-    config: StudyConfig, g: Group, data_digest: str, checkpoint_digest: str | None = None
+    config: StudyConfig,
+    g: Group,
+    data_digest: str,
+    checkpoint_digest: str | None = None,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> str:
-    """Key of a trained (or loaded) model: the data's content, its splits, the model, and the
-    recipe with the pinned thread count (or the checkpoint's digest)."""
+    """Key of a trained (or loaded) model: the data's content, its splits and input
+    normalisation (when not the dataset's), the model, and the recipe with the pinned thread
+    count (or the checkpoint's digest)."""
     dataset, seed, val_size, ptq_size, ptq_samples = _split_args(config, g)
     spec: dict[str, Any] = {
         "v": _TRAIN_VERSION,
@@ -217,6 +222,8 @@ def _train_key(
     }
     if config.threads is not None:
         spec["threads"] = config.threads
+    if normalization is not None:
+        spec["data"]["normalization"] = [list(normalization[0]), list(normalization[1])]
     if g.model.checkpoint is not None:
         spec["checkpoint"] = checkpoint_digest
     else:
@@ -225,16 +232,50 @@ def _train_key(
 
 
 def import_factory(arch: str) -> Callable[..., Any]:
-    """The callable named by ``module:function`` (ValueError saying how to fix it if not)."""
-    import importlib
+    """The callable named by ``module:function`` or ``path/to/file.py:function``.
 
-    mod_name, _, fn_name = arch.partition(":")
+    A module is looked up on ``sys.path`` and then in the current folder; a ``.py`` path is
+    loaded from that file (no ``PYTHONPATH`` needed). ValueError saying how to fix it if not."""
+    import importlib
+    import importlib.util
+    import sys
+
+    mod_name, _, fn_name = arch.rpartition(":")
     try:
-        return getattr(importlib.import_module(mod_name), fn_name)
+        if mod_name.endswith(".py"):
+            path = Path(mod_name).expanduser().resolve()
+            if not path.is_file():
+                raise ImportError(f"no file {path}")
+            name = f"quantcal_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path} as a Python module")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            try:
+                module = importlib.import_module(mod_name)
+            except ModuleNotFoundError:
+                cwd = str(Path.cwd())
+                if cwd in sys.path or not (
+                    Path(cwd, *mod_name.split(".")).with_suffix(".py").is_file()
+                    or Path(cwd, *mod_name.split("."), "__init__.py").is_file()
+                ):
+                    raise
+                sys.path.append(cwd)
+                module = importlib.import_module(mod_name)
+        return getattr(module, fn_name)
     except (ImportError, AttributeError) as exc:
         raise ValueError(
-            f"cannot import model factory {arch!r}: {exc}. Give 'module:function' with the "
-            "module on PYTHONPATH"
+            f"cannot import model factory {arch!r}: {exc}. Give 'module:function' (the module "
+            "on PYTHONPATH or in the current folder) or 'path/to/file.py:function'"
         ) from exc
 
 
@@ -431,6 +472,7 @@ class _Runner:
         self.scored = 0  # rows computed (not read from the cache) by this runner
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
+        self._normalized: dict[tuple, Any] = {}
         self._data_digests: dict[str, str] = {}
         # (train key, deploy model, its warnings) of the group being evaluated
         self._deployed: tuple[str, Any, list[str]] | None = None
@@ -464,12 +506,49 @@ class _Runner:
             self._data_digests[dataset] = digest
         return self._data_digests[dataset]
 
+    def normalization(self, g: Group) -> tuple[tuple[float, ...], tuple[float, ...], str] | None:
+        """(mean, std, where it comes from) when the group's inputs are not normalised with the
+        dataset's own statistics: the study's ``[data] mean/std``, else what a ``module:factory``
+        declares as ``factory.mean`` and ``factory.std``."""
+        if self.config.mean is not None and self.config.std is not None:
+            return self.config.mean, self.config.std, "the study's data.mean/std"
+        if ":" in g.model.arch:
+            factory = import_factory(g.model.arch)
+            mean, std = getattr(factory, "mean", None), getattr(factory, "std", None)
+            if mean is not None and std is not None:
+                as_tuple = lambda v: (  # noqa: E731 - one value or one per channel
+                    (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+                )
+                return as_tuple(mean), as_tuple(std), f"declared by {g.model.arch}"
+        return None
+
     def train_key(self, g: Group) -> str:
         ckpt = None if g.model.checkpoint is None else self.file_digest(g.model.checkpoint)
-        return _train_key(self.config, g, self.data_digest(g.dataset), ckpt)
+        norm = self.normalization(g)
+        return _train_key(
+            self.config, g, self.data_digest(g.dataset), ckpt, None if norm is None else norm[:2]
+        )
 
     # -- data ------------------------------------------------------------------------------
     def splits(self, g: Group):
+        """The group's splits, normalised as its model expects (said once on stderr)."""
+        from quantcal import data
+
+        base = self.base_splits(g)
+        norm = self.normalization(g)
+        key = (_split_args(self.config, g), None if norm is None else norm[:2])
+        if key not in self._normalized:
+            if norm is None:
+                self._normalized[key] = base
+                how = f"the dataset's statistics, mean {_fmt3(base.mean)}, std {_fmt3(base.std)}"
+            else:
+                self._normalized[key] = data.with_normalization(base, norm[0], norm[1])
+                s = self._normalized[key]
+                how = f"mean {_fmt3(s.mean)}, std {_fmt3(s.std)} ({norm[2]})"
+            self.say(f"data   {g.dataset}: inputs are (x / 255 - mean) / std with {how}")
+        return self._normalized[key]
+
+    def base_splits(self, g: Group):
         from quantcal import data
 
         key = _split_args(self.config, g)
@@ -490,13 +569,14 @@ class _Runner:
         ``module:factory`` imports, each checkpoint loads into its model. Raises ValueError
         naming the input (bad input exits 2 and computes nothing)."""
         for g in groups:
+            if ":" in g.model.arch:
+                import_factory(g.model.arch)
             try:
-                splits = self.splits(g)
+                self.base_splits(g)
                 self.data_digest(g.dataset)
             except (ValueError, OSError) as exc:
                 raise ValueError(f"dataset {g.dataset!r}: {exc}") from exc
-            if ":" in g.model.arch:
-                import_factory(g.model.arch)
+            splits = self.splits(g)  # a bad mean/std is named by with_normalization
             if g.model.checkpoint is not None:
                 load_weights(self.fresh_model(g, splits), g.model.checkpoint)
 
@@ -651,6 +731,8 @@ class _Runner:
             )
             out[f"{name}_logits"], out[f"{name}_labels"] = lg, lb
         meta["seconds"] = time.perf_counter() - t0
+        if qc is None:
+            notes.extend(_fp32_model_notes(out["val_logits"], out["val_labels"]))
         meta["notes"] = notes  # what the deploy form and the quantizer could not do as asked
         for note in notes:
             self.say(f"note   {cell.group.label}  {cell.precision}: {note}")
@@ -694,13 +776,21 @@ class _Runner:
         lkey: str,
         fp32: dict,
         fp32_key: str,
+        fp32_meta: dict | None = None,
     ) -> dict[str, Any]:
         key = _row_key(self.config, lkey, fp32_key, method)
         path = self.cache / "rows" / f"{key}.json"
         cached = self.store.read_json(path, ("row_id", "status"))
         if cached is not None:
             return cached
-        notes = [*self.splits(cell.group).notes, *lmeta.get("notes", [])]
+        notes: list[str] = []
+        for n in (
+            *self.splits(cell.group).notes,
+            *(fp32_meta or {}).get("notes", []),  # the model's: they hold for every cell
+            *lmeta.get("notes", []),
+        ):
+            if n not in notes:
+                notes.append(n)
         self.scored += 1
         row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key), notes)
         row.update(
@@ -765,7 +855,7 @@ class _Runner:
             t0, scored = time.perf_counter(), self.scored
             for m in methods:
                 try:
-                    self.row(cell, m, lg, lmeta, lkey, fp32, fp32_key)
+                    self.row(cell, m, lg, lmeta, lkey, fp32, fp32_key, fp32_meta)
                 except Exception as exc:
                     self.error_row(cell, m, _row_key(self.config, lkey, fp32_key, m), exc)
                     self.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
@@ -775,6 +865,46 @@ class _Runner:
                     f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
                     f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
                 )
+
+
+def _fmt3(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+#: An fp32 model's fitted temperature outside this range suggests inputs it did not expect.
+_PLAUSIBLE_FP32_T = (0.2, 5.0)
+
+
+def _fp32_model_notes(logits, labels) -> list[str]:
+    """Notes on the fp32 model from its validation logits, for every row of its group: near
+    chance (accuracy below 1.5 / K), or a fitted temperature outside ``_PLAUSIBLE_FP32_T``. Both
+    usually mean the inputs are not what the model expects (preprocessing), or a checkpoint of
+    another task."""
+    import warnings
+
+    from quantcal import recal
+
+    notes = []
+    k = int(logits.shape[1])
+    if not len(labels) or k < 2:
+        return notes
+    acc = float((logits.argmax(1) == labels).double().mean())
+    if acc < 1.5 / k:
+        notes.append(
+            f"the fp32 model is near chance on validation (accuracy {100 * acc:.1f} %, chance "
+            f"{100 / k:.1f} %): check the preprocessing (mean/std) and that the model fits this "
+            "data"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bound is itself extreme and said below
+        t = float(recal.get("temperature")().fit(logits, labels).temperature)
+    lo, hi = _PLAUSIBLE_FP32_T
+    if not lo <= t <= hi:
+        notes.append(
+            f"the fp32 model's validation temperature T = {t:.3g} is extreme (outside "
+            f"[{lo:g}, {hi:g}]): check the preprocessing (mean/std)"
+        )
+    return notes
 
 
 @contextmanager
@@ -889,6 +1019,7 @@ def _score(
     labels = lg["test_labels"]
     notes = list(notes or [])
     z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit)
+
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
     row.update({k: float(v) for k, v in rep.items() if k in row})

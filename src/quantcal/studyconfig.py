@@ -12,6 +12,8 @@ listed method and scored on the test split. File layout (every key optional but 
     datasets = ["digits"]          # registry names, or "npz:PATH"
     val_size = 180                 # recalibration split (None: the dataset's default)
     ptq_calib_size = 100           # range-calibration images per sample
+    mean = [0.485, 0.456, 0.406]   # optional, with std: the model's input normalisation,
+    std = [0.229, 0.224, 0.225]    # (x / 255 - mean) / std; default the dataset's statistics
 
     [[model]]                      # one table per architecture
     arch = "shufflenetv2"
@@ -128,6 +130,10 @@ class StudyConfig:
     datasets: tuple[str, ...] = ("digits",)
     val_size: int | None = None
     ptq_calib_size: int | None = None
+    #: The model's input normalisation (per channel, on the [0, 1] pixel scale), or None for the
+    #: dataset's own statistics (or what a ``module:factory`` declares as ``factory.mean/std``).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     train: Mapping[str, Any] = field(default_factory=dict)
     precisions: tuple[str, ...] = ("fp32", "W8A8", "W4A8", "W4A4")
     observers: tuple[str, ...] = ("minmax",)
@@ -209,6 +215,25 @@ class StudyConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None:
+                vals = [v] if isinstance(v, (int, float)) else v
+                if (
+                    not isinstance(vals, (list, tuple))
+                    or not vals
+                    or not all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals
+                    )
+                ):
+                    raise ValueError(
+                        f"data.{name} must be a number or a list of numbers, got {v!r}"
+                    )
+                set_(name, tuple(float(x) for x in vals))
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.std must be > 0, got {list(self.std)}")
         if self.threads is not None and (
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
@@ -246,6 +271,8 @@ class StudyConfig:
                 "datasets": list(self.datasets),
                 "val_size": self.val_size,
                 "ptq_calib_size": self.ptq_calib_size,
+                "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std),
             },
             "model": [
                 {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
@@ -277,7 +304,13 @@ class StudyConfig:
 # section -> {toml key: StudyConfig field}
 _LAYOUT: dict[str | None, dict[str, str]] = {
     None: {"name": "name", "seeds": "seeds", "threads": "threads"},
-    "data": {"datasets": "datasets", "val_size": "val_size", "ptq_calib_size": "ptq_calib_size"},
+    "data": {
+        "datasets": "datasets",
+        "val_size": "val_size",
+        "ptq_calib_size": "ptq_calib_size",
+        "mean": "mean",
+        "std": "std",
+    },
     "quant": {
         "precisions": "precisions",
         "observers": "observers",
