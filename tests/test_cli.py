@@ -238,3 +238,66 @@ def test_bad_preprocessing_options(plain_digits_model, tmp_path, capsys, extra, 
     folder, _ = plain_digits_model
     assert _eval_plain(folder, tmp_path / "bad", *extra) == 2
     assert match in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Where recalibrators are fitted, for a model quantcal did not train
+# ----------------------------------------------------------------------------------------------
+def _rows_of(out):
+    import csv
+
+    with open(out / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_crossfit_on_test_agrees_with_a_truly_held_out_fit(plain_digits_model, tmp_path, capsys):
+    """The plain model never saw quantcal's digits val split, so fitting there is truly held
+    out; cross-fitting on test must agree with it within the interval. Fitting on val is still
+    flagged (quantcal cannot know what a foreign checkpoint saw), and auto cross-fits."""
+    folder, _ = plain_digits_model
+    mean_std = ("--mean", "0", "--std", "1")
+    assert _eval_plain(folder, tmp_path / "val", *mean_std, "--recal-fit", "val") == 0
+    assert _eval_plain(folder, tmp_path / "cf", *mean_std, "--recal-fit", "test_crossfit") == 0
+    assert _eval_plain(folder, tmp_path / "auto", *mean_std) == 0
+    val = {r["recal"]: r for r in _rows_of(tmp_path / "val")}
+    cf = {r["recal"]: r for r in _rows_of(tmp_path / "cf")}
+    auto = {r["recal"]: r for r in _rows_of(tmp_path / "auto")}
+    ts_val, ts_cf = val["temperature"], cf["temperature"]
+    assert ts_val["recal_fit"] == "val" and ts_cf["recal_fit"] == "test_crossfit"
+    # Agreement: the two 95 % intervals overlap and the estimates differ by under 2 points
+    # (a binned ECE's percentile interval need not contain its own estimate: the estimator is
+    # biased upward, so "each inside the other's interval" is not the test).
+    lo_v, hi_v = float(ts_val["ece_lo"]), float(ts_val["ece_hi"])
+    lo_c, hi_c = float(ts_cf["ece_lo"]), float(ts_cf["ece_hi"])
+    assert max(lo_v, lo_c) <= min(hi_v, hi_c)
+    assert abs(float(ts_val["ece"]) - float(ts_cf["ece"])) < 0.02
+    assert "may be too low" in ts_val["notes"]
+    assert auto["temperature"]["recal_fit"] == "test_crossfit"
+    assert "cross-fitted on the test split" in auto["temperature"]["notes"]
+    assert auto["temperature"]["ece"] == ts_cf["ece"]  # auto chose exactly the cross-fit
+    # no recalibration: the same numbers whatever the fit
+    assert val["none"]["ece"] == cf["none"]["ece"]
+    assert "cross-fit" in (tmp_path / "cf" / "report.html").read_text()
+
+
+def test_crossfit_folds_never_measure_an_image_with_its_own_fit():
+    import torch
+
+    from quantcal import recal, study
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(103) % 5
+    folds = study.crossfit_folds(labels, seed=3)
+    (a, b), (b2, a2) = folds
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert set(a.tolist()).isdisjoint(b.tolist()) and len(a) + len(b) == 103
+    for c in range(5):  # stratified: each class split in halves (within one image)
+        na, nb = int((labels[a] == c).sum()), int((labels[b] == c).sum())
+        assert abs(na - nb) <= 1
+    logits = torch.randn(103, 5, generator=g) * 2 + 3 * torch.nn.functional.one_hot(labels, 5)
+    d = {"val_logits": logits, "val_labels": labels, "test_logits": logits, "test_labels": labels}
+    z, t = study._recalibrate("temperature", d, d, folds=folds)
+    ta = recal.TemperatureScaling().fit(logits[a], labels[a])
+    tb = recal.TemperatureScaling().fit(logits[b], labels[b])
+    assert torch.allclose(z[b], ta(logits[b])) and torch.allclose(z[a], tb(logits[a]))
+    assert t == pytest.approx((ta.temperature + tb.temperature) / 2)

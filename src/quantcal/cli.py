@@ -197,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="none,temperature,temperature_fp32",
         help="comma-separated recalibration methods",
     )
+    p.add_argument(
+        "--recal-fit",
+        default="auto",
+        choices=("auto", "val", "test_crossfit"),
+        help="where recalibrators are fitted: val; test_crossfit (two stratified halves of the "
+        "test split, each recalibrated by a fit on the other); auto (default): val when the "
+        "dataset has its own val split, else test_crossfit, since a checkpoint trained "
+        "elsewhere has probably seen a val held out of the train split",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split")
     p.add_argument("--out", default="runs/eval")
     _add_force(p)
@@ -399,7 +408,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             }
         ],
         "quant": {"precisions": precisions, "observers": split(args.observers)},
-        "recal": {"methods": split(args.recal)},
+        "recal": {"methods": split(args.recal), "fit_on": args.recal_fit},
     }
     if args.threads is not None:
         raw["threads"] = args.threads

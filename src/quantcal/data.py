@@ -62,6 +62,7 @@ __all__ = [
     "normalize",
     "per_channel",
     "stratified_split",
+    "val_held_out_of_train",
     "with_normalization",
 ]
 
@@ -999,6 +1000,23 @@ def with_normalization(
         raise ValueError(f"std must be > 0 for every channel, got {list(sd)}")
     parts = {k: dataclasses.replace(v, mean=m, std=sd) for k, v in splits.items()}
     return dataclasses.replace(splits, mean=m, std=sd, **parts)
+
+
+#: Registered datasets whose ``val`` split is official (not held out of train).
+_OFFICIAL_VAL = ("pathmnist",)
+
+
+def val_held_out_of_train(name: str) -> bool:
+    """Whether dataset ``name``'s ``val`` split is held out of its train split (no official val):
+    CIFAR-100, digits, and an ``npz:`` file without ``val_images``. A model trained elsewhere on
+    the whole train split has then seen the ``val`` images. Reads only the npz's member names."""
+    if name.lower().startswith("npz:"):
+        path = Path(name[4:]).expanduser()
+        if not path.is_file():
+            raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
+        with _open_npz(path) as z:
+            return "val_images" not in z.files
+    return name.lower() not in _OFFICIAL_VAL
 
 
 def dataset_digest(name: str, *, file_digest: Callable[[str], str] | None = None) -> str:

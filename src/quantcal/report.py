@@ -30,6 +30,7 @@ _TEXT_COLUMNS = {
     "precision",
     "observer",
     "recal",
+    "recal_fit",
     "status",
     "error",
     "notes",
@@ -730,6 +731,17 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 """
 
 
+def _fitted_on(rows: list[dict]) -> str:
+    """Where this run's recalibrators were fitted, in words (the ``recal_fit`` column)."""
+    modes = {r.get("recal_fit") or "val" for r in rows if r.get("recal") != "none"}
+    cross = "two halves of the test split, each recalibrated by a fit on the other (cross-fit)"
+    if modes == {"test_crossfit"}:
+        return cross
+    if "test_crossfit" in modes:
+        return f"the validation split, or {cross} where the recal_fit column says test_crossfit"
+    return "the validation split"
+
+
 def _figure_name(kind: str, dataset: str, model: str) -> str:
     """A short, safe file name: the dataset's file name (not its whole path), the model, and a
     hash of the full pair so two files with one name never collide."""
@@ -823,8 +835,9 @@ def write_report(run_dir: str | Path) -> Path:
         "<h1>quantcal report</h1>",
         "<p class='muted'>When this network is quantized, can its confidence still be trusted? "
         "Calibration error (top-label ECE, 15 equal-width bins unless the config says otherwise) "
-        "is measured on the test split; temperatures and other recalibrators are fitted on the "
-        "validation split; quantization ranges come from a sample of the training split.</p>",
+        "is measured on the test split; temperatures and other recalibrators are fitted on "
+        + _fitted_on(rows)
+        + "; quantization ranges come from a sample of the training split.</p>",
         "<p class='muted'>"
         + " · ".join(
             html.escape(str(x))

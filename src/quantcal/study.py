@@ -84,6 +84,7 @@ RESULT_COLUMNS = (
     "observer",
     "ptq_sample",
     "recal",
+    "recal_fit",
     "status",
     "error",
     "notes",
@@ -383,7 +384,9 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     )
 
 
-def _row_key(config: StudyConfig, logits_key: str, fp32_key: str, method: str) -> str:
+def _row_key(
+    config: StudyConfig, logits_key: str, fp32_key: str, method: str, recal_fit: str = "val"
+) -> str:
     return content_hash(
         {
             "v": _ROW_VERSION,
@@ -391,6 +394,7 @@ def _row_key(config: StudyConfig, logits_key: str, fp32_key: str, method: str) -
             "logits": logits_key,
             "fp32": fp32_key,
             "recal": method,
+            "recal_fit": recal_fit,
             "n_bins": config.n_bins,
             "bootstrap": config.bootstrap,
             "level": config.level,
@@ -521,6 +525,28 @@ class _Runner:
                 )
                 return as_tuple(mean), as_tuple(std), f"declared by {g.model.arch}"
         return None
+
+    def recal_fit(self, g: Group) -> tuple[str, list[str]]:
+        """Where the group's recalibrators are fitted (``val`` or ``test_crossfit``) and the
+        notes that go with it (see ``studyconfig.RECAL_FIT``)."""
+        from quantcal import data
+
+        mode = self.config.recal_fit
+        if g.model.checkpoint is None or mode == "test_crossfit":
+            return ("val" if mode == "auto" else mode), []
+        if not data.val_held_out_of_train(g.dataset):
+            return "val", []
+        if mode == "auto":
+            return "test_crossfit", [
+                "the checkpoint was trained elsewhere and val is held out of the train split it "
+                "has probably seen: recalibrators are cross-fitted on the test split instead "
+                "(recal.fit_on = auto)"
+            ]
+        return "val", [
+            "recalibrators were fitted on val, held out of the train split that a checkpoint "
+            "trained elsewhere has probably seen: fitted temperatures may be too low (set "
+            "recal.fit_on = test_crossfit, or give a dataset file with its own val split)"
+        ]
 
     def train_key(self, g: Group) -> str:
         ckpt = None if g.model.checkpoint is None else self.file_digest(g.model.checkpoint)
@@ -778,7 +804,8 @@ class _Runner:
         fp32_key: str,
         fp32_meta: dict | None = None,
     ) -> dict[str, Any]:
-        key = _row_key(self.config, lkey, fp32_key, method)
+        fit_on, fit_notes = self.recal_fit(cell.group)
+        key = _row_key(self.config, lkey, fp32_key, method, fit_on)
         path = self.cache / "rows" / f"{key}.json"
         cached = self.store.read_json(path, ("row_id", "status"))
         if cached is not None:
@@ -788,11 +815,13 @@ class _Runner:
             *self.splits(cell.group).notes,
             *(fp32_meta or {}).get("notes", []),  # the model's: they hold for every cell
             *lmeta.get("notes", []),
+            *fit_notes,
         ):
             if n not in notes:
                 notes.append(n)
         self.scored += 1
-        row = _score(self.config, cell, method, lg, fp32, self._fp32_fit_for(fp32_key), notes)
+        fp32_fit = self._fp32_fit_for(fp32_key)
+        row = _score(self.config, cell, method, lg, fp32, fp32_fit, notes, fit_on)
         row.update(
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
@@ -857,7 +886,8 @@ class _Runner:
                 try:
                     self.row(cell, m, lg, lmeta, lkey, fp32, fp32_key, fp32_meta)
                 except Exception as exc:
-                    self.error_row(cell, m, _row_key(self.config, lkey, fp32_key, m), exc)
+                    rk = _row_key(self.config, lkey, fp32_key, m, self.recal_fit(g)[0])
+                    self.error_row(cell, m, rk, exc)
                     self.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
             if self.scored > scored:
                 where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
@@ -952,6 +982,7 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
         observer=cell.observer or "-",
         ptq_sample=-1 if cell.sample is None else cell.sample,
         recal=method,
+        recal_fit=config.recal_fit,
         status="ok",
         error="",
         n_bins=config.n_bins,
@@ -972,21 +1003,64 @@ def _fit_and_apply(method: str, fit_on: dict, apply_to: dict) -> tuple[Any, floa
     return r(apply_to["test_logits"]), (None if temp is None else float(temp))
 
 
+def crossfit_folds(labels, seed: int) -> list[tuple[Any, Any]]:
+    """Two stratified halves (A, B) of the test positions, seeded: [(fit A, apply B), (fit B,
+    apply A)]. Each test image is recalibrated by a fit that never saw it."""
+    import numpy as np
+    import torch
+
+    from quantcal import data
+
+    y = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
+    n = len(y)
+    if n < 4:
+        raise ValueError(f"cross-fitting needs at least 4 test images, got {n}")
+    a, b = data.stratified_split(y, np.arange(n), n // 2, np.random.default_rng(seed))
+    a, b = torch.from_numpy(np.sort(a)), torch.from_numpy(np.sort(b))
+    return [(a, b), (b, a)]
+
+
+def _fold(d: dict, fit_idx, apply_idx) -> dict:
+    """A logits dict whose val is ``test[fit_idx]`` and whose test is ``test[apply_idx]``."""
+    return {
+        "val_logits": d["test_logits"][fit_idx],
+        "val_labels": d["test_labels"][fit_idx],
+        "test_logits": d["test_logits"][apply_idx],
+        "test_labels": d["test_labels"][apply_idx],
+    }
+
+
 def _recalibrate(
     method: str,
     lg: dict,
     fp32: dict,
     notes: list[str] | None = None,
     fp32_fit: _FitFn | None = None,
+    folds: list[tuple[Any, Any]] | None = None,
 ):
     """Fit ``method`` on this cell's validation logits; return (test logits, temperature).
 
     ``temperature_fp32`` applies the fp32 model's temperature instead. ``fp32_fit(method,
     fp32)`` returns the fp32 model's fit (the runner memoises it per group); by default it is
-    refitted. Warnings of the fit (a temperature at its bound, say) are appended to ``notes``."""
+    refitted. Warnings of the fit (a temperature at its bound, say) are appended to ``notes``.
+    With ``folds`` (see :func:`crossfit_folds`) every recalibrator is fitted on one part of the
+    test split and applied to the other, and the parts are put back in order; the temperature
+    returned is the folds' mean."""
     import warnings
 
     from quantcal import recal
+
+    if folds is not None:
+        z, temps = None, []
+        for fit_idx, apply_idx in folds:
+            lg_f = _fold(lg, fit_idx, apply_idx)
+            fp32_f = lg_f if lg is fp32 else _fold(fp32, fit_idx, apply_idx)
+            zf, tf = _recalibrate(method, lg_f, fp32_f, notes)
+            if z is None:
+                z = zf.new_empty((lg["test_logits"].shape[0], zf.shape[1]))
+            z[apply_idx] = zf
+            temps.append(tf)
+        return z, (None if None in temps else sum(temps) / len(temps))
 
     fp32_fit = fp32_fit or (lambda m, f: _fit_and_apply(m, f, f))
     with warnings.catch_warnings(record=True) as caught:
@@ -1012,24 +1086,33 @@ def _score(
     fp32: dict,
     fp32_fit: _FitFn | None = None,
     notes: list[str] | None = None,
+    recal_fit: str = "val",
 ) -> dict[str, Any]:
-    """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column."""
+    """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
+    ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`crossfit_folds`, seeded by the group's
+    seed; the bootstrap then resamples test images with their out-of-fold recalibrated logits,
+    so the intervals hold the test sampling but not the variability of the half-size fits)."""
     from quantcal import metrics
 
     labels = lg["test_labels"]
     notes = list(notes or [])
-    z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit)
+    folds = None
+    if recal_fit == "test_crossfit" and method != "none":
+        folds = crossfit_folds(labels, cell.group.seed)
+        fp32_fit = None  # the memoised fits are on val
+    z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit, folds)
 
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
     row.update({k: float(v) for k, v in rep.items() if k in row})
     row["n_test"] = int(labels.shape[0])
+    row["recal_fit"] = recal_fit
     row["temperature"] = temperature
     boot = {"n_resamples": config.bootstrap, "level": config.level, "seed": cell.group.seed}
     if config.bootstrap > 0:
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
-        z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit)
+        z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit, folds)
         d = metrics.paired_bootstrap_diff("ece", z, z_fp32, labels, **boot)
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
@@ -1058,7 +1141,7 @@ def _collect_rows(runner: _Runner, plan) -> tuple[list[dict], int]:
         for cell in cells:
             lkey = _logits_key(cfg, cell, tkey)
             for m in cfg.recal:
-                rk = _row_key(cfg, lkey, fp32_key, m)
+                rk = _row_key(cfg, lkey, fp32_key, m, runner.recal_fit(g)[0])
                 found = None
                 for path in (
                     runner.cache / "rows" / f"{rk}.json",

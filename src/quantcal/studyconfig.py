@@ -31,6 +31,7 @@ listed method and scored on the test split. File layout (every key optional but 
 
     [recal]
     methods = ["none", "temperature", "temperature_fp32", "vector", "histogram", "isotonic"]
+    fit_on = "auto"                # "val", "test_crossfit" or "auto" (see RECAL_FIT)
 
     [metrics]
     n_bins = 15
@@ -68,6 +69,12 @@ from quantcal._registry import closest
 #: logits to every precision (the deployment shortcut that skips a refit after quantization).
 REUSE_FP32_TEMPERATURE = "temperature_fp32"
 DEFAULT_RECAL = ("none", "temperature", REUSE_FP32_TEMPERATURE, "vector", "histogram", "isotonic")
+#: Where recalibrators are fitted. ``val``: the validation split. ``test_crossfit``: two
+#: stratified halves of the test split, each recalibrated by a fit on the other (nothing is
+#: measured on images its recalibrator saw). ``auto``: ``val``, except for a checkpoint trained
+#: elsewhere when ``val`` was held out of the train split, which such a model has probably seen
+#: (temperatures fitted on its own training images come out too low): then ``test_crossfit``.
+RECAL_FIT = ("auto", "val", "test_crossfit")
 
 
 def canonical_json(obj: Any) -> str:
@@ -140,6 +147,7 @@ class StudyConfig:
     ptq_calib_samples: int = 1
     first_last_8bit: bool = False
     recal: tuple[str, ...] = DEFAULT_RECAL
+    recal_fit: str = "auto"
     n_bins: int = 15
     bootstrap: int = 1000
     level: float = 0.95
@@ -202,6 +210,10 @@ class StudyConfig:
                     + (f" (did you mean {hint!r}?)" if hint else "")
                     + f"; choose from {sorted(allowed)}"
                 )
+        if self.recal_fit not in RECAL_FIT:
+            raise ValueError(
+                f"recal.fit_on must be one of {', '.join(RECAL_FIT)}, got {self.recal_fit!r}"
+            )
         for name, lo in (
             ("ptq_calib_samples", 1),
             ("n_bins", 1),
@@ -288,7 +300,7 @@ class StudyConfig:
                 "ptq_calib_samples": self.ptq_calib_samples,
                 "first_last_8bit": self.first_last_8bit,
             },
-            "recal": {"methods": list(self.recal)},
+            "recal": {"methods": list(self.recal), "fit_on": self.recal_fit},
             "metrics": {
                 "n_bins": self.n_bins,
                 "bootstrap": self.bootstrap,
@@ -317,7 +329,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "ptq_calib_samples": "ptq_calib_samples",
         "first_last_8bit": "first_last_8bit",
     },
-    "recal": {"methods": "recal"},
+    "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {
         "n_bins": "n_bins",
         "bootstrap": "bootstrap",
