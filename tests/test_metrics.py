@@ -425,3 +425,34 @@ def test_probabilities_are_refused_and_log_probabilities_equal_logits():
     # logits in [0, 1] that do not sum to 1 are logits
     small = torch.rand(500, 10, generator=g)
     assert 0 <= M.ece(small, labels) <= 1
+
+
+def test_plot_reliability_draws_labelled_bins():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    logits = torch.randn(400, 5, generator=g) + 2.5 * torch.nn.functional.one_hot(labels, 5)
+    ax = M.plot_reliability(logits * 3, labels)  # sharpened: over-confident
+    rel = M.reliability(logits * 3, labels)
+    assert ax.get_xlabel() == "confidence" and "accuracy" in ax.get_ylabel()
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"accuracy", "over-confident gap", "share of images", "perfect calibration"} <= set(
+        names
+    )
+    assert "ECE" in ax.get_title()
+    # the grey accuracy bars are the non-empty bins' accuracies
+    bars = [p for p in ax.patches if p.get_facecolor()[:3] == matplotlib.colors.to_rgb("0.75")]
+    full = rel.count > 0
+    np.testing.assert_allclose(sorted(b.get_height() for b in bars), sorted(rel.accuracy[full]))
+    _, ax2 = plt.subplots()
+    assert M.plot_reliability(logits / 3, labels, ax=ax2, legend=False) is ax2  # under-confident
+    assert ax2.get_legend() is None
+    under = [
+        p for p in ax2.patches if p.get_facecolor()[:3] == matplotlib.colors.to_rgb("tab:blue")
+    ]
+    assert under
+    plt.close("all")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ __all__ = [
     "mean_confidence",
     "nll",
     "paired_bootstrap_diff",
+    "plot_reliability",
     "reliability",
 ]
 
@@ -511,6 +513,35 @@ def reliability(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 15) -> Re
         mean_acc = np.where(count > 0, sums[2] / count, np.nan)
     edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
     return Reliability(edges, count.astype(np.int64), mean_conf, mean_acc)
+
+
+def plot_reliability(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    ax: Any = None,
+    *,
+    n_bins: int = 15,
+    title: str | None = None,
+    legend: bool = True,
+) -> Any:
+    """Draw the reliability diagram of ``logits`` on a matplotlib ``ax`` (a new figure's when
+    None) and return the axes: per-bin accuracy bars, the gap to the bin's mean confidence in
+    red (over-confident) or blue (under-confident), each bin's share of the images as a dotted
+    step, axis labels and a legend. The title defaults to the ECE. Bins as :func:`reliability`."""
+    from quantcal.plots import draw_reliability
+
+    rel = reliability(logits, labels, n_bins=n_bins)
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(3.6, 3.4), constrained_layout=True)
+    if title is None:
+        title = f"ECE {100 * ece(logits, labels, n_bins=n_bins):.2f} %"
+    acc = [None if a != a else float(a) for a in rel.accuracy]
+    conf = [None if c != c else float(c) for c in rel.confidence]
+    return draw_reliability(
+        ax, list(rel.edges), list(rel.count), conf, acc, title=title, legend=legend
+    )
 
 
 def calibration_report(

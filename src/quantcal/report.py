@@ -450,56 +450,31 @@ def fig_reliability(rows: list[dict], details: dict, dataset: str, model: str) -
     methods = [
         m for m in ("none", "temperature") if _pick(main, dataset=dataset, model=model, recal=m)
     ]
-    fig = _figure(2.6 * max(1, len(methods)), 2.3 * max(1, len(precs)))
+    from quantcal.plots import draw_reliability
+
+    fig = _figure(3.2 * max(1, len(methods)), 2.9 * max(1, len(precs)))
     axes = fig.subplots(max(1, len(precs)), max(1, len(methods)), squeeze=False)
     for i, p in enumerate(precs):
         for j, m in enumerate(methods):
             ax = axes[i, j]
             rs = _pick(main, dataset=dataset, model=model, recal=m, precision=p)
             rel = details.get("reliability", {}).get(rs[0]["row_id"]) if rs else None
-            ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-            if rel:
-                edges = rel["edges"]
-                width = edges[1] - edges[0]
-                acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
-                conf = [c if c is not None else 0.0 for c in rel["confidence"]]
-                ax.bar(
-                    edges[:-1],
-                    acc,
-                    width=width,
-                    align="edge",
-                    alpha=0.75,
-                    label="accuracy",
-                    edgecolor="k",
-                    lw=0.3,
-                )
-                ax.bar(
-                    edges[:-1],
-                    [c - a for c, a in zip(conf, acc)],
-                    bottom=acc,
-                    width=width,
-                    align="edge",
-                    color="tab:red",
-                    alpha=0.3,
-                    label="gap",
-                )
-                total = max(1, sum(rel["count"]))
-                ax.step(  # share of test images per bin: sparse bins show as near-empty
-                    edges,
-                    [c / total for c in rel["count"]] + [0.0],
-                    where="post",
-                    color="black",
-                    lw=0.8,
-                    ls=":",
-                    label="share of images",
-                )
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
             title = f"{p}, {'raw' if m == 'none' else 'after TS'}"
             if rs:
                 title += f": ECE {_pct(rs[0]['ece'])}%"
-            ax.set_title(title, fontsize=8)
-            ax.tick_params(labelsize=7)
+            if rel:
+                draw_reliability(
+                    ax,
+                    rel["edges"],
+                    rel["count"],
+                    rel["confidence"],
+                    rel["accuracy"],
+                    title=title,
+                    legend=(i == 0 and j == 0),
+                )
+            else:
+                ax.set_title(title + " (no bins)", fontsize=8)
+                ax.set_axis_off()
     fig.suptitle(f"{dataset} / {model}: reliability", fontsize=9)
     return _png(fig)
 

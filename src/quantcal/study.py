@@ -1343,9 +1343,10 @@ def assemble(
     rows, missing = _collect_rows(runner, plan)
     if missing:
         raise ValueError(
-            f"{missing} result rows of {out} are missing: some cells have not run yet (or their "
-            f"cache entries were damaged). Finish the study (re-run `quantcal run` with the same "
-            f"study and --out; every shard) first."
+            f"{missing} result rows of {out} are missing: some cells have not run yet, their "
+            f"cache entries were damaged, or they were computed by a quantcal with other result "
+            f"columns. Re-run `quantcal run` with the same study and --out (every shard): it "
+            f"computes only what is missing (rows from the cached logits, no retraining)."
         )
     write_results(out, rows, plan, runner)
     if report:
