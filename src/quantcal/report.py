@@ -424,7 +424,7 @@ def fig_precision(rows: list[dict]) -> bytes:
         for j, (ax, name) in enumerate(zip(axes[i], ("accuracy (%)", "ECE (%)"))):
             ax.set_xticks(range(len(precs)), precs)
             ax.set_ylabel(name)
-            ax.set_title(f"{ds}: {name.split()[0]}")
+            ax.set_title(f"{_ds_label(ds)}: {name.split()[0]}")
             ax.grid(alpha=0.3)
             if j == 1 or i == 0:
                 ax.legend(fontsize=7)
@@ -475,7 +475,7 @@ def fig_reliability(rows: list[dict], details: dict, dataset: str, model: str) -
             else:
                 ax.set_title(title + " (no bins)", fontsize=8)
                 ax.set_axis_off()
-    fig.suptitle(f"{dataset} / {model}: reliability", fontsize=9)
+    fig.suptitle(f"{_ds_label(dataset)} / {model}: reliability", fontsize=9)
     return _png(fig)
 
 
@@ -524,7 +524,7 @@ def fig_acc_vs_ece(rows: list[dict]) -> bytes:
                     color=f"C{c % 10}",
                     marker=markers[k % len(markers)],
                     s=28,
-                    label=f"{ds}/{model}" if k == 0 else None,
+                    label=f"{_ds_label(ds)}/{model}" if k == 0 else None,
                 )
     for k, p in enumerate(precs):
         ax.scatter([], [], color="grey", marker=markers[k % len(markers)], label=p)
@@ -579,8 +579,8 @@ def fig_layers(row: dict, ins: dict) -> bytes:
     ax2.plot(xs, [100 * c if c is not None else float("nan") for c in clip], "r.", ms=4)
     ax2.set_ylabel("activation clipping (%)", color="tab:red")
     ax.set_title(
-        f"per-layer sensitivity: {row['dataset']} / {_model_label(row)} {row['precision']} "
-        f"({row['observer']}), ECE {_pct(row['ece'])}%",
+        f"per-layer sensitivity: {_ds_label(row['dataset'])} / {_model_label(row)} "
+        f"{row['precision']} ({row['observer']}), ECE {_pct(row['ece'])}%",
         fontsize=9,
     )
     return _png(fig)
