@@ -171,10 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset npz:data.npz --precisions fp32,W8A8,W6A6\n\n" + _EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="state dict saved with torch.save (with --model)")
+    source.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="an ONNX image classifier (fp32, or int8 QDQ/QOperator as onnxruntime's "
+        "quantize_static writes it), run by onnxruntime on --dataset; scored as given",
+    )
+    source.add_argument(
+        "--logits",
+        nargs=2,
+        metavar=("VAL.npz", "TEST.npz"),
+        help="logits computed anywhere: two npz files with arrays 'logits' (N, C) and 'labels' "
+        "(N,), the first for recalibration, the second for measurement; no model, no dataset",
+    )
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="registry name, module:factory (the module on PYTHONPATH or in the current folder) "
         "or path/to/file.py:factory; the factory is called with whichever of num_classes, "
         "image_size, in_chans, width it accepts, and may declare its input normalisation as "
@@ -189,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--std", default=None, help="per-channel standard deviations, with --mean")
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", default=None, help="required with --checkpoint and --onnx")
     p.add_argument("--precisions", default="fp32,W8A8,W4A8,W4A4")
     p.add_argument("--observers", default="minmax", help="comma-separated range estimators")
     p.add_argument(
@@ -389,8 +403,70 @@ def _absolute_factory(arch: str) -> str:
     return arch
 
 
+def _eval_given(args: argparse.Namespace) -> int:
+    """``eval --onnx`` and ``eval --logits``: score predictions that already exist."""
+    from quantcal import data, evaluate
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    methods = [m for m in split(args.recal) if m != "temperature_fp32"]
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    if args.logits:
+        val = evaluate.load_logits_npz(args.logits[0])
+        test = evaluate.load_logits_npz(args.logits[1])
+        dataset, model = f"logits:{Path(args.logits[1]).name}", "given logits"
+        fit = "val" if args.recal_fit == "auto" else args.recal_fit
+    else:
+        if args.dataset is None:
+            raise ValueError("--onnx needs --dataset (the images to run the model on)")
+        splits = data.load_dataset(args.dataset, seed=args.seed)
+        if (args.mean is None) != (args.std is None):
+            raise ValueError("--mean and --std go together: give both or neither")
+        if args.mean is not None:
+            splits = data.with_normalization(
+                splits, [float(v) for v in split(args.mean)], [float(v) for v in split(args.std)]
+            )
+        print(
+            f"inputs: (x / 255 - mean) / std with mean {splits.mean}, std {splits.std}",
+            file=sys.stderr,
+        )
+        path = Path(args.onnx).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} does not exist")
+        val = (evaluate.onnx_logits(path, splits.val), splits.val.labels)
+        test = (evaluate.onnx_logits(path, splits.test), splits.test.labels)
+        dataset, model = args.dataset, f"onnx:{path.name}"
+        fit = args.recal_fit
+        if fit == "auto":
+            fit = "test_crossfit" if data.val_held_out_of_train(args.dataset) else "val"
+            if fit == "test_crossfit":
+                notes.append(
+                    "the ONNX model was trained elsewhere and val is held out of the train split "
+                    "it has probably seen: recalibrators are cross-fitted on the test split"
+                )
+    out = Path(args.out)
+    evaluate.evaluate_logits(
+        val,
+        test,
+        out,
+        dataset=dataset,
+        model=model,
+        methods=methods,
+        recal_fit=fit,
+        seed=args.seed,
+        notes=notes,
+        force=args.force,
+    )
+    return _finish(out, t0, args.quiet)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantcal import study
+
+    if args.onnx or args.logits:
+        return _eval_given(args)
+    if args.model is None or args.dataset is None:
+        raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     precisions = split(args.precisions)

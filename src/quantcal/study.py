@@ -1158,8 +1158,8 @@ def _collect_rows(runner: _Runner, plan) -> tuple[list[dict], int]:
     return rows, missing
 
 
-def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Path:
-    """results.csv (tidy scalars) and details.json (reliability bins, per-layer data, history)."""
+def write_csv(out_dir: Path, rows: list[dict]) -> Path:
+    """``out_dir/results.csv``: one line per row, the columns of :data:`RESULT_COLUMNS`."""
     import csv
     import io
 
@@ -1170,11 +1170,22 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in RESULT_COLUMNS})
-    path = atomic_write_text(out_dir / "results.csv", buf.getvalue())
+    return atomic_write_text(out_dir / "results.csv", buf.getvalue())
+
+
+def reliability_details(rows: list[dict]) -> dict[str, Any]:
+    """The ``details.json`` skeleton with each row's reliability bins by row id."""
     details: dict[str, Any] = {"reliability": {}, "inspect": [], "training": []}
     for r in rows:
         if r.get("reliability"):
             details["reliability"][r["row_id"]] = r["reliability"]
+    return details
+
+
+def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Path:
+    """results.csv (tidy scalars) and details.json (reliability bins, per-layer data, history)."""
+    path = write_csv(out_dir, rows)
+    details = reliability_details(rows)
     cfg = runner.config
     for g, cells in plan:
         tkey = runner.train_key(g)
