@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -516,3 +517,99 @@ def _randomise_bn_stats(net: nn.Module) -> None:
                 m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coverage: every conv/linear computation quantized, or named
+# ----------------------------------------------------------------------------------------------
+class LibLinear(nn.Linear):
+    """A library's own Linear that keeps nn.Linear.forward: quantized as a module."""
+
+
+class LibConv(nn.Conv2d):
+    pass
+
+
+class WSConv(nn.Conv2d):
+    """Weight-standardized conv (its own forward): traced through to an F.conv2d call."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class BNAct(nn.BatchNorm2d):
+    """A fused BatchNorm + activation (timm's BatchNormAct2d style): functional batch_norm."""
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return torch.relu(x)
+
+
+class Attn(nn.Module):
+    """Functional projections and an attention product."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.k = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, x):  # x: (N, T, d)
+        q, k = nn.functional.linear(x, self.q), nn.functional.linear(x, self.k)
+        return torch.softmax(torch.matmul(q, k.transpose(1, 2)), -1) @ x
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lib = LibConv(3, 8, 3, padding=1)
+        self.ws = WSConv(8, 8, 3, padding=1)
+        self.bnact = BNAct(8)
+        self.attn = Attn(8)
+        self.head = LibLinear(8, 5)
+
+    def forward(self, x):
+        x = self.bnact(self.ws(torch.relu(self.lib(x))))
+        t = self.attn(x.flatten(2).transpose(1, 2))
+        return self.head(t.mean(1))
+
+
+def test_subclass_layers_keeping_forward_are_quantized_like_their_base():
+    torch.manual_seed(0)
+    lib = nn.Sequential(LibConv(3, 6, 3), nn.ReLU(), nn.Flatten(), LibLinear(6 * 36, 4)).eval()
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
+    plain.load_state_dict(lib.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left in fp32, nothing to say
+        q = quant.quantize(lib, quant.QuantConfig(), _calib())
+    assert q.quant_coverage == {"quantized": 2, "total": 2, "fp32": []}
+    ref = quant.quantize(plain.eval(), quant.QuantConfig(), _calib())
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(q(x), ref(x))
+
+
+def test_functional_layers_and_fused_bn_are_named_never_silent():
+    torch.manual_seed(0)
+    net = Mixed().eval()
+    with pytest.warns(UserWarning) as caught:
+        q = quant.quantize(net, quant.QuantConfig(), _calib())
+    text = " ".join(str(w.message) for w in caught)
+    assert "bnact (functional batch_norm)" in text  # the fused BN, not folded, named
+    assert "2 of 7 conv/linear computations quantized" in text
+    for name in (
+        "ws (conv2d call)",
+        "attn (F.linear call)",
+        "attn (torch.matmul call)",
+        "(@ call)",
+    ):
+        assert name in text, name
+    assert q.quant_coverage["quantized"] == 2 and q.quant_coverage["total"] == 7
+    assert {n for n, _ in quantized_layers(q)} == {"lib", "head"}
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"left in fp32: ws \(conv2d"):
+        warnings.simplefilter("ignore")  # the unfolded BN, said above
+        quant.quantize(net, quant.QuantConfig(on_unsupported="error"), _calib())
+    with pytest.raises(ValueError, match="on_unsupported"):
+        quant.QuantConfig(on_unsupported="ignore")

@@ -34,6 +34,7 @@ _TEXT_COLUMNS = {
     "status",
     "error",
     "notes",
+    "quantized_layers",
     "row_id",
 }
 

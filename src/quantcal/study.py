@@ -111,6 +111,7 @@ RESULT_COLUMNS = (
     "params",
     "macs",
     "weight_bytes",
+    "quantized_layers",
     "n_test",
     "n_bins",
     "row_id",
@@ -738,6 +739,9 @@ class _Runner:
             with _recorded_warnings() as caught:
                 net = quant.quantize(deploy, qc, calib)
             notes.extend(n for n in caught if n not in notes)
+            cov = getattr(net, "quant_coverage", None)
+            if cov:
+                meta["quantized_layers"] = f"{cov['quantized']}/{cov['total']}"
             try:
                 meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
@@ -826,6 +830,7 @@ class _Runner:
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
             weight_bytes=lmeta.get("weight_bytes"),
+            quantized_layers=lmeta.get("quantized_layers"),
             row_id=key,
         )
         atomic_write_json(path, row)

@@ -66,12 +66,26 @@ def fold_bn_weights(
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
 
+_LEAF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
 class _PathTracer(fx.Tracer):
     """A tracer that remembers which module it is inside, to name it when tracing fails."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """torch's leaves, plus subclasses of a conv or linear layer (a library's own
+        ``Linear``) that keep its ``forward``: they compute exactly that layer with the module's
+        own weight, so they stay modules and get quantized as such. A subclass with its own
+        ``forward`` (weight standardization, say) is traced through, and its functional call is
+        named by ``quantize``."""
+        for base in _LEAF_LAYERS:
+            if isinstance(m, base) and type(m).forward is base.forward:
+                return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -203,6 +217,26 @@ def copy_public_attributes(source: nn.Module, dest: nn.Module) -> None:
             setattr(dest, key, copy.deepcopy(value))
 
 
+def _functional_batchnorms(gm: fx.GraphModule) -> list[str]:
+    """BatchNorms the graph computes as function calls (a fused BN + activation module that fx
+    traced through, say), which are not folded: each named by the module owning its weights."""
+    import torch.nn.functional as F
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+            owner = next(
+                (
+                    str(n.target).rpartition(".")[0]
+                    for n in node.all_input_nodes
+                    if n.op == "get_attr"
+                ),
+                node.name,
+            )
+            out.append(f"{owner} (functional batch_norm)")
+    return out
+
+
 def to_deploy(model: nn.Module) -> nn.Module:
     """Eval-mode deploy copy of ``model``: branches reparameterized, BatchNorm folded.
 
@@ -216,7 +250,7 @@ def to_deploy(model: nn.Module) -> nn.Module:
     work = copy.deepcopy(model).eval()
     work = _reparameterize(work).eval()
     gm = trace(work)
-    left = _fold_batchnorms(gm)
+    left = _fold_batchnorms(gm) + _functional_batchnorms(gm)
     if left:
         warnings.warn(
             f"to_deploy: {len(left)} BatchNorm layer(s) could not be folded (not directly after a "

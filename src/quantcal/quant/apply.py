@@ -276,6 +276,58 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+#: Conv/linear computations that appear as function calls in a traced graph (functional code,
+#: or a module subclass that fx traced through, such as a weight-standardized conv).
+_FUNCTIONAL_LAYERS = {
+    F.conv1d: "conv1d",  # the same objects as torch.conv1d, ...
+    F.conv2d: "conv2d",
+    F.conv3d: "conv3d",
+    F.linear: "F.linear",
+    F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d",
+    torch.matmul: "torch.matmul",
+    operator.matmul: "@",
+    torch.mm: "torch.mm",
+    torch.addmm: "torch.addmm",
+    torch.bmm: "torch.bmm",
+    torch.einsum: "torch.einsum",
+}
+_UNSUPPORTED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """Where a function-call layer lives: the module owning the first parameter among its
+    inputs (followed back through the ops that compute the weight), else the node's name."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            return str(n.target).rpartition(".")[0] or str(n.target)
+        if n.op not in ("placeholder", "call_module"):
+            stack.extend(n.all_input_nodes)
+    return node.name
+
+
+def unquantized_computations(gm: torch.fx.GraphModule) -> list[str]:
+    """The conv/linear computations of a traced graph that ``quantize`` leaves in fp32, each as
+    ``"owner (kind)"``: function calls (see ``_FUNCTIONAL_LAYERS``) and transposed convs."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+            out.append(f"{_owner(gm, node)} ({_FUNCTIONAL_LAYERS[node.target]} call)")
+        elif node.op == "call_method" and node.target in ("matmul", "mm", "bmm"):
+            out.append(f"{_owner(gm, node)} (.{node.target} call)")
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, _UNSUPPORTED_MODULES):
+                out.append(f"{node.target} ({type(module).__name__})")
+    return out
+
+
 def _layer_order(gm: torch.fx.GraphModule) -> list[str]:
     """Names of the quantizable leaf modules, in graph (execution) order, each once."""
     names: list[str] = []
@@ -359,6 +411,18 @@ def quantize(
     xs = batch_inputs(calib_batches)
     gm = to_deploy(model)
     names = _layer_order(gm)
+    left = unquantized_computations(gm)
+    if left:
+        message = (
+            f"quantize: {len(names)} of {len(names) + len(left)} conv/linear computations "
+            f"quantized; left in fp32: {', '.join(left)}"
+        )
+        if config.on_unsupported == "error":
+            raise ValueError(
+                message + ". Rewrite them as nn.Conv*/nn.Linear modules, or pass "
+                "QuantConfig(on_unsupported='warn') to measure the model with them in fp32"
+            )
+        warnings.warn(message, UserWarning, stacklevel=2)
     modules = {name: gm.get_submodule(name) for name in names}
     bits = {name: _layer_bits(config, i, len(names)) for i, name in enumerate(names)}
     observers: dict[str, RangeObserver] = {
@@ -390,6 +454,8 @@ def quantize(
     gm.requires_grad_(False)
     gm.quant_config = config
     gm.precision = config.name
+    #: (quantized, total) conv/linear computations and the names of those left in fp32.
+    gm.quant_coverage = {"quantized": len(names), "total": len(names) + len(left), "fp32": left}
     return gm.eval()
 
 

@@ -49,6 +49,11 @@ class QuantConfig:
         CVPR 2018, §2.4; ONNX QDQ, TFLite); 32 (default) or None to keep float biases. The
         rounding is below one accumulator step, but an integer runtime's requantization ties
         follow it, and across a deep net those ties decide single predictions.
+      on_unsupported: what ``quantize`` does with a conv or linear computation it cannot
+        quantize (a functional ``F.conv2d`` / ``F.linear`` call, e.g. an attention projection or
+        a weight-standardized conv traced through, or a transposed conv): "warn" (default) names
+        each one in a warning, which a study records in the notes column, so a sweep over many
+        models goes on and says which numbers are partly fp32; "error" refuses the model.
     """
 
     weight_bits: int = 8
@@ -58,6 +63,7 @@ class QuantConfig:
     first_last_8bit: bool = False
     histogram_bins: int = 2048
     bias_bits: int | None = 32
+    on_unsupported: str = "warn"
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -87,6 +93,11 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.bias_bits must be an int in 8..32 (32 is int32) or None for float "
                 f"biases, got {b!r}"
+            )
+
+        if self.on_unsupported not in ("warn", "error"):
+            raise ValueError(
+                f"QuantConfig.on_unsupported must be 'warn' or 'error', got {self.on_unsupported!r}"
             )
 
     @property
