@@ -165,10 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="quantize and evaluate your own checkpoint",
         description="Bring your own trained model: quantize it at each precision, recalibrate "
-        "and measure, exactly as `run` does, and write the same results and report.",
+        "and measure, exactly as `run` does, and write the same results and report. Or score, "
+        "as given, an ONNX model (an int8 one included) or logits computed anywhere.",
         epilog="examples:\n  quantcal eval --checkpoint model.pt --model shufflenetv2 --width 0.5 "
         "--dataset cifar100\n  quantcal eval --checkpoint net.pt --model mypkg.nets:build "
-        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6\n\n" + _EXIT_CODES,
+        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6\n  quantcal eval --checkpoint "
+        "net.pt --model nets/mine.py:build --dataset digits --mean 0 --std 1\n  quantcal eval "
+        "--onnx model_int8.onnx --dataset cifar100 --mean 0.507,0.487,0.441 --std "
+        "0.267,0.256,0.276\n  quantcal eval --logits val.npz test.npz --recal "
+        "none,temperature,isotonic\n\n" + _EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
