@@ -478,6 +478,7 @@ class _Runner:
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
         self._normalized: dict[tuple, Any] = {}
+        self._recal_fit: dict[Group, tuple[str, list[str]]] = {}
         self._data_digests: dict[str, str] = {}
         # (train key, deploy model, its warnings) of the group being evaluated
         self._deployed: tuple[str, Any, list[str]] | None = None
@@ -530,6 +531,11 @@ class _Runner:
     def recal_fit(self, g: Group) -> tuple[str, list[str]]:
         """Where the group's recalibrators are fitted (``val`` or ``test_crossfit``) and the
         notes that go with it (see ``studyconfig.RECAL_FIT``)."""
+        if g not in self._recal_fit:
+            self._recal_fit[g] = self._resolve_recal_fit(g)
+        return self._recal_fit[g]
+
+    def _resolve_recal_fit(self, g: Group) -> tuple[str, list[str]]:
         from quantcal import data
 
         mode = self.config.recal_fit
