@@ -591,25 +591,146 @@ def test_subclass_layers_keeping_forward_are_quantized_like_their_base():
     assert torch.equal(q(x), ref(x))
 
 
-def test_functional_layers_and_fused_bn_are_named_never_silent():
+def _randomize_bn(net: nn.Module) -> None:
+    """Running statistics and affine parameters far from identity, so folding matters."""
+    g = torch.Generator().manual_seed(5)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+def test_functional_layers_with_constant_weights_are_lifted_and_the_rest_named():
     torch.manual_seed(0)
     net = Mixed().eval()
+    _randomize_bn(net)
+    deploy = to_deploy(net)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), net(x), atol=1e-5)  # the same function
+    # the WS conv became a conv module (the fused BN folded into it), the projections linears
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    assert isinstance(deploy.ws, nn.Conv2d) and type(deploy.ws) is nn.Conv2d
+    assert type(deploy.get_submodule("attn.q")) is nn.Linear
     with pytest.warns(UserWarning) as caught:
         q = quant.quantize(net, quant.QuantConfig(), _calib())
     text = " ".join(str(w.message) for w in caught)
-    assert "bnact (functional batch_norm)" in text  # the fused BN, not folded, named
-    assert "2 of 7 conv/linear computations quantized" in text
-    for name in (
-        "ws (conv2d call)",
-        "attn (F.linear call)",
-        "attn (torch.matmul call)",
-        "(@ call)",
-    ):
-        assert name in text, name
-    assert q.quant_coverage["quantized"] == 2 and q.quant_coverage["total"] == 7
-    assert {n for n, _ in quantized_layers(q)} == {"lib", "head"}
-    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"left in fp32: ws \(conv2d"):
-        warnings.simplefilter("ignore")  # the unfolded BN, said above
+    assert "5 of 7 conv/linear computations quantized" in text
+    # what is left: the attention products of two activations, named by their module
+    assert "left in fp32: attn (torch.matmul call), attn (@ call)" in text
+    assert "BatchNorm" not in text  # folded, nothing to say
+    assert q.quant_coverage == {
+        "quantized": 5,
+        "total": 7,
+        "fp32": ["attn (torch.matmul call)", "attn (@ call)"],
+    }
+    assert {n for n, _ in quantized_layers(q)} == {"lib", "ws", "attn.q", "attn.k", "head"}
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"left in fp32: attn \(torch"):
+        warnings.simplefilter("ignore")
         quant.quantize(net, quant.QuantConfig(on_unsupported="error"), _calib())
+
+
+def test_lifted_ws_conv_with_fused_bn_is_quantized_like_an_independent_computation():
+    """Weight standardization, then the fused BN folded, then symmetric per-channel W4: each
+    step recomputed here by hand (float64 fold, torch's own fake-quant op)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(WSConv(3, 6, 3, padding=1), BNAct(6), nn.Flatten(), LibLinear(6 * 64, 4))
+    net.eval()
+    _randomize_bn(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything quantized, nothing to say
+        q = quant.quantize(net, quant.QuantConfig(weight_bits=4, act_bits=8), _calib())
+    layer = dict(quantized_layers(q))["0"]
+    w = net[0].weight.detach().double()
+    w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+    bn = net[1]
+    factor = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    w_fold = (w * factor.reshape(-1, 1, 1, 1)).float()
+    b_fold = (net[0].bias.detach().double() - bn.running_mean.double()) * factor
+    b_fold = (b_fold + bn.bias.detach().double()).float()
+    assert torch.allclose(layer.weight_fp32, w_fold, atol=1e-6)
+    assert torch.allclose(layer.bias_fp32, b_fold, atol=1e-6)
+    scale = (w_fold.abs().amax((1, 2, 3)) / 7).detach()
+    ref = torch.fake_quantize_per_channel_affine(
+        layer.weight_fp32, scale, torch.zeros(6, dtype=torch.int32), 0, -7, 7
+    )
+    assert torch.allclose(layer.weight, ref, atol=1e-6)
+    assert q.quant_coverage == {"quantized": 2, "total": 2, "fp32": []}
+
+
+class ConstMatmul(nn.Module):
+    """``x @ W`` with a parameter W (in, out), as some MLP code writes a projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(12, 5))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.proj
+
+
+def test_matmul_by_a_parameter_becomes_a_linear_with_the_transposed_weight():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(2), ConstMatmul()).eval()
+    deploy = to_deploy(net)
+    lin = deploy.get_submodule("2.proj")
+    assert type(lin) is nn.Linear and torch.equal(lin.weight, net[2].proj.detach().t())
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), net(x), atol=1e-6)
+    q = quant.quantize(net, "W8A8", _calib())
+    assert q.quant_coverage["fp32"] == [] and q.quant_coverage["quantized"] == 2
+
+
+class DynamicConv(nn.Module):
+    """A conv whose kernel depends on the input (CondConv-style routing): not liftable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(2, 4, 3, 3, 3))
+
+    def forward(self, x):
+        route = torch.sigmoid(x.mean())
+        w = self.experts[0] * route + self.experts[1] * (1 - route)
+        return nn.functional.conv2d(x, w, padding=1)
+
+
+def test_input_dependent_weights_and_weighted_leaf_modules_are_named():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dyn = DynamicConv()
+            self.mha = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.bn1d = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            t = self.dyn(x).flatten(2).transpose(1, 2)
+            t = self.mha(t, t, t, need_weights=False)[0].mean(1)
+            return self.fc(
+                nn.functional.batch_norm(
+                    t, self.bn1d.running_mean, self.bn1d.running_var, training=False
+                )
+            )
+
+    net = Net().eval()
+    with pytest.warns(UserWarning) as caught:
+        q = quant.quantize(net, "W8A8", _calib())
+    text = " ".join(str(w.message) for w in caught)
+    assert "1 of 3 conv/linear computations quantized" in text
+    assert "dyn (conv2d call)" in text and "mha (MultiheadAttention)" in text
+    # a functional BatchNorm not after a conv cannot be folded: named
+    assert "bn1d (functional batch_norm)" in text
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), fake_quant_disabled(q):
+        assert torch.allclose(q(x), net(x), atol=1e-5)
+
+
+def test_on_unsupported_takes_warn_or_error_only():
     with pytest.raises(ValueError, match="on_unsupported"):
         quant.QuantConfig(on_unsupported="ignore")

@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from quantcal.models.lift import lift_functional_layers
+
 __all__ = ["fold_bn_weights", "to_deploy", "trace"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -222,8 +224,13 @@ def _functional_batchnorms(gm: fx.GraphModule) -> list[str]:
     traced through, say), which are not folded: each named by the module owning its weights."""
     import torch.nn.functional as F
 
+    from quantcal.models.lift import constant_nodes
+
+    constants = constant_nodes(gm)
     out = []
     for node in gm.graph.nodes:
+        if node in constants:  # part of a weight computation (weight standardization)
+            continue
         if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
             owner = next(
                 (
@@ -250,6 +257,7 @@ def to_deploy(model: nn.Module) -> nn.Module:
     work = copy.deepcopy(model).eval()
     work = _reparameterize(work).eval()
     gm = trace(work)
+    lift_functional_layers(gm)
     left = _fold_batchnorms(gm) + _functional_batchnorms(gm)
     if left:
         warnings.warn(

@@ -296,34 +296,47 @@ _FUNCTIONAL_LAYERS = {
 _UNSUPPORTED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """Where a function-call layer lives: the module owning the first parameter among its
-    inputs (followed back through the ops that compute the weight), else the node's name."""
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr":
-            return str(n.target).rpartition(".")[0] or str(n.target)
-        if n.op not in ("placeholder", "call_module"):
-            stack.extend(n.all_input_nodes)
-    return node.name
+def _scope(node: torch.fx.Node) -> str:
+    """The innermost module whose ``forward`` made the call (fx records it), else the node's
+    name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1]
+    return str(path[0] if isinstance(path, tuple) else path) or node.name
+
+
+def _weighted_leaf(module: nn.Module) -> bool:
+    """A leaf module (one fx does not trace into, such as ``nn.MultiheadAttention`` or an
+    ``nn.LSTM``) that multiplies by a weight matrix quantcal does not quantize."""
+    if isinstance(module, (*_QUANTIZABLE, nn.Embedding, nn.EmbeddingBag)):
+        return False
+    return isinstance(module, _UNSUPPORTED_MODULES) or any(
+        p.dim() >= 2 for p in module.parameters()
+    )
 
 
 def unquantized_computations(gm: torch.fx.GraphModule) -> list[str]:
     """The conv/linear computations of a traced graph that ``quantize`` leaves in fp32, each as
-    ``"owner (kind)"``: function calls (see ``_FUNCTIONAL_LAYERS``) and transposed convs."""
+    ``"owner (kind)"``: function calls on activations (see ``_FUNCTIONAL_LAYERS``; those with
+    constant weights were already made modules by ``to_deploy``), transposed convs, and other
+    leaf modules with weight matrices (attention, recurrent layers). Computations on constants
+    alone (a weight's own standardization) are not layers and are not listed."""
+    from quantcal.models.lift import constant_nodes, weight_owner
+
+    constants = constant_nodes(gm)
     out = []
     for node in gm.graph.nodes:
+        if node in constants:
+            continue
+        owner = weight_owner(node) or _scope(node)
         if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
-            out.append(f"{_owner(gm, node)} ({_FUNCTIONAL_LAYERS[node.target]} call)")
+            out.append(f"{owner} ({_FUNCTIONAL_LAYERS[node.target]} call)")
         elif node.op == "call_method" and node.target in ("matmul", "mm", "bmm"):
-            out.append(f"{_owner(gm, node)} (.{node.target} call)")
+            out.append(f"{owner} (.{node.target} call)")
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if isinstance(module, _UNSUPPORTED_MODULES):
+            if _weighted_leaf(module):
                 out.append(f"{node.target} ({type(module).__name__})")
     return out
 
