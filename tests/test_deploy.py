@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from quantcal import quant
 from quantcal.models.deploy import fold_bn_weights, to_deploy, trace
 
 models = pytest.importorskip("quantcal.models")
@@ -94,7 +95,7 @@ class _Custom(nn.Module):
 
 
 class _Block(nn.Module):
-    """A two-branch block with ``reparameterize`` (MobileOne-style), to test the post-order pass."""
+    """A two-branch block whose ``reparameterize`` returns its fused form (quantcal's MobileOne)."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ def test_custom_model_folds_what_it_can_and_warns_about_the_rest():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_reparameterize_is_post_order_and_input_untouched():
+def test_reparameterize_returning_a_module_replaces_the_block_and_input_untouched():
     model = _randomise_bn(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _Block(4), _Block(4))
     )
@@ -272,3 +273,118 @@ def test_width_1_models_fold_every_bn(name):
     deploy = to_deploy(model)
     assert not any(isinstance(m, _BN) for m in deploy.modules())
     _assert_equivalent(model, deploy, torch.randn(2, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- other libraries'
+# re-parameterization: switch_to_deploy, fuse, helpers, and the check that catches a wrong one
+
+
+class _ConvNorm(nn.Module):
+    """LeViT-style conv + BN pair whose ``fuse()`` returns the fused conv."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.c(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        w, b = fold_bn_weights(
+            self.c.weight,
+            None,
+            self.bn.running_mean,
+            self.bn.running_var,
+            self.bn.eps,
+            self.bn.weight,
+            self.bn.bias,
+        )
+        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        return conv
+
+
+class _SwitchBlock(nn.Module):
+    """The original RepVGG code's convention: ``switch_to_deploy()`` in place. Its branches are
+    ``_ConvNorm`` pairs that have ``fuse()`` themselves: the parent must go first (it reads
+    ``.c`` and ``.bn`` of its branches), as in timm's ``reparameterize_model``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = _ConvNorm(c), _ConvNorm(c)
+        self.deploy_conv: nn.Module | None = None
+
+    def forward(self, x):
+        if self.deploy_conv is not None:
+            return torch.relu(self.deploy_conv(x))
+        return torch.relu(self.a(x) + self.b(x))
+
+    def switch_to_deploy(self) -> None:
+        fa, fb = self.a.fuse(), self.b.fuse()
+        conv = nn.Conv2d(fa.in_channels, fa.out_channels, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(fa.weight + fb.weight)
+            conv.bias.copy_(fa.bias + fb.bias)
+        self.deploy_conv = conv
+        del self.a, self.b
+
+
+def test_switch_to_deploy_and_fuse_are_applied_parents_first():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _SwitchBlock(4), _ConvNorm(4), nn.Flatten())
+    model = _randomise_bn(model).eval()
+    x = torch.randn(2, 3, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converted and checked equivalent: nothing to say
+        deploy = to_deploy(model, check_input=x)
+    assert not any(isinstance(m, (_BN, _SwitchBlock, _ConvNorm)) for m in deploy.modules())
+    assert sum(type(m) is nn.Conv2d for m in deploy.modules()) == 3
+    _assert_equivalent(model, deploy, torch.randn(2, 3, 7, 7))
+    assert deploy.deploy_check["max_abs_diff"] <= 1e-5 * deploy.deploy_check["max_abs_output"]
+    assert isinstance(model[1].a, _ConvNorm)  # the input model is untouched
+
+
+def test_a_reparameterize_model_helper_is_used_instead_of_the_methods():
+    """Public MobileOne code ships ``reparameterize_model(model)``: a deep copy with every block
+    converted, returned. Such a helper (or one converting in place and returning None) replaces
+    the method walk."""
+    calls: list[str] = []
+
+    def reparameterize_model(m: nn.Module) -> nn.Module:
+        calls.append("helper")
+        m = copy.deepcopy(m)
+        for name, child in list(m.named_children()):
+            if isinstance(child, _SwitchBlock):
+                child.switch_to_deploy()
+            elif isinstance(child, _ConvNorm):
+                setattr(m, name, child.fuse())
+        return m
+
+    model = _randomise_bn(nn.Sequential(_SwitchBlock(3), _ConvNorm(3))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    deploy = to_deploy(model, reparameterize=reparameterize_model, check_input=x)
+    assert calls == ["helper"]
+    _assert_equivalent(model, deploy, x)
+    in_place = to_deploy(model, reparameterize=lambda m: m[0].switch_to_deploy())
+    _assert_equivalent(model, in_place, x)
+    with pytest.raises(TypeError, match=r"reparameterize\(model\) must return an nn.Module"):
+        to_deploy(model, reparameterize=lambda m: "done")
+
+
+def test_a_wrong_reparameterization_is_caught_by_the_deploy_check():
+    class Lossy(_ConvNorm):
+        @torch.no_grad()
+        def fuse(self) -> nn.Module:
+            conv = super().fuse()
+            conv.bias.zero_()  # forgets the folded bias: a different function
+            return conv
+
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 1), Lossy(4))).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.warns(UserWarning, match=r"does not compute the model's function: on 4 input"):
+        deploy = to_deploy(model, check_input=x)
+    assert deploy.deploy_check["max_abs_diff"] > 1e-3 * deploy.deploy_check["max_abs_output"]
+    with pytest.warns(UserWarning, match="does not compute the model's function"):
+        quant.quantize(model, "W8A8", [x])  # quantize checks on its range-calibration images

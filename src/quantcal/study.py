@@ -604,6 +604,7 @@ class _Runner:
         for g in groups:
             if ":" in g.model.arch:
                 import_factory(g.model.arch)
+                self.reparameterizer(g)
             try:
                 self.base_splits(g)
                 self.data_digest(g.dataset)
@@ -702,17 +703,37 @@ class _Runner:
         return trained, key, meta
 
     # -- logits stage ----------------------------------------------------------------------
-    def deployed(self, model, train_key: str):
+    def deployed(self, model, train_key: str, g: Group):
         """The fp32 deploy form of the group's trained model, built once per group: every
         cell quantizes from it (``quantize`` copies it; ``to_deploy`` of a deploy graph is the
-        same function, tested bit-identical) instead of re-deploying the training form."""
+        same function, tested bit-identical) instead of re-deploying the training form. Its
+        outputs are checked against the model's on the first range-calibration images."""
         from quantcal import models
 
         if self._deployed is None or self._deployed[0] != train_key:
+            ptq_calib = self.splits(g).ptq_calib
+            x = next(ptq_calib.batches(32, device=self.device))[0] if len(ptq_calib) else None
             with _recorded_warnings() as notes:
-                deploy = models.to_deploy(model)
+                deploy = models.to_deploy(
+                    model, reparameterize=self.reparameterizer(g), check_input=x
+                )
             self._deployed = (train_key, deploy, notes)
         return self._deployed[1]
+
+    def reparameterizer(self, g: Group) -> Callable[..., Any] | None:
+        """The deploy-form helper a ``module:factory`` declares as ``factory.reparameterize``
+        (a callable, or a ``module:function`` string), else None (the blocks' own methods)."""
+        if ":" not in g.model.arch:
+            return None
+        helper = getattr(import_factory(g.model.arch), "reparameterize", None)
+        if isinstance(helper, str):
+            helper = import_factory(helper)
+        if helper is not None and not callable(helper):
+            raise ValueError(
+                f"{g.model.arch}.reparameterize must be a callable or a 'module:function' "
+                f"string, got {type(helper).__name__}"
+            )
+        return helper
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
         from quantcal import models, quant, train
@@ -736,7 +757,7 @@ class _Runner:
             "observer": cell.observer,
             "sample": cell.sample,
         }
-        deploy = self.deployed(model, train_key)
+        deploy = self.deployed(model, train_key, cell.group)
         notes = list(self._deployed[2]) if self._deployed else []
         if qc is None:
             net = deploy

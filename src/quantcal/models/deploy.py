@@ -2,10 +2,13 @@
 
 ``to_deploy(model)`` returns an eval-mode copy in which
 
-1. every submodule with a callable ``reparameterize()`` (MobileOne blocks; Vasu et al., CVPR 2023)
-   is replaced, children first, by the single equivalent module it returns (or, when it
-   returns None, kept as it rewrote itself in place), and
-2. every BatchNorm whose input is the output of a conv layer used only by that
+1. every block with a deploy-form method (``fuse``, ``reparameterize`` or ``switch_to_deploy``;
+   MobileOne, Vasu et al., CVPR 2023; RepVGG, Ding et al., CVPR 2021) is converted, parents
+   before children as ``timm.models.reparameterize_model`` does, whether the method returns the
+   equivalent module or rewrites the block in place and returns None; or a user's helper does it;
+2. conv, linear and BatchNorm function calls whose weights are constants become modules
+   (``quantcal.models.lift``: weight-standardized convs, fused BN + activation modules), and
+3. every BatchNorm whose input is the output of a conv layer used only by that
    BatchNorm is folded into that layer (Jacob et al., "Quantization and Training of Neural
    Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, §3.2):
    ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
@@ -17,7 +20,10 @@ per-family code. A BatchNorm that cannot be folded stays and is named in a warni
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +32,13 @@ from torch import nn
 
 from quantcal.models.lift import lift_functional_layers
 
-__all__ = ["fold_bn_weights", "to_deploy", "trace"]
+__all__ = [
+    "DEPLOY_CHECK_RTOL",
+    "REPARAMETERIZE_METHODS",
+    "fold_bn_weights",
+    "to_deploy",
+    "trace",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -125,27 +137,61 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, class_name=name)
 
 
-def _reparameterize(module: nn.Module) -> nn.Module:
-    """Post-order replacement of every submodule with a callable ``reparameterize``.
+#: Methods that turn a training-form block into its deploy form, in the order they are tried:
+#: quantcal's and timm's ``reparameterize`` (MobileOne, RepVGG/byobnet, FastViT, RepGhost), the
+#: original RepVGG / RepGhost code's ``switch_to_deploy``, and ``fuse`` (LeViT-style conv+BN
+#: pairs), the same names as ``timm.models.reparameterize_model``.
+REPARAMETERIZE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 
-    Two conventions are accepted: quantcal's, where ``reparameterize()`` returns the equivalent
-    module, and the in-place one of the common public MobileOne, RepVGG, FastViT and RepGhost
-    code, where it rewrites the module itself and returns None (the module is then kept)."""
+
+def _deploy_method(module: nn.Module) -> tuple[str, Any] | None:
+    """The module's deploy-form method (see ``REPARAMETERIZE_METHODS``), if it takes no
+    required arguments."""
+    for name in REPARAMETERIZE_METHODS:
+        fn = getattr(module, name, None)
+        if not callable(fn) or isinstance(fn, nn.Module):
+            continue
+        try:
+            required = [
+                p
+                for p in inspect.signature(fn).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            continue
+        if not required:
+            return name, fn
+    return None
+
+
+def _apply_deploy_method(module: nn.Module, name: str, fn: Any) -> nn.Module:
+    """Call it: a returned module replaces ``module``; None means it rewrote itself in place."""
+    new = fn()
+    if new is None:
+        return module.eval()
+    if not isinstance(new, nn.Module):
+        raise TypeError(
+            f"{type(module).__name__}.{name}() must return an nn.Module or None (in place), "
+            f"got {type(new).__name__}"
+        )
+    return new.eval()
+
+
+def _reparameterize(module: nn.Module) -> nn.Module:
+    """Replace every block that has a deploy-form method by its deploy form.
+
+    The walk is the one of ``timm.models.reparameterize_model``: a module with a method is
+    converted before its children are visited (the method may read its branches), then the
+    walk goes on inside what it became. Both conventions are accepted: the method returns the
+    equivalent module (quantcal's MobileOne, LeViT's ``fuse``), or rewrites the module in place
+    and returns None (the public MobileOne, RepVGG, FastViT and RepGhost code)."""
+    found = _deploy_method(module)
+    if found is not None:
+        module = _apply_deploy_method(module, *found)
     for name, child in list(module.named_children()):
         new_child = _reparameterize(child)
         if new_child is not child:
             setattr(module, name, new_child)
-    fn = getattr(module, "reparameterize", None)
-    if callable(fn):
-        new = fn()
-        if new is None:  # reparameterized in place
-            return module.eval()
-        if not isinstance(new, nn.Module):
-            raise TypeError(
-                f"{type(module).__name__}.reparameterize() must return an nn.Module or None "
-                f"(in place), got {type(new).__name__}"
-            )
-        return new.eval()
     return module
 
 
@@ -244,18 +290,83 @@ def _functional_batchnorms(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-def to_deploy(model: nn.Module) -> nn.Module:
+#: Relative tolerance of the deploy check: ``max |deploy(x) - model(x)|`` over
+#: ``max |model(x)|``. Folding in float64 and casting back leaves ~1e-6 on deep float32 nets; a
+#: wrong reparameterization or fold is off by far more.
+DEPLOY_CHECK_RTOL = 1e-3
+
+
+def _check_equivalent(reference: Any, gm: nn.Module, x: torch.Tensor) -> dict[str, float] | None:
+    """Compare the deploy graph's output on ``x`` with the model's; warn when they differ."""
+    with torch.no_grad():
+        out = gm(x)
+    if not (isinstance(reference, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    if out.shape != reference.shape:
+        diff, scale = math.inf, float(reference.abs().max()) if reference.numel() else 0.0
+    else:
+        diff = float((out.double() - reference.double()).abs().max()) if out.numel() else 0.0
+        scale = float(reference.abs().max()) if reference.numel() else 0.0
+    result = {"max_abs_diff": diff, "max_abs_output": scale}
+    if not diff <= DEPLOY_CHECK_RTOL * max(scale, 1e-12):
+        warnings.warn(
+            f"to_deploy: the deploy form does not compute the model's function: on "
+            f"{x.shape[0]} input(s) max |deploy - model| = {diff:.3g} against max |model| = "
+            f"{scale:.3g}. A reparameterize()/fuse()/switch_to_deploy() method or helper changed "
+            "the outputs; every number measured on this model is suspect. Check the "
+            "re-parameterization (or pass the helper that does it: to_deploy(model, "
+            "reparameterize=fn)).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return result
+
+
+def to_deploy(
+    model: nn.Module,
+    *,
+    reparameterize: Callable[[nn.Module], nn.Module | None] | None = None,
+    check_input: torch.Tensor | None = None,
+) -> nn.Module:
     """Eval-mode deploy copy of ``model``: branches reparameterized, BatchNorm folded.
 
     Returns a ``torch.fx.GraphModule`` that computes the same eval-mode function (up to float
     rounding), keeps plain attributes such as ``num_classes``, and leaves ``model`` untouched.
-    A BatchNorm that does not directly follow a conv layer (whose output only it uses)
-    stays, and a ``UserWarning`` names it. Raises ValueError when the model is not fx-traceable.
+    Function calls with constant weights become modules (``models.lift``). A BatchNorm that does
+    not directly follow a conv layer (whose output only it uses) stays, and a ``UserWarning``
+    names it. Raises ValueError when the model is not fx-traceable.
+
+    Args:
+        model: any fx-traceable module (train or eval form).
+        reparameterize: a helper in the style of ``timm.utils.reparameterize_model`` or the public
+            MobileOne's ``reparameterize_model``, called on an eval-mode copy; it returns the
+            deploy-form model or None (converted in place). Without it, blocks with a
+            ``fuse``/``reparameterize``/``switch_to_deploy`` method are converted
+            (``REPARAMETERIZE_METHODS``).
+        check_input: a batch of inputs; when given, the deploy form's outputs on it are compared
+            with the eval-mode model's, and a ``UserWarning`` says when they differ by more than
+            ``DEPLOY_CHECK_RTOL`` of the largest output. The numbers are kept as the graph's
+            ``deploy_check`` attribute (``max_abs_diff``, ``max_abs_output``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_deploy needs an nn.Module, got {type(model).__name__}")
+    if reparameterize is not None and not callable(reparameterize):
+        raise TypeError(f"reparameterize must be callable, got {type(reparameterize).__name__}")
     work = copy.deepcopy(model).eval()
-    work = _reparameterize(work).eval()
+    reference = None
+    if check_input is not None:
+        with torch.no_grad():
+            reference = work(check_input)
+    if reparameterize is not None:
+        new = reparameterize(work)
+        if new is not None and not isinstance(new, nn.Module):
+            raise TypeError(
+                f"reparameterize(model) must return an nn.Module or None (in place), got "
+                f"{type(new).__name__}"
+            )
+        work = (work if new is None else new).eval()
+    else:
+        work = _reparameterize(work).eval()
     gm = trace(work)
     lift_functional_layers(gm)
     left = _fold_batchnorms(gm) + _functional_batchnorms(gm)
@@ -268,4 +379,8 @@ def to_deploy(model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
     copy_public_attributes(model, gm)
-    return gm.eval()
+    gm.eval()
+    gm.deploy_check = None
+    if check_input is not None:
+        gm.deploy_check = _check_equivalent(reference, gm, check_input)
+    return gm

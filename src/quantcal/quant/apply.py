@@ -2,8 +2,9 @@
 
 Steps (Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.08295, §3):
 
-1. ``models.to_deploy``: an eval-mode copy with branches reparameterized and BatchNorm folded,
-   as an ``fx.GraphModule`` (the input model is never modified);
+1. ``models.to_deploy``: an eval-mode copy with branches reparameterized, functional layers
+   made modules and BatchNorm folded, as an ``fx.GraphModule`` (the input model is never
+   modified), checked to compute the model's function on the first range-calibration images;
 2. every ``Conv1d/2d/3d`` and ``Linear`` leaf module in the graph is a quantized layer; with
    ``first_last_8bit`` the first and last of them in graph order use ``max(bits, 8)``;
 3. range calibration, one pass: the range-calibration batches run through the **fp32** deploy
@@ -390,6 +391,8 @@ def quantize(
     model: nn.Module,
     config: QuantConfig | str | None,
     calib_batches: Iterable[Any] | None,
+    *,
+    reparameterize: Any = None,
 ) -> nn.Module:
     """Post-training fake quantization of ``model`` (see the module docstring for the steps).
 
@@ -399,6 +402,10 @@ def quantize(
             deploy model (``to_deploy(model)``; ``calib_batches`` is then not used).
         calib_batches: range-calibration batches: an iterable of input tensors or ``(x, y)``
             tuples (the ``ptq_calib`` split, never ``val`` or ``test``); empty -> ValueError.
+            Their first 32 images also check that the deploy form computes the model's
+            function (``to_deploy(check_input=...)``; a ``UserWarning`` when it does not).
+        reparameterize: a ``reparameterize_model``-style helper for the model's deploy form
+            (see ``models.deploy.to_deploy``); default: the blocks' own methods.
 
     Returns:
         a new frozen eval-mode ``nn.Module`` (an ``fx.GraphModule``) on the model's device.
@@ -416,13 +423,15 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs an nn.Module, got {type(model).__name__}")
     if config is None:
-        deploy = to_deploy(model)
+        deploy = to_deploy(model, reparameterize=reparameterize)
         deploy.requires_grad_(False)
         deploy.quant_config = None
         deploy.precision = "fp32"
         return deploy
     xs = batch_inputs(calib_batches)
-    gm = to_deploy(model)
+    gm = to_deploy(
+        model, reparameterize=reparameterize, check_input=xs[0][:32].to(_device_of(model))
+    )
     names = _layer_order(gm)
     left = unquantized_computations(gm)
     if left:
