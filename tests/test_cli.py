@@ -230,9 +230,74 @@ def test_factory_declares_its_preprocessing_and_modules_load_from_the_current_fo
     assert float(row["accuracy"]) == pytest.approx(true_acc, abs=1e-9)
 
 
+_PREP = """
+import torch
+
+
+def prep(x):
+    assert x.dtype == torch.uint8 and x.dim() == 4
+    return x.float() / 255
+
+
+def wrong(x):
+    return x  # still uint8
+"""
+
+
+def test_a_transform_function_is_the_models_preprocessing(
+    plain_digits_model, tmp_path, capsys, monkeypatch
+):
+    """``--transform path.py:function`` (and ``factory.transform``) preprocess uint8 batches."""
+    import csv
+
+    folder, true_acc = plain_digits_model
+    (tmp_path / "prep.py").write_text(_PREP)
+    assert _eval_plain(folder, tmp_path / "run", "--transform", str(tmp_path / "prep.py:prep")) == 0
+    with open(tmp_path / "run" / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[0]["accuracy"]) == pytest.approx(true_acc, abs=1e-9)
+    assert not any("check the preprocessing" in r["notes"] for r in rows)
+    # declared by the factory, as a 'module:function' string found in the current folder
+    (tmp_path / "declaring_t.py").write_text(_PLAIN_NET + "\nbuild.transform = 'prep:prep'\n")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(folder / "plain.pt"),
+            "--model",
+            "declaring_t:build",
+            "--dataset",
+            "digits",
+            "--precisions",
+            "fp32",
+            "--recal",
+            "none",
+            "--out",
+            str(tmp_path / "run2"),
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "inputs are prep:prep(uint8 images) (declared by declaring_t:build)" in err
+    with open(tmp_path / "run2" / "results.csv", newline="") as fh:
+        assert float(next(csv.DictReader(fh))["accuracy"]) == pytest.approx(true_acc, abs=1e-9)
+    # a transform that does not return a float batch is bad input: exit 2, nothing computed
+    assert (
+        _eval_plain(folder, tmp_path / "bad", "--transform", str(tmp_path / "prep.py:wrong")) == 2
+    )
+    err = capsys.readouterr().err
+    assert "must return a float tensor" in err and "torch.uint8" in err
+    assert not (tmp_path / "bad" / "results.csv").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [(["--mean", "0"], "go together"), (["--mean", "a", "--std", "1"], "comma-separated numbers")],
+    [
+        (["--mean", "0"], "go together"),
+        (["--mean", "a", "--std", "1"], "comma-separated numbers"),
+        (["--mean", "0", "--std", "1", "--transform", "x:y"], "replaces --mean/--std"),
+    ],
 )
 def test_bad_preprocessing_options(plain_digits_model, tmp_path, capsys, extra, match):
     folder, _ = plain_digits_model

@@ -492,3 +492,30 @@ def test_normalize_validates_inputs():
         data.normalize(torch.zeros(1, 3, 2, 2), (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match="one per channel"):
         data.normalize(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), (0.5,), (0.5,))
+
+
+def test_with_transform_feeds_the_models_own_preprocessing():
+    import torch.nn.functional as F
+
+    splits = data.load_dataset("digits")
+
+    def resize(x):
+        return F.interpolate(x.float() / 255, size=16, mode="nearest")
+
+    t = data.with_transform(splits, resize, "mine:resize")
+    assert (t.image_size, t.channels, t.transform_name) == (16, 1, "mine:resize")
+    x, y = next(t.test.batches(7))
+    assert torch.equal(x, resize(splits.test.images[:7]))
+    assert torch.equal(y, splits.test.labels[:7])
+    assert torch.equal(t.val.normalize(splits.val.images[:3]), resize(splits.val.images[:3]))
+    # augmentation happens on the uint8 images, before the transform
+    xa, _ = next(t.train.batches(5, augment=True, seed=3))
+    xr, _ = next(splits.train.batches(5, augment=True, seed=3))
+    raw = xr * torch.tensor(splits.std).view(1, -1, 1, 1) + torch.tensor(splits.mean).view(
+        1, -1, 1, 1
+    )
+    assert torch.allclose(xa, F.interpolate(raw, size=16, mode="nearest"), atol=1e-5)
+    with pytest.raises(TypeError, match=r"must return a float tensor.*got torch.uint8"):
+        data.with_transform(splits, lambda x: x, "bad:identity")
+    with pytest.raises(TypeError, match="not callable"):
+        data.with_transform(splits, "nope", "bad:str")

@@ -207,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: what the factory declares, else the dataset's statistics",
     )
     p.add_argument("--std", default=None, help="per-channel standard deviations, with --mean")
+    p.add_argument(
+        "--transform",
+        metavar="MODULE:FUNCTION",
+        default=None,
+        help="the model's own preprocessing instead of --mean/--std: a function (found as "
+        "--model's factory is) called with each uint8 batch (B, C, H, W) that returns the "
+        "model's float input batch (resize, scale, normalise); a factory may declare it as "
+        "factory.transform",
+    )
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--dataset", default=None, help="required with --checkpoint and --onnx")
     p.add_argument("--precisions", default="fp32,W8A8,W4A8,W4A4")
@@ -425,16 +434,27 @@ def _eval_given(args: argparse.Namespace) -> int:
         if args.dataset is None:
             raise ValueError("--onnx needs --dataset (the images to run the model on)")
         splits = data.load_dataset(args.dataset, seed=args.seed)
-        if (args.mean is None) != (args.std is None):
-            raise ValueError("--mean and --std go together: give both or neither")
-        if args.mean is not None:
-            splits = data.with_normalization(
-                splits, [float(v) for v in split(args.mean)], [float(v) for v in split(args.std)]
+        if args.transform is not None:
+            from quantcal.study import import_factory
+
+            try:
+                splits = data.with_transform(
+                    splits, import_factory(args.transform), _absolute_factory(args.transform)
+                )
+            except TypeError as exc:
+                raise ValueError(f"--transform: {exc}") from exc
+            print(f"inputs: {args.transform}(uint8 images)", file=sys.stderr)
+        else:
+            if args.mean is not None:
+                splits = data.with_normalization(
+                    splits,
+                    [float(v) for v in split(args.mean)],
+                    [float(v) for v in split(args.std)],
+                )
+            print(
+                f"inputs: (x / 255 - mean) / std with mean {splits.mean}, std {splits.std}",
+                file=sys.stderr,
             )
-        print(
-            f"inputs: (x / 255 - mean) / std with mean {splits.mean}, std {splits.std}",
-            file=sys.stderr,
-        )
         path = Path(args.onnx).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model {path} does not exist")
@@ -468,6 +488,10 @@ def _eval_given(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantcal import study
 
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together: give both or neither")
+    if args.transform is not None and args.mean is not None:
+        raise ValueError("--transform replaces --mean/--std: give one or the other")
     if args.onnx or args.logits:
         return _eval_given(args)
     if args.model is None or args.dataset is None:
@@ -493,8 +517,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     }
     if args.threads is not None:
         raw["threads"] = args.threads
-    if (args.mean is None) != (args.std is None):
-        raise ValueError("--mean and --std go together: give both or neither")
+    if args.transform is not None:
+        raw["data"]["transform"] = _absolute_factory(args.transform)
     if args.mean is not None:
         for name in ("mean", "std"):
             try:

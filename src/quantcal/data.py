@@ -64,6 +64,7 @@ __all__ = [
     "stratified_split",
     "val_held_out_of_train",
     "with_normalization",
+    "with_transform",
 ]
 
 DATASETS: Registry[Callable[..., Splits]] = Registry("dataset")
@@ -331,6 +332,13 @@ class Split:
     std: tuple[float, ...]
     indices: torch.Tensor
     source: str = "train"
+    #: A model's own preprocessing in place of ``(x / 255 - mean) / std``: called with each
+    #: uint8 batch (B, C, H, W) on the device (after augmentation), it returns the float input
+    #: batch (B, ...). ``transform_name`` says what it is (``module:function``).
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = field(
+        default=None, compare=False, repr=False
+    )
+    transform_name: str = ""
     _cache: dict[torch.device, tuple[torch.Tensor, ...]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -373,8 +381,31 @@ class Split:
         return int(self.images.shape[-1])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> float32 normalised with this split's mean/std (see :func:`normalize`)."""
+        """uint8 images -> the model's float input: this split's ``transform`` when it has one,
+        else ``(x / 255 - mean) / std`` with its mean/std (see :func:`normalize`)."""
+        if self.transform is not None:
+            return self._transformed(images)
         return normalize(images, self.mean, self.std)
+
+    def _transformed(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.transform(images)
+        if (
+            not isinstance(out, torch.Tensor)
+            or not out.is_floating_point()
+            or out.dim() < 1
+            or out.shape[0] != images.shape[0]
+        ):
+            got = (
+                f"{out.dtype} {tuple(out.shape)}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
+            raise TypeError(
+                f"the transform {self.transform_name or self.transform!r} must return a float "
+                f"tensor with the batch first, (B, ...), for a uint8 batch {tuple(images.shape)}; "
+                f"got {got}"
+            )
+        return out
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(images, labels, scale, shift) on ``device``, copied there once and cached."""
@@ -473,7 +504,10 @@ class Split:
             if augment:
                 sl = slice(start, start + batch_size)
                 x = _crop_flip(x, offsets[0, sl], offsets[1, sl], flips[sl], pad)
-            yield x.float().mul_(scale).add_(shift), labels.index_select(0, idx)
+            if self.transform is not None:
+                yield self._transformed(x), labels.index_select(0, idx)
+            else:
+                yield x.float().mul_(scale).add_(shift), labels.index_select(0, idx)
 
 
 def _check_int(name: str, value: Any, minimum: int | None) -> None:
@@ -499,6 +533,8 @@ class Splits:
     std: tuple[float, ...]
     class_names: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    #: The name of the preprocessing every split applies instead of mean/std ("" when none).
+    transform_name: str = ""
 
     def __repr__(self) -> str:
         sizes = ", ".join(
@@ -1000,6 +1036,27 @@ def with_normalization(
         raise ValueError(f"std must be > 0 for every channel, got {list(sd)}")
     parts = {k: dataclasses.replace(v, mean=m, std=sd) for k, v in splits.items()}
     return dataclasses.replace(splits, mean=m, std=sd, **parts)
+
+
+def with_transform(
+    splits: Splits, transform: Callable[[torch.Tensor], torch.Tensor], name: str
+) -> Splits:
+    """The same splits, preprocessed by ``transform`` instead of ``(x / 255 - mean) / std``:
+    each uint8 batch (B, C, H, W), on the device and after augmentation, goes through
+    ``transform`` and must come back as a float tensor (B, ...). ``name`` (``module:function``)
+    is said wherever the preprocessing is. Checked here on two training images; when it returns
+    square images, ``channels`` and ``image_size`` become theirs (the model's input)."""
+    if not callable(transform):
+        raise TypeError(f"transform {name!r} is not callable ({type(transform).__name__})")
+    parts = {
+        k: dataclasses.replace(v, transform=transform, transform_name=name)
+        for k, v in splits.items()
+    }
+    example = parts["train"].normalize(parts["train"].images[:2])
+    shape = {}
+    if example.dim() == 4 and example.shape[-1] == example.shape[-2]:  # what the model sees
+        shape = {"channels": int(example.shape[1]), "image_size": int(example.shape[-1])}
+    return dataclasses.replace(splits, transform_name=name, **parts, **shape)
 
 
 #: Registered datasets whose ``val`` split is official (not held out of train).

@@ -204,10 +204,11 @@ def _train_key(
     data_digest: str,
     checkpoint_digest: str | None = None,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    transform: str | None = None,
 ) -> str:
     """Key of a trained (or loaded) model: the data's content, its splits and input
-    normalisation (when not the dataset's), the model, and the recipe with the pinned thread
-    count (or the checkpoint's digest)."""
+    normalisation (when not the dataset's) or transform, the model, and the recipe with the
+    pinned thread count (or the checkpoint's digest)."""
     dataset, seed, val_size, ptq_size, ptq_samples = _split_args(config, g)
     spec: dict[str, Any] = {
         "v": _TRAIN_VERSION,
@@ -226,6 +227,8 @@ def _train_key(
         spec["threads"] = config.threads
     if normalization is not None:
         spec["data"]["normalization"] = [list(normalization[0]), list(normalization[1])]
+    if transform is not None:
+        spec["data"]["transform"] = transform
     if g.model.checkpoint is not None:
         spec["checkpoint"] = checkpoint_digest
     else:
@@ -528,6 +531,37 @@ class _Runner:
                 return as_tuple(mean), as_tuple(std), f"declared by {g.model.arch}"
         return None
 
+    def transform(self, g: Group) -> tuple[Callable[..., Any], str, str] | None:
+        """(function, identity, where it comes from) when the group's model preprocesses its
+        own inputs: the study's ``[data] transform``, else what a ``module:factory`` declares
+        as ``factory.transform`` (a callable or a ``module:function`` string). The identity
+        (its name and the SHA-256 of its source file) goes into the cache keys."""
+        import inspect
+
+        if self.config.transform is not None:
+            spec: Any = self.config.transform
+            source = "the study's data.transform"
+        elif ":" in g.model.arch and self.config.mean is None:
+            spec = getattr(import_factory(g.model.arch), "transform", None)
+            source = f"declared by {g.model.arch}"
+        else:
+            spec = None
+        if spec is None:
+            return None
+        fn = import_factory(spec) if isinstance(spec, str) else spec
+        if not callable(fn):
+            raise ValueError(
+                f"the transform ({source}) must be a callable or a 'module:function' string, got "
+                f"{type(fn).__name__}"
+            )
+        name = spec if isinstance(spec, str) else getattr(fn, "__qualname__", repr(fn))
+        try:
+            file = inspect.getsourcefile(fn)
+        except TypeError:
+            file = None
+        identity = f"{name} sha256:{self.file_digest(file)}" if file else name
+        return fn, identity, source
+
     def recal_fit(self, g: Group) -> tuple[str, list[str]]:
         """Where the group's recalibrators are fitted (``val`` or ``test_crossfit``) and the
         notes that go with it (see ``studyconfig.RECAL_FIT``)."""
@@ -558,8 +592,14 @@ class _Runner:
     def train_key(self, g: Group) -> str:
         ckpt = None if g.model.checkpoint is None else self.file_digest(g.model.checkpoint)
         norm = self.normalization(g)
+        transform = self.transform(g)
         return _train_key(
-            self.config, g, self.data_digest(g.dataset), ckpt, None if norm is None else norm[:2]
+            self.config,
+            g,
+            self.data_digest(g.dataset),
+            ckpt,
+            None if norm is None else norm[:2],
+            None if transform is None else transform[1],
         )
 
     # -- data ------------------------------------------------------------------------------
@@ -569,8 +609,18 @@ class _Runner:
 
         base = self.base_splits(g)
         norm = self.normalization(g)
-        key = (_split_args(self.config, g), None if norm is None else norm[:2])
+        transform = self.transform(g)
+        key = (
+            _split_args(self.config, g),
+            None if norm is None else norm[:2],
+            None if transform is None else transform[1],
+        )
         if key not in self._normalized:
+            if transform is not None:
+                self._normalized[key] = data.with_transform(base, transform[0], transform[1])
+                name = transform[1].split(" sha256:")[0]
+                self.say(f"data   {g.dataset}: inputs are {name}(uint8 images) ({transform[2]})")
+                return self._normalized[key]
             if norm is None:
                 self._normalized[key] = base
                 how = f"the dataset's statistics, mean {_fmt3(base.mean)}, std {_fmt3(base.std)}"
@@ -610,7 +660,10 @@ class _Runner:
                 self.data_digest(g.dataset)
             except (ValueError, OSError) as exc:
                 raise ValueError(f"dataset {g.dataset!r}: {exc}") from exc
-            splits = self.splits(g)  # a bad mean/std is named by with_normalization
+            try:  # a bad mean/std or transform is named by with_normalization/with_transform
+                splits = self.splits(g)
+            except TypeError as exc:
+                raise ValueError(f"the inputs of {g.label}: {exc}") from exc
             if g.model.checkpoint is not None:
                 load_weights(self.fresh_model(g, splits), g.model.checkpoint)
 

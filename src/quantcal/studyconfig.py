@@ -14,6 +14,8 @@ listed method and scored on the test split. File layout (every key optional but 
     ptq_calib_size = 100           # range-calibration images per sample
     mean = [0.485, 0.456, 0.406]   # optional, with std: the model's input normalisation,
     std = [0.229, 0.224, 0.225]    # (x / 255 - mean) / std; default the dataset's statistics
+    transform = "mymodule:prep"    # or the model's own preprocessing of uint8 (B, C, H, W)
+                                   # batches (module:function or path/file.py:function)
 
     [[model]]                      # one table per architecture
     arch = "shufflenetv2"
@@ -141,6 +143,8 @@ class StudyConfig:
     #: dataset's own statistics (or what a ``module:factory`` declares as ``factory.mean/std``).
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: The model's own preprocessing (``module:function``) in place of mean/std, or None.
+    transform: str | None = None
     train: Mapping[str, Any] = field(default_factory=dict)
     precisions: tuple[str, ...] = ("fp32", "W8A8", "W4A8", "W4A4")
     observers: tuple[str, ...] = ("minmax",)
@@ -246,6 +250,17 @@ class StudyConfig:
             raise ValueError("data.mean and data.std go together: give both or neither")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"data.std must be > 0, got {list(self.std)}")
+        if self.transform is not None:
+            if not isinstance(self.transform, str) or ":" not in self.transform:
+                raise ValueError(
+                    "data.transform must be 'module:function' or 'path/file.py:function', got "
+                    f"{self.transform!r}"
+                )
+            if self.mean is not None:
+                raise ValueError(
+                    "data.transform replaces data.mean/std (it does the whole preprocessing): "
+                    "give one or the other"
+                )
         if self.threads is not None and (
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
@@ -285,6 +300,7 @@ class StudyConfig:
                 "ptq_calib_size": self.ptq_calib_size,
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std),
+                "transform": self.transform,
             },
             "model": [
                 {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
@@ -322,6 +338,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "ptq_calib_size": "ptq_calib_size",
         "mean": "mean",
         "std": "std",
+        "transform": "transform",
     },
     "quant": {
         "precisions": "precisions",
