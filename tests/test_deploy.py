@@ -388,3 +388,25 @@ def test_a_wrong_reparameterization_is_caught_by_the_deploy_check():
     assert deploy.deploy_check["max_abs_diff"] > 1e-3 * deploy.deploy_check["max_abs_output"]
     with pytest.warns(UserWarning, match="does not compute the model's function"):
         quant.quantize(model, "W8A8", [x])  # quantize checks on its range-calibration images
+
+
+def test_bn_after_a_conv_whose_shape_is_also_asserted_is_folded():
+    """timm's BatchNormAct2d asserts ``x.ndim == 4`` on the conv output: a shape-only reader
+    does not stop the fold (the fold changes values, not shapes)."""
+
+    class AssertingBN(nn.BatchNorm2d):
+        def forward(self, x):
+            torch._assert(x.ndim == 4, "expected 4-D input")
+            torch._assert(x.shape[1] == self.num_features, "channels")
+            x = nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+            return torch.relu(x)
+
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), AssertingBN(4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy = to_deploy(model, check_input=x)
+    assert not any(isinstance(m, _BN) for m in deploy.modules())
+    _assert_equivalent(model, deploy, x)

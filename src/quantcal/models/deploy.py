@@ -200,6 +200,32 @@ def _single_module_call(gm: fx.GraphModule, target: str) -> bool:
     return len(calls) == 1
 
 
+#: Reads of a tensor that depend on its shape, dtype or device only, never on its values
+#: (timm's ``BatchNormAct2d`` asserts ``x.ndim == 4`` on the conv output it normalises).
+_METADATA_ATTRIBUTES = ("ndim", "shape", "dtype", "device", "is_cuda")
+_METADATA_METHODS = ("size", "dim", "ndimension", "numel")
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values: folding a BatchNorm into the conv changes
+    the conv's values, not its shape, so shape-only readers may keep reading it."""
+    import operator
+
+    out = []
+    for user in node.users:
+        if (
+            user.op == "call_function"
+            and user.target in (getattr, operator.attrgetter)
+            and len(user.args) > 1
+            and user.args[1] in _METADATA_ATTRIBUTES
+        ):
+            continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        out.append(user)
+    return out
+
+
 def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> fx.Node | None:
     """The conv node feeding ``bn_node`` if the BN can be folded into it, else None."""
     if bn.running_mean is None or bn.running_var is None:
@@ -216,7 +242,7 @@ def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> f
         ok = isinstance(bn, bn_type) and layer.out_channels == channels
     else:  # Linear -> BatchNorm1d is not folded: BN1d's channel axis depends on the input rank
         return None
-    if not ok or len(src.users) != 1 or not _single_module_call(gm, src.target):
+    if not ok or len(_value_users(src)) != 1 or not _single_module_call(gm, src.target):
         return None
     return src
 
