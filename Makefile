@@ -13,7 +13,13 @@ ARGS   ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.quantcal-installed
 
-.PHONY: run test setup lint clean-venv
+# timm (for `timm:NAME` models and the outside-model tests) needs torchvision, which needs a
+# torch build of its own, so it lives in a second venv: `make test-timm` builds it and runs
+# tests/test_timm.py there (the main suite skips that file when timm is absent).
+TIMM_VENV  ?= .venv-timm
+TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: run test test-timm setup lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +34,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+$(TIMM_VENV)/.quantcal-installed: pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet $(TIMM_TORCH)
+	$(TIMM_VENV)/bin/python -m pip install --quiet timm -e ".[dev]"
+	touch $@
+
+test-timm: $(TIMM_VENV)/.quantcal-installed
+	$(TIMM_VENV)/bin/python -m pytest tests/test_timm.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,6 +1,7 @@
 """Survey: how far quantcal gets on timm CNNs (tracing, quantization coverage, BN folding).
 
-    /work/timmvenv/bin/python bench/timm_coverage.py [ARCH ...] [--size 64] [--batch 2]
+    make test-timm   # once, to build .venv-timm
+    .venv-timm/bin/python bench/timm_coverage.py [ARCH ...] [--size 64] [--batch 2]
 
 Needs ``timm`` (not a quantcal dependency). Every model is built with ``pretrained=False`` and
 ``num_classes=10``, in eval mode, with its BatchNorm statistics and every constant-initialised
@@ -13,16 +14,22 @@ architecture it records:
 * every warning text (200 characters at most) of ``to_deploy`` and ``quantize``;
 * ``to_deploy(model)(x)`` vs ``model(x)``: max abs difference / max |model(x)|;
 * the quantized model with ``fake_quant_disabled`` vs ``model(x)`` (same measure);
-* BatchNorm left in the deploy graph (modules or functional ``batch_norm`` calls), and whether
-  every one of them is named by a warning;
+* BatchNorm left in the deploy graph (modules or functional ``batch_norm`` calls) against the
+  BatchNorm modules of the model, whether every one of them is named by a warning, and how many
+  follow a conv whose only other readers are shape assertions (timm's ``BatchNormAct2d`` runs
+  ``_assert(x.ndim == 4)``: the fold would be exact, only that extra reader blocks it);
 * an independent scan of the quantized graph for conv/linear/matmul/attention computations that
   are not quantized layers, compared with ``quant_coverage["fp32"]`` (a computation found here
   but not named anywhere is "silent");
 * whether the input model was left unmodified;
-* the W8A8 logits vs fp32: max abs difference / fp32 logit range (max - min);
+* the W8A8 logits vs fp32: max abs difference / fp32 logit range (max - min) (random weights:
+  deep nets amplify the per-layer error far more than trained ones do);
+* the W8A8 logits of the first image alone vs in the batch (same measure; nonzero values come
+  from fp32 accumulation-order differences that flip a rounding, not from batch statistics);
 * seconds taken.
 
-One line per architecture as it goes, then a Markdown table. Exceptions are caught per model.
+One line per architecture as it goes, then a Markdown table. Exceptions are caught per model; a
+model that timm itself cannot run at the chosen input size is reported as such.
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 DEFAULT_ARCHS = [
     "resnet18",
@@ -134,8 +141,11 @@ class Result:
     deploy_rel: float | None = None
     deploy_error: str = ""
     fq_off_rel: float | None = None
+    bn_total: int | None = None  # BatchNorm modules in the model
     bn_left: list[str] = field(default_factory=list)
     bn_unnamed: list[str] = field(default_factory=list)
+    bn_assert_only: int = 0  # BN left after a conv read otherwise only by shape asserts
+    batch_rel: float | None = None  # q(x[:1]) vs q(x)[:1]
     scan_fp32: list[str] = field(default_factory=list)
     scan_unnamed: list[str] = field(default_factory=list)
     fp32_unnamed: list[str] = field(default_factory=list)
@@ -220,7 +230,7 @@ def scan_unquantized(gm: torch.fx.GraphModule) -> list[str]:
             out.append(f"{where}:{node.name} (.{node.target})")
         elif node.op == "call_module":
             m = gm.get_submodule(str(node.target))
-            if isinstance(m, QuantizedLayer) or isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            if isinstance(m, (QuantizedLayer, nn.Embedding, nn.EmbeddingBag)):
                 continue
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or any(
                 p.dim() >= 2 for p in m.parameters()
@@ -251,6 +261,45 @@ def scan_batchnorm(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     return out
 
 
+def _shape_only(node: torch.fx.Node) -> bool:
+    """A reader of a tensor's metadata only (x.ndim, x.shape, x.size(), x.dim()) whose results
+    feed nothing but assertions and further metadata arithmetic."""
+    if node.op == "call_function" and node.target is getattr:
+        ok = len(node.args) > 1 and node.args[1] in ("ndim", "shape", "dtype", "device")
+    elif node.op == "call_method":
+        ok = node.target in ("size", "dim")
+    elif node.op == "call_function":
+        ok = node.target in (operator.eq, operator.ne, operator.getitem, torch._assert) or (
+            getattr(node.target, "__name__", "") == "_assert"
+        )
+    else:
+        ok = False
+    return ok and all(_shape_only(u) for u in node.users)
+
+
+def bn_blocked_by_asserts(gm: torch.fx.GraphModule) -> int:
+    """BatchNorm modules left after a conv module whose other readers are all shape-only: the
+    fold would be exact, only the extra readers block it."""
+    from quantcal.quant.apply import QuantConv
+
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(
+            gm.get_submodule(str(node.target)), _BN_TYPES
+        ):
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"):
+            continue
+        layer = gm.get_submodule(str(src.target))
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, QuantConv)):
+            continue
+        others = [u for u in src.users if u is not node]
+        if others and all(_shape_only(u) for u in others):
+            count += 1
+    return count
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     return float((a - b).abs().max()) / max(scale, 1e-12)
 
@@ -270,9 +319,16 @@ def survey_one(timm: Any, arch: str, size: int, batch: int, seed: int) -> Result
         model = build(timm, arch, size)
         randomize(model, seed)
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            ref = model(x)
+        try:
+            with torch.no_grad():
+                ref = model(x)
+        except Exception as err:
+            r.traced = "-"
+            r.error = f"the timm model itself fails on {tuple(x.shape)}: {_first_line(err)}"
+            r.seconds = time.perf_counter() - t0
+            return r
         before = _state_digest(model)
+        r.bn_total = sum(isinstance(m, _BN_TYPES) for m in model.modules())
         scale_max = float(ref.abs().max())
         scale_range = float(ref.max() - ref.min())
 
@@ -286,9 +342,12 @@ def survey_one(timm: Any, arch: str, size: int, batch: int, seed: int) -> Result
                 q = None
                 r.traced = _first_line(err)
                 if not isinstance(err, ValueError) or "could not trace" not in str(err):
-                    r.error = "quantize crashed: " + "".join(
-                        traceback.format_exception_only(type(err), err)
-                    ).strip().splitlines()[0][:300]
+                    r.error = (
+                        "quantize crashed: "
+                        + "".join(traceback.format_exception_only(type(err), err))
+                        .strip()
+                        .splitlines()[0][:300]
+                    )
                     r.notes.append(_crash_location(err))
         texts = [f"{w.category.__name__}: {w.message}" for w in caught]
         seen: set[str] = set()
@@ -319,9 +378,17 @@ def survey_one(timm: Any, arch: str, size: int, batch: int, seed: int) -> Result
                     out_off = q(x)
             r.fq_off_rel = _rel(out_off, ref, scale_max)
             r.w8a8_rel = _rel(out_q, ref, scale_range)
+            with torch.no_grad():
+                r.batch_rel = _rel(q(x[:1]), out_q[:1], scale_range)
             bns = scan_batchnorm(q)
             r.bn_left = [d for _, d in bns]
             r.bn_unnamed = [d for name, d in bns if name not in all_warned]
+            r.bn_assert_only = bn_blocked_by_asserts(q)
+            if r.bn_assert_only:
+                r.notes.append(
+                    f"{r.bn_assert_only} of the BN left follow a conv whose only other readers "
+                    "are shape assertions (getattr ndim/shape -> torch._assert)"
+                )
 
         # to_deploy on its own (also when quantize failed after tracing)
         if r.traced == "ok" or not r.traced.startswith("ValueError: torch.fx could not trace"):
@@ -368,6 +435,15 @@ def _fmt(v: float | None, ok: float) -> str:
     return f"{v:.1e}" + ("" if v <= ok else " **!**")
 
 
+def _bn_cell(r: Result) -> str:
+    if r.traced != "ok" and r.deploy_rel is None:
+        return "-"
+    if not r.bn_left:
+        return "0" if r.bn_total is None else f"0/{r.bn_total}"
+    total = "?" if r.bn_total is None else str(r.bn_total)
+    return f"{len(r.bn_left)}/{total}: " + _short(", ".join(r.bn_left), 70)
+
+
 def summarize_warnings(r: Result) -> str:
     parts = []
     for w in r.warnings:
@@ -400,10 +476,10 @@ def line(r: Result) -> str:
         flags.append("INPUT MODEL MODIFIED")
     flags += [n for n in r.notes if n]
     return (
-        f"{r.arch:24s} traced={r.traced[:120]} cov={cov} fp32={r.fp32} bn_left={r.bn_left} "
+        f"{r.arch:24s} traced={r.traced} cov={cov} fp32={r.fp32} bn_left={r.bn_left} "
         f"deploy={_fmt(r.deploy_rel, 1e-4)} fq_off={_fmt(r.fq_off_rel, 1e-4)} "
-        f"w8a8={_fmt(r.w8a8_rel, 1.0)} t={r.seconds:.1f}s warnings={r.warnings}"
-        + ("  " + " | ".join(flags) if flags else "")
+        f"w8a8={_fmt(r.w8a8_rel, 1.0)} batch1_vs_batch2={_fmt(r.batch_rel, 1e-5)} "
+        f"t={r.seconds:.1f}s warnings={r.warnings}" + ("  " + " | ".join(flags) if flags else "")
     )
 
 
@@ -412,7 +488,7 @@ def table(results: list[Result]) -> str:
         return s.replace("|", "\\|")
 
     rows = [
-        "| arch | traced | quantized k/n | left in fp32 | BN left | deploy rel diff | "
+        "| arch | traced | quantized k/n | left in fp32 | BN left/BN in model | deploy rel diff | "
         "fq-off rel diff | W8A8 rel err | warnings | flags | s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -430,8 +506,12 @@ def table(results: list[Result]) -> str:
             flags.append("to_deploy: " + r.deploy_error[:80])
         if r.model_untouched is False:
             flags.append("input modified")
+        if r.batch_rel is not None and r.batch_rel > 1e-5:
+            flags.append(f"W8A8 batch-1 vs batch-2 logits differ {r.batch_rel:.1e}")
+        if r.bn_assert_only:
+            flags.append(f"{r.bn_assert_only} BN unfolded only because of shape asserts")
         fp32 = ", ".join(r.fp32)
-        traced = "yes" if r.traced == "ok" else ("no: " + r.traced[:100])
+        traced = "yes" if r.traced == "ok" else ("no: " + r.traced[:220])
         rows.append(
             "| "
             + " | ".join(
@@ -441,7 +521,7 @@ def table(results: list[Result]) -> str:
                     traced,
                     f"{r.quantized}/{r.total}" if r.total is not None else "-",
                     _short(fp32, 120) or "-",
-                    _short(", ".join(r.bn_left), 80) or "-",
+                    _bn_cell(r),
                     _fmt(r.deploy_rel, 1e-4),
                     _fmt(r.fq_off_rel, 1e-4),
                     _fmt(r.w8a8_rel, 1.0),
@@ -453,6 +533,31 @@ def table(results: list[Result]) -> str:
             + " |"
         )
     return "\n".join(rows)
+
+
+def _source_state() -> str:
+    """The quantcal source surveyed: its git commit and whether src/ had local changes."""
+    import subprocess
+
+    import quantcal
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(quantcal.__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", src, "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return src
+    return f"{head}{' + uncommitted changes in src' if dirty else ''} ({src})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
             known = [a for a in group if timm.is_model(a)]
             for a in known[1:]:
                 archs.remove(a)
-    print(f"timm {timm.__version__}, torch {torch.__version__}, input {args.batch}x3x{args.size}")
+    print(
+        f"timm {timm.__version__}, torch {torch.__version__}, input {args.batch}x3x{args.size}, "
+        f"quantcal {_source_state()}"
+    )
     results = []
     for arch in archs:
         if not timm.is_model(arch):

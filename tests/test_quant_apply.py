@@ -734,3 +734,31 @@ def test_input_dependent_weights_and_weighted_leaf_modules_are_named():
 def test_on_unsupported_takes_warn_or_error_only():
     with pytest.raises(ValueError, match="on_unsupported"):
         quant.QuantConfig(on_unsupported="ignore")
+
+
+def test_fused_attention_calls_are_named():
+    """``F.scaled_dot_product_attention`` multiplies two activations twice: never silent."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+
+        def forward(self, x):  # (N, T, 4)
+            q, k, v = self.qkv(x).chunk(3, -1)
+            return nn.functional.scaled_dot_product_attention(q, k, v).mean(1)
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(2), Transpose(), Attn()).eval()
+    with pytest.warns(
+        UserWarning, match=r"2 of 3 .*left in fp32: 3 \(scaled_dot_product_attention"
+    ):
+        q = quant.quantize(net, "W8A8", _calib())
+    assert q.quant_coverage["fp32"] == ["3 (scaled_dot_product_attention call)"]
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="scaled_dot_product"):
+        warnings.simplefilter("ignore")
+        quant.quantize(net, quant.QuantConfig(on_unsupported="error"), _calib())
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)

@@ -293,7 +293,11 @@ _FUNCTIONAL_LAYERS = {
     torch.addmm: "torch.addmm",
     torch.bmm: "torch.bmm",
     torch.einsum: "torch.einsum",
+    torch.baddbmm: "torch.baddbmm",
+    F.bilinear: "F.bilinear",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention",
 }
+_MATMUL_METHODS = ("matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__")
 _UNSUPPORTED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -330,10 +334,13 @@ def unquantized_computations(gm: torch.fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node in constants:
             continue
-        owner = weight_owner(node) or _scope(node)
+        # a product with a constant operand is named by that weight's module; a product of
+        # two activations (attention) by the module whose forward computes it
+        has_weight = any(n in constants for n in node.all_input_nodes)
+        owner = (weight_owner(node) if has_weight else "") or _scope(node)
         if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
             out.append(f"{owner} ({_FUNCTIONAL_LAYERS[node.target]} call)")
-        elif node.op == "call_method" and node.target in ("matmul", "mm", "bmm"):
+        elif node.op == "call_method" and node.target in _MATMUL_METHODS:
             out.append(f"{owner} (.{node.target} call)")
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
@@ -409,7 +416,9 @@ def quantize(
 
     Returns:
         a new frozen eval-mode ``nn.Module`` (an ``fx.GraphModule``) on the model's device.
-        Its logits do not depend on the evaluation batch size.
+        Its logits do not depend on the evaluation batch size, up to float accumulation
+        order: a conv's fp32 output can differ in the last bit between batch sizes, and where
+        that crosses a rounding boundary the element moves by one quantization step.
     """
     from quantcal.models.deploy import to_deploy
 
@@ -488,12 +497,14 @@ def _warn_bias_overflow(qlayers: dict[str, QuantizedLayer], bits: int | None) ->
         return
     listed = ", ".join(
         f"{n} ({q.bias_overflow} of {q.bias_fp32.numel()} values, input range "
-        f"[{q.range_min:.3g}, {q.range_max:.3g}])"
+        f"[{q.range_min:.3g}, {q.range_max:.3g}], smallest weight scale "
+        f"{float(q.weight_scale.min()):.3g})"
         for n, q in over.items()
     )
     warnings.warn(
         f"quantize: {len(over)} layer(s) have biases beyond the int{bits} accumulator grid "
-        f"s_x*s_w[c] (their input range is tiny, so clamping would wipe the bias); their biases "
+        f"s_x*s_w[c] (a tiny input range, or an output channel with near-zero weights such as "
+        f"one whose folded BatchNorm gamma is ~0; clamping would wipe the bias); their biases "
         f"stay in float: {listed}",
         UserWarning,
         stacklevel=3,
