@@ -628,6 +628,12 @@ def test_functional_layers_with_constant_weights_are_lifted_and_the_rest_named()
         "fp32": ["attn (torch.matmul call)", "attn (@ call)"],
     }
     assert {n for n, _ in quantized_layers(q)} == {"lib", "ws", "attn.q", "attn.k", "head"}
+    table = quant.inspect(q)
+    assert table.coverage == q.quant_coverage
+    assert str(table).splitlines()[0] == (
+        "quantized 5 of 7 conv/linear computations; left in fp32: attn (torch.matmul call), "
+        "attn (@ call)"
+    )
     with warnings.catch_warnings(), pytest.raises(ValueError, match=r"left in fp32: attn \(torch"):
         warnings.simplefilter("ignore")
         quant.quantize(net, quant.QuantConfig(on_unsupported="error"), _calib())

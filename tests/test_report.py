@@ -141,3 +141,14 @@ def test_summary_table_has_a_line_per_cell(rows):
 def test_missing_results_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="quantcal run"):
         report.load_rows(tmp_path)
+
+
+def test_report_shows_quantization_coverage(tmp_path):
+    rs = [
+        _row("mine", "fp32", "none", 0.03, 0, 0, 0),
+        _row("mine", "W8A8", "none", 0.04, 0.01, 0.0, 0.02, quantized_layers="5/7"),
+        _row("mine", "W4A4", "none", 0.05, 0.02, 0.01, 0.03, quantized_layers="5/7"),
+    ]
+    _write(tmp_path, rs)
+    text = report.write_report(tmp_path).read_text()
+    assert "Quantization coverage" in text and "W8A8 5/7, W4A4 5/7" in text

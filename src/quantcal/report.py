@@ -753,6 +753,26 @@ def _notes_section(rows: list[dict], run: Path) -> list[str]:
                 ],
             )
         )
+    coverage: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("quantized_layers"):
+            coverage.setdefault(_model_label(r), set()).add(
+                f"{r['precision']} {r['quantized_layers']}"
+            )
+    if coverage:
+        parts.append(
+            "<h2>Quantization coverage</h2><p class='muted'>Conv/linear computations quantized "
+            "of those in the deploy graph (k/n); any left in fp32 are named in the notes.</p>"
+        )
+        parts.append(
+            _html_table(
+                ["model", "quantized layers"],
+                [
+                    [m, ", ".join(sorted(c, key=lambda t: _prec_key(t.split()[0])))]
+                    for m, c in coverage.items()
+                ],
+            )
+        )
     healed = healed_entries(run / "cache")
     if healed:
         parts.append(

@@ -64,7 +64,11 @@ class LayerReport:
 
 
 class LayerTable(list):
-    """A list of ``LayerReport`` with ``to_rows()`` for tables and plots."""
+    """A list of ``LayerReport`` with ``to_rows()`` for tables and plots, and ``coverage``: the
+    model's ``quant_coverage`` (``quantized`` and ``total`` conv/linear computations, the
+    ``fp32`` names of those left unquantized), printed as the table's first line."""
+
+    coverage: dict[str, Any] | None = None
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One plain dict per layer, in the model's order."""
@@ -73,6 +77,13 @@ class LayerTable(list):
     def __str__(self) -> str:
         head = f"{'layer':40s} {'kind':8s} {'W':>2s} {'A':>2s} {'clip %':>7s} {'SQNR dB':>8s}"
         lines = [head]
+        cov = self.coverage
+        if cov:
+            left = f"; left in fp32: {', '.join(cov['fp32'])}" if cov["fp32"] else ""
+            lines.insert(
+                0,
+                f"quantized {cov['quantized']} of {cov['total']} conv/linear computations{left}",
+            )
         for r in self:
             lines.append(
                 f"{r.name[-40:]:40s} {r.kind:8s} {r.weight_bits:2d} {r.act_bits:2d} "
@@ -120,7 +131,8 @@ def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> La
 
     ``calib_batches``: input tensors or ``(x, y)`` tuples (any split; the clipping fraction always
     refers to the range-calibration data seen by ``quantize``). Without batches the SQNR fields
-    are NaN. Raises ValueError when ``qmodel`` has no quantized layers.
+    are NaN. The table's ``coverage`` says how many conv/linear computations were quantized and
+    names the rest. Raises ValueError when ``qmodel`` has no quantized layers.
     """
     layers = quantized_layers(qmodel)
     if not layers:
@@ -129,8 +141,9 @@ def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> La
             f"{type(qmodel).__name__} has no quantized layers (fp32 models have none)"
         )
     reports = [_record(name, layer) for name, layer in layers]
+    coverage = getattr(qmodel, "quant_coverage", None)
     if calib_batches is None:
-        return LayerTable(reports)
+        return _table(reports, coverage)
     xs = batch_inputs(calib_batches, "calib_batches")
     sums = _sqnr_sums(qmodel, layers, xs)
     out = []
@@ -145,7 +158,13 @@ def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> La
                 }
             )
         )
-    return LayerTable(out)
+    return _table(out, coverage)
+
+
+def _table(reports: list[LayerReport], coverage: dict[str, Any] | None) -> LayerTable:
+    table = LayerTable(reports)
+    table.coverage = coverage
+    return table
 
 
 def _sqnr_sums(
