@@ -298,7 +298,7 @@ def test_calibration_training_preset_runs_on_digits(tmp_path):
 
 
 def test_objective_finding_verdicts_from_hand_made_rows():
-    from quantcal.findings import training_objectives
+    from quantcal.claims import training_objectives
 
     def row(obj, prec, recal, diff, lo, hi):
         return {
@@ -331,7 +331,8 @@ def test_objective_finding_verdicts_from_hand_made_rows():
         rows += [row(obj, "fp32", "none", 0.0, 0.0, 0.0), row(obj, "W4A4", "none", lo, lo, hi)]
         rows += [row(obj, "W4A4", "temperature", 0.0, 0.0, 0.0)]
     f = training_objectives(rows)
-    ev = " ".join(f["evidence"])
+    ev = " ".join(f.evidence)
     assert "d / a@1 / good" in ev and "supported" in ev and "contradicted" in ev
-    assert f["verdict"] == "supported 1 of 3, contradicted 1 of 3, undecided 1 of 3"
-    assert training_objectives([r for r in rows if r["objective"] == "ce"]) is None
+    assert f.verdict == "supported 1 of 3, contradicted 1 of 3, undecided 1 of 3"
+    assert f.tested and {n["model"] for n in f.rows} >= {"a@1 good", "a@1 ce"}
+    assert not training_objectives([r for r in rows if r["objective"] == "ce"]).tested

@@ -14,15 +14,14 @@ import html
 import io
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_bytes, atomic_write_text
+from quantcal._rows import groups, main_rows, model_label, ok, pct, pick, prec_key
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
 
-_PREC_ORDER = {"fp32": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
 _TEXT_COLUMNS = {
     "dataset",
     "arch",
@@ -67,58 +66,18 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _prec_key(p: str) -> tuple:
-    if p in _PREC_ORDER:
-        return (_PREC_ORDER[p], p)
-    w, _, a = p.upper().lstrip("W").partition("A")
-    try:
-        return (10, -int(w), -int(a))
-    except ValueError:
-        return (99, p)
-
-
-def _ok(rows: Iterable[dict]) -> list[dict]:
-    return [r for r in rows if r.get("status") == "ok"]
-
-
-def _main_rows(rows: list[dict]) -> list[dict]:
-    """One row per (dataset, arch, width, seed, precision, recal): the first range estimator and
-    range-calibration sample (fp32 rows have neither)."""
-    obs = [r["observer"] for r in rows if r["observer"] != "-"]
-    first_obs = obs[0] if obs else "-"
-    return [
-        r for r in _ok(rows) if r["observer"] in ("-", first_obs) and r["ptq_sample"] in (-1, 0)
-    ]
-
-
-def _model_label(r: dict) -> str:
-    """``arch@width``, with the training objective when it is not plain cross-entropy."""
-    obj = r.get("objective") or "ce"
-    return f"{r['arch']}@{r['width']:g}" + ("" if obj == "ce" else f" {obj}")
-
-
-def _groups(rows: list[dict]) -> list[tuple[str, str]]:
-    seen: dict[tuple[str, str], None] = {}
-    for r in rows:
-        seen.setdefault((r["dataset"], _model_label(r)), None)
-    return list(seen)
-
-
-def _pick(rows: list[dict], **eq) -> list[dict]:
-    out = []
-    for r in rows:
-        if all((_model_label(r) if k == "model" else r.get(k)) == v for k, v in eq.items()):
-            out.append(r)
-    return sorted(out, key=lambda r: (_prec_key(r["precision"]), r.get("seed") or 0))
+_prec_key = prec_key
+_ok = ok
+_main_rows = main_rows
+_model_label = model_label
+_groups = groups
+_pick = pick
+_pct = pct
 
 
 def _mean(values: list[float | None]) -> float | None:
     v = [x for x in values if x is not None and not math.isnan(x)]
     return sum(v) / len(v) if v else None
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
 def _diff(r: dict, key: str) -> str:
@@ -134,225 +93,17 @@ def _ci(r: dict, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Findings: the study's claims (REFERENCE.md §1), judged on this run's numbers and intervals
+# Findings: the registered claims (quantcal.claims), judged on this run's numbers and intervals
 # ---------------------------------------------------------------------------------------------
-def _verdict(lo: float | None, hi: float | None, positive: str, negative: str) -> str:
-    if lo is None or hi is None:
-        return "undecided (no interval)"
-    if lo > 0:
-        return positive
-    if hi < 0:
-        return negative
-    return "undecided (interval contains 0)"
-
-
 def findings(rows: list[dict]) -> list[dict[str, Any]]:
-    """One entry per claim: ``claim``, ``verdict``, ``evidence`` (list of sentences)."""
-    main = _main_rows(rows)
-    out: list[dict[str, Any]] = []
-    precs = sorted({r["precision"] for r in main}, key=_prec_key)
-    lowest = precs[-1] if precs else None
-    n_test = _mean([r.get("n_test") for r in main]) or 0
-    small = n_test < 2000
+    """One entry per claim this study tests (``claim``, ``verdict``, ``evidence``, and the
+    claim's ``key``, ``source``, ``rows``; see :mod:`quantcal.claims`), then a caveat when the
+    test split is small."""
+    from quantcal.claims import evaluate
 
-    # Claim 1: ECE grows as precision falls.
-    ev, verdicts = [], []
-    for ds, model in _groups(main):
-        rs = [r for r in _pick(main, dataset=ds, model=model, recal="none")]
-        by_p = {r["precision"]: r for r in rs if r.get("seed") == rs[0].get("seed")}
-        if lowest is None or lowest == "fp32" or lowest not in by_p or "fp32" not in by_p:
-            continue
-        low = by_p[lowest]
-        v = _verdict(
-            low.get("ece_diff_vs_fp32_lo"),
-            low.get("ece_diff_vs_fp32_hi"),
-            "supported",
-            "contradicted",
-        )
-        verdicts.append(v.split()[0])
-        trail = " → ".join(f"{p} {_pct(by_p[p]['ece'])}" for p in precs if p in by_p)
-        accs = " → ".join(f"{_pct(by_p[p]['accuracy'])}" for p in precs if p in by_p)
-        ev.append(
-            f"{ds} / {model}: ECE % {trail}; {lowest} − fp32 = {_diff(low, 'ece_diff_vs_fp32')} "
-            f"points (paired bootstrap) — {v}. Accuracy % {accs}."
-        )
-    out.append(
-        {
-            "claim": "1. Calibration error grows as precision falls (fp32 → W8A8 → W4A8 → W4A4), "
-            "most with 4-bit activations.",
-            "verdict": _summarise(verdicts),
-            "evidence": ev,
-        }
-    )
-
-    # Claim 2: GhostNet-VGG is the most robust.
-    ev, verdicts = [], []
-    for ds in sorted({r["dataset"] for r in main}):
-        deltas = []
-        for _, model in [g for g in _groups(main) if g[0] == ds]:
-            rs = {r["precision"]: r for r in _pick(main, dataset=ds, model=model, recal="none")}
-            if lowest in rs and "fp32" in rs and lowest != "fp32":
-                low = rs[lowest]
-                deltas.append(
-                    (
-                        model,
-                        low.get("ece_diff_vs_fp32"),
-                        low.get("ece_diff_vs_fp32_lo"),
-                        low.get("ece_diff_vs_fp32_hi"),
-                        (rs["fp32"]["accuracy"] or 0) - (low["accuracy"] or 0),
-                    )
-                )
-        ghosts = [d for d in deltas if d[0].startswith("ghostnet")]
-        if not ghosts or len(deltas) < 2:
-            continue
-        g = ghosts[0]
-        others = [d for d in deltas if d is not g]
-        smallest_ece = all((g[1] or 0) <= (o[1] or 0) for o in others)
-        smallest_acc = all(g[4] <= o[4] for o in others)
-        separated = all(g[3] is not None and o[2] is not None and g[3] < o[2] for o in others)
-        if smallest_ece and smallest_acc:
-            verdicts.append("supported" if separated else "undecided")
-        else:
-            verdicts.append(
-                "contradicted" if not smallest_ece and not smallest_acc else "undecided"
-            )
-        ev.append(
-            f"{ds}, {lowest} − fp32: "
-            + "; ".join(
-                f"{m}: ΔECE {_pct(d, 2)} [{_pct(lo, 2)}, {_pct(hi, 2)}], "
-                f"accuracy drop {_pct(acc, 1)}"
-                for m, d, lo, hi, acc in deltas
-            )
-            + (
-                ". GhostNet-VGG has the smallest rise in both"
-                if smallest_ece and smallest_acc
-                else ". GhostNet-VGG does not have the smallest rise in both"
-            )
-            + (
-                "; its interval lies below every other's."
-                if separated
-                else "; the intervals overlap, so the ranking is not decided."
-                if smallest_ece
-                else "."
-            )
-        )
-    out.append(
-        {
-            "claim": "2. GhostNet-VGG is the most robust to the accuracy drop and the ECE rise; "
-            "the "
-            "depthwise-separable nets (ShuffleNetV2, MobileOne) suffer more.",
-            "verdict": _summarise(verdicts)
-            if verdicts
-            else "not tested (needs ghostnet_vgg16 and another arch)",
-            "evidence": ev,
-        }
-    )
-
-    # Claim 3: temperature scaling helps quantized nets but fails for 4-bit MobileOne.
-    ev, verdicts = [], []
-    for ds, model in _groups(main):
-        for r in _pick(main, dataset=ds, model=model, recal="temperature"):
-            if r["precision"] == "fp32":
-                continue
-            none = _pick(main, dataset=ds, model=model, recal="none", precision=r["precision"])
-            v = _verdict(
-                r.get("ece_diff_vs_none_lo"), r.get("ece_diff_vs_none_hi"), "made worse", "improved"
-            )
-            verdicts.append(
-                "supported"
-                if v == "improved"
-                else "contradicted"
-                if v == "made worse"
-                else "undecided"
-            )
-            residual = _verdict(
-                r.get("ece_diff_vs_fp32_lo"),
-                r.get("ece_diff_vs_fp32_hi"),
-                "still above fp32+TS",
-                "below fp32+TS",
-            )
-            ev.append(
-                f"{ds} / {model} {r['precision']}: ECE {_pct(none[0]['ece'] if none else None)} → "
-                f"{_pct(r['ece'])} % with T = {r['temperature']:.3g} ({v}; change "
-                f"{_pct(r.get('ece_diff_vs_none'), 2)} [{_pct(r.get('ece_diff_vs_none_lo'), 2)}, "
-                f"{_pct(r.get('ece_diff_vs_none_hi'), 2)}]); vs fp32 after TS: {residual}."
-                if r.get("temperature") is not None
-                else f"{ds} / {model} {r['precision']}: no temperature"
-            )
-    mob = [e for e in ev if "mobileone" in e and (lowest or "") in e]
-    out.append(
-        {
-            "claim": "3. Temperature scaling improves calibration of quantized nets, but fails to "
-            "correct "
-            "4-bit MobileOne.",
-            "verdict": _summarise(verdicts)
-            + (
-                "; MobileOne at the lowest precision: "
-                + (mob[0].split(": ", 1)[1] if mob else "not in this run")
-            ),
-            "evidence": ev,
-        }
-    )
-
-    # Beyond the paper: reusing the fp32 temperature vs a refit.
-    ev = []
-    for ds, model in _groups(main):
-        for p in precs:
-            if p == "fp32":
-                continue
-            refit = _pick(main, dataset=ds, model=model, recal="temperature", precision=p)
-            reuse = _pick(main, dataset=ds, model=model, recal="temperature_fp32", precision=p)
-            if refit and reuse:
-                ev.append(
-                    f"{ds} / {model} {p}: ECE {_pct(reuse[0]['ece'])} % reusing the fp32 "
-                    f"T = {reuse[0]['temperature']:.3g} vs {_pct(refit[0]['ece'])} % refitting "
-                    f"(T = {refit[0]['temperature']:.3g})."
-                )
-    if ev:
-        out.append(
-            {
-                "claim": "Extra: after quantization, refit the temperature rather than reuse the "
-                "fp32 model's.",
-                "verdict": "see the numbers",
-                "evidence": ev,
-            }
-        )
-
-    # Beyond the paper: the range-calibration sample as a source of variance.
-    ev = []
-    ok = _ok(rows)
-    for ds, model in _groups(ok):
-        for p in precs:
-            rs = [
-                r
-                for r in _pick(ok, dataset=ds, model=model, recal="none", precision=p)
-                if r["ptq_sample"] is not None and r["ptq_sample"] >= 0
-            ]
-            per_obs: dict[str, list[dict]] = {}
-            for r in rs:
-                per_obs.setdefault(r["observer"], []).append(r)
-            for obs, rr in per_obs.items():
-                if len(rr) > 1:
-                    eces = [r["ece"] for r in rr]
-                    accs = [r["accuracy"] for r in rr]
-                    ev.append(
-                        f"{ds} / {model} {p} ({obs}, {len(rr)} disjoint range-calibration "
-                        f"samples): accuracy {_pct(min(accs))}–{_pct(max(accs))} %, ECE "
-                        f"{_pct(min(eces))}–{_pct(max(eces))} %."
-                    )
-    out.append(
-        {
-            "claim": "Extra: the range-calibration sample is a source of variance.",
-            "verdict": "see the numbers"
-            if ev
-            else "not measured (set quant.ptq_calib_samples > 1)",
-            "evidence": ev,
-        }
-    )
-    from quantcal.findings import FINDINGS
-
-    out.extend(f for f in (finding(rows) for finding in FINDINGS) if f is not None)
-    if small:
+    out = [c.as_dict() for c in evaluate(rows) if c.tested]
+    n_test = _mean([r.get("n_test") for r in _main_rows(rows)]) or 0
+    if n_test and n_test < 2000:
         out.append(
             {
                 "claim": "Caveat",
@@ -367,13 +118,11 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def _summarise(verdicts: list[str]) -> str:
-    if not verdicts:
-        return "not tested in this run"
-    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
-    if len(counts) == 1:
-        return f"{verdicts[0]} ({len(verdicts)} of {len(verdicts)})"
-    return "mixed: " + ", ".join(f"{v} {c} of {len(verdicts)}" for v, c in counts.items())
+def untested_claims(rows: list[dict]) -> list[dict[str, Any]]:
+    """The registered claims this study does not test, each with what it would need."""
+    from quantcal.claims import evaluate
+
+    return [c.as_dict() for c in evaluate(rows) if not c.tested]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,7 +453,89 @@ td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4
 td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 .muted{color:#666;font-size:.9em}code{background:#f4f4f4;padding:1px 4px}
+.badge{display:inline-block;padding:1px 7px;border-radius:9px;font-weight:600;white-space:nowrap}
+.safe{background:#d9f2dd;color:#135c1e}.repair{background:#dbe9fb;color:#123f7a}
+.lost{background:#fde2d6;color:#7a2a06}.broken{background:#f9d6dc;color:#7a0e24}
+td.text{text-align:left}
 """
+
+_BADGE = {
+    "safe as is": ("safe", "✔ safe as is"),
+    "safe after recalibration": ("repair", "✔ safe after recalibration"),
+    "not safe: accuracy lost": ("lost", "✘ not safe: accuracy lost"),
+    "not safe: confidence cannot be repaired": (
+        "broken",
+        "✘ not safe: confidence cannot be repaired",
+    ),
+}
+
+
+def _budget(config_text: str):
+    """The study's verdict budget from its config.toml ([report]), else the defaults."""
+    import tomllib
+
+    from quantcal.verdicts import Budget
+
+    try:
+        section = tomllib.loads(config_text).get("report", {}) if config_text else {}
+        return Budget(
+            **{k: section[k] for k in ("max_accuracy_drop", "max_ece_rise") if k in section}
+        )
+    except (tomllib.TOMLDecodeError, TypeError, ValueError):
+        return Budget()
+
+
+def _muted(text: str) -> str:
+    return f"<span class='muted'>{html.escape(text)}</span>"
+
+
+def _verdict_section(rows: list[dict], budget) -> str:
+    """The verdict table: per model and precision, the outcome (colour and text), the numbers
+    behind it and the reason."""
+    from quantcal.verdicts import verdicts
+
+    vs = verdicts(rows, budget)
+    if not vs:
+        return "<p>No quantized cell with an fp32 reference: no verdict.</p>"
+    body = []
+    for v in vs:
+        cls, label = _BADGE[v.outcome]
+        if v.outcome == "safe after recalibration":
+            label += f" ({html.escape(v.recal)}, fitted on {html.escape(v.recal_fit)})"
+        border = " <span class='muted'>(borderline: its interval crosses the budget)</span>"
+        body.append(
+            "<tr>"
+            + f"<td>{html.escape(v.dataset)}</td><td>{html.escape(v.model)}</td>"
+            + f"<td>{html.escape(v.precision)}</td>"
+            + f"<td class='text'><span class='badge {cls}'>{label}</span>"
+            + (border if v.borderline else "")
+            + "</td>"
+            + f"<td>{v.accuracy.text()} {_muted(f'(fp32 {v.fp32_accuracy.text()})')}</td>"
+            + f"<td>{v.ece.text()} {_muted(f'(fp32 {v.fp32_ece.text()})')}</td>"
+            + f"<td>{html.escape(v.recal or '–')}: {v.best_ece.text()}</td>"
+            + f"<td class='text muted'>{html.escape(v.reason)}</td></tr>"
+        )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "dataset",
+            "model",
+            "precision",
+            "verdict",
+            "accuracy %",
+            "ECE % as is",
+            "best recalibrator: ECE %",
+            "why",
+        )
+    )
+    return (
+        f"<p class='muted'>Budget: at most {100 * budget.max_accuracy_drop:g} point(s) of "
+        f"top-1 accuracy lost and {100 * budget.max_ece_rise:g} point(s) of ECE gained vs "
+        "fp32 (as is; after recalibration, vs fp32's best), set by the study's [report] "
+        "max_accuracy_drop and max_ece_rise. Point estimates decide; [intervals] are 95 % "
+        "bootstrap intervals over test images (and seeds).</p>"
+        f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    )
 
 
 def _fitted_on(rows: list[dict]) -> str:
@@ -846,6 +677,8 @@ def write_report(run_dir: str | Path) -> Path:
             )
         )
         + "</p>",
+        "<h2>Verdict</h2>",
+        _verdict_section(rows, _budget(config_text)) if ok else "<p>No successful cells.</p>",
         "<h2>Key numbers</h2>",
         _key_table(rows) if ok else "<p>No successful cells.</p>",
         "<h2>Findings</h2>",
@@ -856,6 +689,18 @@ def write_report(run_dir: str | Path) -> Path:
             f"{html.escape(f['verdict'])}</p><ul>"
             + "".join(f"<li>{html.escape(e)}</li>" for e in f["evidence"])
             + "</ul>"
+        )
+    untested = untested_claims(rows) if ok else []
+    if untested:
+        parts.append(
+            "<p class='muted'>Not tested by this study: "
+            + "; ".join(
+                html.escape(f"{c['claim'].split(' (')[0].rstrip('.')} ({c['evidence'][0]})")
+                if c["evidence"]
+                else html.escape(c["claim"])
+                for c in untested
+            )
+            + ".</p>"
         )
     parts.append("<h2>Figures</h2>")
     for _, caption, png in figs:

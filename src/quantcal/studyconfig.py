@@ -40,6 +40,10 @@ listed method and scored on the test split. File layout (every key optional but 
     bootstrap = 1000
     level = 0.95
 
+    [report]                       # the deployer's budget behind each verdict (quantcal.verdicts)
+    max_accuracy_drop = 0.01       # top-1 accuracy lost vs fp32 (0.01 = 1 point)
+    max_ece_rise = 0.01            # ECE above fp32's (as is; or after the best recalibrator)
+
 ``[train] objectives`` lists training objectives (names or tables, see
 :mod:`quantcal.objectives`); each trains its own model, which then goes through every precision,
 range estimator and recalibrator. Default ``["ce"]``; a single ``objective = ...`` is the same as
@@ -156,6 +160,9 @@ class StudyConfig:
     bootstrap: int = 1000
     level: float = 0.95
     eval_batch_size: int = 512
+    #: The verdicts' budget: accuracy lost and ECE gained vs fp32 that a deployer accepts.
+    max_accuracy_drop: float = 0.01
+    max_ece_rise: float = 0.01
     threads: int | None = None
     #: Training objectives in canonical form (``{"name": ..., params}``); None: ``["ce"]``.
     objectives: tuple[Mapping[str, Any], ...] | None = None
@@ -267,6 +274,13 @@ class StudyConfig:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
+        for name in ("max_accuracy_drop", "max_ece_rise"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(
+                    f"report.{name} must be a fraction in [0, 1] (0.01 = 1 point), got {v!r}"
+                )
+            set_(name, float(v))
         set_("objectives", _objectives_axis(self.objectives, dict(self.train)))
         if len(self.objectives) > 1 and any(m.checkpoint for m in self.models):
             raise ValueError(
@@ -323,6 +337,10 @@ class StudyConfig:
                 "level": self.level,
                 "eval_batch_size": self.eval_batch_size,
             },
+            "report": {
+                "max_accuracy_drop": self.max_accuracy_drop,
+                "max_ece_rise": self.max_ece_rise,
+            },
         }
 
     def to_toml(self) -> str:
@@ -353,6 +371,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "level": "level",
         "eval_batch_size": "eval_batch_size",
     },
+    "report": {"max_accuracy_drop": "max_accuracy_drop", "max_ece_rise": "max_ece_rise"},
 }
 _TOP_TABLES = ("data", "model", "train", "quant", "recal", "metrics")
 
