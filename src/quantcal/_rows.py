@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePath
 from statistics import NormalDist
 
 __all__ = [
     "Estimate",
     "aggregate",
+    "dataset_label",
     "groups",
     "main_rows",
     "model_label",
@@ -78,6 +80,11 @@ def pick(rows: list[dict], **eq) -> list[dict]:
         if all((model_label(r) if k == "model" else r.get(k)) == v for k, v in eq.items())
     ]
     return sorted(out, key=lambda r: (prec_key(r["precision"]), r.get("seed") or 0))
+
+
+def dataset_label(ds: str) -> str:
+    """``npz:/long/path/cifar100.npz`` -> ``npz:cifar100.npz`` for narrow tables."""
+    return f"npz:{PurePath(ds[4:]).name}" if ds.startswith("npz:") else ds
 
 
 def pct(x: float | None, digits: int = 1) -> str:

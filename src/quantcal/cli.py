@@ -241,14 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="(re)write report.html for a finished run folder",
+        help="(re)write report.html for a finished run folder, or print its summary table",
         description="Assemble the cached rows of a run (all shards) into "
-        "results.csv and write report.html and figures/.",
-        epilog="example:\n  quantcal report runs/demo\n\nexit status: 0 all cells ok, 1 some "
-        "cells failed (grouped on stderr), 2 the folder is not a finished run",
+        "results.csv and write report.html and figures/. With --format, write nothing: print "
+        "the run's summary table (one line per model, precision and recalibration method) to "
+        "stdout as Markdown, LaTeX or JSON, for a paper or a wiki.",
+        epilog="examples:\n"
+        "  quantcal report runs/demo                             rewrite report.html\n"
+        "  quantcal report runs/demo --format md > table.md      a Markdown table\n"
+        "  quantcal report runs/demo --format latex > table.tex  a booktabs tabular\n"
+        "  quantcal report runs/demo --format json > table.json  every number unrounded\n\n"
+        "exit status: 0 all cells ok, 1 some cells failed (grouped on stderr), 2 the folder is "
+        "not a finished run, or its table is empty",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir")
+    p.add_argument(
+        "--format",
+        choices=("md", "json", "latex"),
+        default=None,
+        help="print the summary table to stdout instead of writing report.html: md (a "
+        "Markdown table), latex (a booktabs tabular) or json (unrounded, with a header); "
+        "md and latex give percent with one decimal (the ECE difference vs fp32: points, two) "
+        "and intervals as '12.3 [11.0, 13.6]'. "
+        "Reads results.csv only (a sharded run: run `quantcal report RUN_DIR` once first). "
+        "Example: quantcal report runs/demo --format latex > table.tex",
+    )
 
     p = sub.add_parser(
         "data",
@@ -539,6 +557,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.run_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give the run's output folder")
+    if args.format is not None:  # print the table; write nothing
+        from quantcal import tables
+
+        if not (out / "results.csv").exists() and (out / "cache").is_dir():
+            raise FileNotFoundError(
+                f"{out / 'results.csv'} does not exist yet: when every shard has finished, "
+                f"`quantcal report {out}` (without --format) assembles it from the cache"
+            )
+        rows = report.load_rows(out)
+        failed = [r for r in rows if r.get("status") != "ok"]
+        records = tables.summary_records(rows)
+        if not records:
+            what = (
+                "no result rows"
+                if not rows
+                else f"no successful cells ({len(failed)} of {len(rows)} rows failed)"
+                if failed
+                else "no rows of the main table"
+            )
+            print(
+                f"quantcal report: error: {out / 'results.csv'} has {what}: no table to print",
+                file=sys.stderr,
+            )
+            return report_failures(failed, out, len(rows)) or 2
+        sys.stdout.write(tables.render(records, args.format, **tables.run_info(out)))
+        return report_failures(failed, out, len(rows))
     if (out / "cache").exists():
         study.assemble(out)
     else:

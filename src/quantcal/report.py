@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_bytes, atomic_write_text
-from quantcal._rows import groups, main_rows, model_label, ok, pct, pick, prec_key
+from quantcal._rows import dataset_label, groups, main_rows, model_label, ok, pct, pick, prec_key
+from quantcal.report_why import why_section
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
 
@@ -339,9 +340,7 @@ def fig_layers(row: dict, ins: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Tables and HTML
 # ---------------------------------------------------------------------------------------------
-def _ds_label(ds: str) -> str:
-    """``npz:/long/path/cifar100.npz`` -> ``npz:cifar100.npz`` for narrow tables."""
-    return f"npz:{Path(ds[4:]).name}" if ds.startswith("npz:") else ds
+_ds_label = dataset_label
 
 
 def _temp(rows: list[dict]) -> str:
@@ -702,6 +701,12 @@ def write_report(run_dir: str | Path) -> Path:
             )
             + ".</p>"
         )
+    if ok:
+        why_html, why_figs = why_section(rows, details, _budget(config_text))
+        if why_html:
+            parts.append(why_html)
+            for name, _, png in why_figs:
+                atomic_write_bytes(run / "figures" / f"{name}.png", png)
     parts.append("<h2>Figures</h2>")
     for _, caption, png in figs:
         b64 = base64.b64encode(png).decode()

@@ -98,6 +98,8 @@ RESULT_COLUMNS = (
     "adaptive_ece",
     "classwise_ece",
     "debiased_ece",
+    "ece_l2",
+    "smooth_ece",
     "nll",
     "brier",
     "mean_confidence",
@@ -1305,8 +1307,57 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                         "layers": lm["inspect"],
                     }
                 )
+    details["diagnostics"] = _diagnostics(runner, plan)
     atomic_write_json(out_dir / "details.json", details)
     return path
+
+
+def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
+    """:func:`quantcal.diagnose.diagnose` of every quantized cell of the first range estimator
+    and range-calibration sample against its fp32 cell, from the cached logits (a cell whose
+    logits are not cached, e.g. a failed one, is skipped)."""
+    from quantcal import diagnose
+
+    cfg = runner.config
+
+    def cached(cell: QuantCell, tkey: str) -> dict | None:
+        path = runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.pt"
+        meta = runner.store.read_json(path.with_suffix(".json"), ("sha256", "precision"))
+        return None if meta is None else runner.store.read_torch(path, meta["sha256"])
+
+    out = []
+    first_observer = cfg.observers[0]
+    for g, cells in plan:
+        tkey = runner.train_key(g)
+        fp32 = cached(cells[0], tkey)
+        if fp32 is None:
+            continue
+        fit = runner.recal_fit(g)[0]
+        split = "test" if fit == "test_crossfit" else "val"
+        for cell in cells[1:]:
+            if cell.observer != first_observer or cell.sample != 0:
+                continue
+            q = cached(cell, tkey)
+            if q is None:
+                continue
+            d = diagnose.diagnose(
+                fp32["test_logits"],
+                q["test_logits"],
+                q["test_labels"],
+                q[f"{split}_logits"],
+                q[f"{split}_labels"],
+                fit_split=split,
+            )
+            d.update(
+                dataset=g.dataset,
+                arch=g.model.arch,
+                width=g.model.width,
+                objective=g.objective,
+                seed=g.seed,
+                precision=cell.precision,
+            )
+            out.append(d)
+    return out
 
 
 def _stderr_log(message: str) -> None:
