@@ -110,7 +110,7 @@ def test_no_recalibrator_measured_and_a_custom_budget():
     assert v.outcome == "safe as is"
     v = _one(rows, Budget(max_accuracy_drop=0.05, max_ece_rise=0.01))
     assert v.outcome == "not safe: confidence cannot be repaired"
-    assert "was not measured" in v.reason
+    assert "no recalibrator was measured" in v.reason
     with pytest.raises(ValueError, match="max_ece_rise must be a fraction"):
         Budget(max_ece_rise=-0.01)
     with pytest.raises(ValueError, match="max_accuracy_drop"):

@@ -405,7 +405,7 @@ def range_sample_variance(rows: list[dict]) -> Claim:
                     }
                 )
                 evidence.append(
-                    f"{ds} / {model} {p} ({obs}, seed {seed}, {len(rr)} disjoint "
+                    f"{ds} / {model} {p} ({obs}, seed {int(seed or 0)}, {len(rr)} disjoint "
                     f"range-calibration samples): accuracy {pct(min(accs))}–{pct(max(accs))} %, "
                     f"ECE {pct(min(eces))}–{pct(max(eces))} %."
                 )

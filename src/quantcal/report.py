@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_bytes, atomic_write_text
-from quantcal._rows import dataset_label, groups, main_rows, model_label, ok, pct, pick, prec_key
+from quantcal._rows import (
+    aggregate,
+    dataset_label,
+    groups,
+    main_rows,
+    model_label,
+    ok,
+    pct,
+    pick,
+    prec_key,
+)
 from quantcal.report_why import why_section
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
@@ -141,44 +151,80 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _cell_estimates(rows: list[dict], key: str) -> tuple[float, float, float]:
+    """(value, lower error, upper error) in percent over the seeds of one cell."""
+    e = aggregate(rows, key)
+    if e.value is None:
+        return math.nan, 0.0, 0.0
+    lo = 100 * max(0.0, e.value - e.lo) if e.lo is not None else 0.0
+    hi = 100 * max(0.0, e.hi - e.value) if e.hi is not None else 0.0
+    return 100 * e.value, lo, hi
+
+
+def _needs_log(values: list[float]) -> bool:
+    """True when one value dwarfs the rest (max over median above 8): a log axis then keeps the
+    small ones readable."""
+    v = sorted(x for x in values if x == x and x > 0)
+    return len(v) >= 3 and v[-1] / v[len(v) // 2] > 8
+
+
 def fig_precision(rows: list[dict]) -> bytes:
-    """The study's Figure 1: accuracy and ECE vs precision per architecture and dataset."""
+    """The study's Figure 1: accuracy and ECE vs precision per architecture and dataset, both
+    with their intervals (seeds aggregated); the ECE axis turns logarithmic when one cell
+    dwarfs the rest; the legend sits below the panels, off the lines."""
     main = _main_rows(rows)
     datasets = sorted({r["dataset"] for r in main})
     precs = sorted({r["precision"] for r in main}, key=_prec_key)
-    fig = _figure(9, 3.2 * len(datasets))
+    fig = _figure(9, 3.0 * len(datasets) + 0.9)
     axes = fig.subplots(len(datasets), 2, squeeze=False)
+    handles: dict[str, Any] = {}
     for i, ds in enumerate(datasets):
+        eces: list[float] = []
         for c, (_, model) in enumerate([g for g in _groups(main) if g[0] == ds]):
+            color = f"C{c % 10}"
             for recal, style in (("none", "-o"), ("temperature", "--s")):
                 rs = _pick(main, dataset=ds, model=model, recal=recal)
-                by_p = {r["precision"]: r for r in rs}
-                xs = [k for k, p in enumerate(precs) if p in by_p]
+                xs = [k for k, p in enumerate(precs) if _pick(rs, precision=p)]
                 if not xs:
                     continue
-                rr = [by_p[precs[k]] for k in xs]
+                cells = [_pick(rs, precision=precs[k]) for k in xs]
                 if recal == "none":
-                    axes[i, 0].plot(
-                        xs, [100 * r["accuracy"] for r in rr], style, label=model, color=f"C{c}"
+                    acc = [_cell_estimates(cell, "accuracy") for cell in cells]
+                    axes[i, 0].errorbar(
+                        xs,
+                        [a[0] for a in acc],
+                        yerr=[[a[1] for a in acc], [a[2] for a in acc]],
+                        fmt=style,
+                        color=color,
+                        capsize=3,
                     )
-                line = axes[i, 1].errorbar(
+                ece = [_cell_estimates(cell, "ece") for cell in cells]
+                eces += [e[0] for e in ece]
+                label = f"{model}{' + TS' if recal != 'none' else ''}"
+                handles[label] = axes[i, 1].errorbar(
                     xs,
-                    [100 * r["ece"] for r in rr],
-                    yerr=_yerr(rr, "ece"),
+                    [e[0] for e in ece],
+                    yerr=[[e[1] for e in ece], [e[2] for e in ece]],
                     fmt=style,
-                    color=f"C{c}",
+                    color=color,
                     capsize=3,
-                    label=f"{model}{' + TS' if recal != 'none' else ''}",
                     alpha=1.0 if recal == "none" else 0.6,
                 )
-                del line
-        for j, (ax, name) in enumerate(zip(axes[i], ("accuracy (%)", "ECE (%)"))):
+        if _needs_log(eces):
+            axes[i, 1].set_yscale("log")
+        for ax, name in zip(axes[i], ("accuracy (%)", "ECE (%)")):
             ax.set_xticks(range(len(precs)), precs)
-            ax.set_ylabel(name)
-            ax.set_title(f"{_ds_label(ds)}: {name.split()[0]}")
-            ax.grid(alpha=0.3)
-            if j == 1 or i == 0:
-                ax.legend(fontsize=7)
+            ax.set_ylabel(name + (", log scale" if ax.get_yscale() == "log" else ""))
+            ax.set_title(f"{_ds_label(ds)}: {name.split()[0]}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncol=min(4, len(handles)),
+            fontsize=8,
+        )
     return _png(fig)
 
 
@@ -231,30 +277,41 @@ def fig_reliability(rows: list[dict], details: dict, dataset: str, model: str) -
 
 
 def fig_recal_gain(rows: list[dict]) -> bytes:
-    """ECE per recalibration method for every quantized cell (bars grouped by cell)."""
+    """ECE after each recalibration method for every cell: one line per cell (model and
+    precision, labels written horizontally), one marker per method, seeds aggregated; the
+    axis turns logarithmic when one cell dwarfs the rest."""
     main = _main_rows(rows)
     methods = list(dict.fromkeys(r["recal"] for r in main))
     cells = list(dict.fromkeys((r["dataset"], _model_label(r), r["precision"]) for r in main))
     cells.sort(key=lambda c: (c[0], c[1], _prec_key(c[2])))
-    fig = _figure(max(6.0, 0.55 * len(cells) * max(1, len(methods)) / 3), 3.6)
+    fig = _figure(7.5, 0.9 + 0.28 * len(cells))
     ax = fig.subplots()
-    w = 0.8 / max(1, len(methods))
+    markers = "o^sDvP*Xh<>"
+    values = []
     for k, m in enumerate(methods):
-        ys = []
-        for ds, model, p in cells:
+        ys, xs = [], []
+        for i, (ds, model, p) in enumerate(cells):
             rs = _pick(main, dataset=ds, model=model, precision=p, recal=m)
-            ys.append(100 * rs[0]["ece"] if rs else 0.0)
-        ax.bar([i + k * w for i in range(len(cells))], ys, width=w, label=m)
-    ax.set_xticks(
-        [i + 0.4 - w / 2 for i in range(len(cells))],
-        [f"{model}\n{p}" for _, model, p in cells],
-        fontsize=6,
-        rotation=60,
+            if rs:
+                xs.append(_cell_estimates(rs, "ece")[0])
+                ys.append(len(cells) - 1 - i + (k - (len(methods) - 1) / 2) * 0.08)
+        values += xs
+        ax.scatter(xs, ys, marker=markers[k % len(markers)], s=26, label=m, color=f"C{k % 10}")
+    multi_ds = len({c[0] for c in cells}) > 1
+    ax.set_yticks(
+        range(len(cells)),
+        [
+            f"{_ds_label(ds) + ' / ' if multi_ds else ''}{model} {p}"
+            for ds, model, p in reversed(cells)
+        ],
+        fontsize=7,
     )
-    ax.set_ylabel("test ECE (%)")
-    ax.set_title("ECE after each recalibration method")
-    ax.legend(fontsize=7, ncol=min(6, len(methods)))
-    ax.grid(axis="y", alpha=0.3)
+    if _needs_log(values):
+        ax.set_xscale("log")
+    ax.set_xlabel("test ECE (%)" + (", log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_title("ECE after each recalibration method", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="outside lower center", ncol=min(6, len(methods)), fontsize=8)
     return _png(fig)
 
 
@@ -325,10 +382,23 @@ def fig_layers(row: dict, ins: dict) -> bytes:
     xs = list(range(len(names)))
     ax.bar(xs, [s if s is not None and math.isfinite(s) else 0 for s in sqnr], color="tab:blue")
     ax.set_ylabel("output SQNR vs fp32 (dB)")
-    ax.set_xticks(xs, names, rotation=90, fontsize=5)
-    ax2 = ax.twinx()
-    ax2.plot(xs, [100 * c if c is not None else float("nan") for c in clip], "r.", ms=4)
-    ax2.set_ylabel("activation clipping (%)", color="tab:red")
+    ax.set_xticks(xs, names, rotation=90, fontsize=6)
+    clipped = [100 * c if c is not None else float("nan") for c in clip]
+    if any(c > 0 for c in clipped if c == c):  # an axis of zeros says nothing: leave it out
+        ax2 = ax.twinx()
+        ax2.plot(xs, clipped, "r.", ms=4)
+        ax2.set_ylabel("activation clipping (%)", color="tab:red")
+    else:
+        ax.text(
+            0.99,
+            0.97,
+            "no activation clipped on the range-calibration images",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=7,
+            color="tab:red",
+        )
     ax.set_title(
         f"per-layer sensitivity: {_ds_label(row['dataset'])} / {_model_label(row)} "
         f"{row['precision']} ({row['observer']}), ECE {_pct(row['ece'])}%",
@@ -344,8 +414,9 @@ _ds_label = dataset_label
 
 
 def _temp(rows: list[dict]) -> str:
-    t = rows[0].get("temperature") if rows else None
-    return "–" if t is None else format(t, ".3g")
+    """The fitted temperature (the mean over seeds)."""
+    ts = [r["temperature"] for r in rows if r.get("temperature") is not None]
+    return "–" if not ts else format(sum(ts) / len(ts), ".3g")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -385,45 +456,79 @@ def _html_table(headers: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _outside(e) -> bool:
+    """A point estimate outside its own interval (binned ECE below its bootstrap interval)."""
+    return e.decided and not (e.lo <= e.value <= e.hi)
+
+
+_OUTSIDE_NOTE = (
+    "† The binned ECE lies outside its bootstrap interval. ECE is an absolute value per bin, "
+    "so the noise a resample adds raises it on average: resampled ECEs sit above the estimate "
+    "when the model is well calibrated, and the percentile interval describes them. The "
+    "estimate is the number to quote; the interval's width is the uncertainty."
+)
+
+
 def _key_table(rows: list[dict]) -> str:
+    """One line per model and precision (seeds aggregated), raw and after temperature
+    scaling."""
     main = _main_rows(rows)
-    body = []
+    body, flagged = [], False
     for ds, model in _groups(main):
-        for r in _pick(main, dataset=ds, model=model, recal="none"):
-            same = {"dataset": ds, "model": model, "precision": r["precision"]}
+        raw = _pick(main, dataset=ds, model=model, recal="none")
+        for p in sorted({r["precision"] for r in raw}, key=_prec_key):
+            rs = _pick(raw, precision=p)
+            same = {"dataset": ds, "model": model, "precision": p}
             ts = _pick(main, recal="temperature", **same)
             f32 = _pick(main, recal="temperature_fp32", **same)
+            ece = aggregate(rs, "ece")
+            mark = " †" if _outside(ece) else ""
+            flagged |= bool(mark)
+            ts_ece = aggregate(ts, "ece")
+            ts_mark = " †" if _outside(ts_ece) else ""
+            flagged |= bool(ts_mark)
+            r = rs[0]
             body.append(
                 [
                     ds,
                     model,
-                    r["precision"],
-                    _ci(r, "accuracy"),
-                    _ci(r, "ece"),
-                    _diff(r, "ece_diff_vs_fp32"),
-                    _ci(ts[0], "ece") if ts else "–",
-                    _pct(f32[0]["ece"]) if f32 else "–",
+                    p,
+                    aggregate(rs, "accuracy").text(),
+                    ece.text() + mark,
+                    aggregate(rs, "ece_diff_vs_fp32").text(2, sign=True) if p != "fp32" else "–",
+                    (ts_ece.text() + ts_mark) if ts else "–",
+                    aggregate(f32, "ece").text() if f32 else "–",
                     _temp(ts),
                     f"{(r.get('params') or 0) / 1e3:.0f} k",
                     f"{(r.get('weight_bytes') or 0) / 1e3:.0f} kB",
                 ]
             )
-    return _html_table(
+    seeds = len({r.get("seed") for r in main})
+    table = _html_table(
         [
             "dataset",
             "model",
             "precision",
             "accuracy % [CI]",
             "ECE % [CI]",
-            "ΔECE vs fp32 [CI]",
-            "ECE after TS",
-            "ECE reusing fp32 T",
+            "ΔECE vs fp32 (points) [CI]",
+            "ECE % after TS [CI]",
+            "ECE % reusing fp32 T",
             "T",
             "params",
             "weights",
         ],
         body,
     )
+    notes = []
+    if seeds > 1:
+        notes.append(
+            f"Each line is the mean of {seeds} seeds; its interval holds the test-image "
+            "variance within seeds and the training variance between them."
+        )
+    if flagged:
+        notes.append(_OUTSIDE_NOTE)
+    return table + "".join(f"<p class='muted'>{html.escape(n)}</p>" for n in notes)
 
 
 def _all_methods_table(rows: list[dict]) -> str:
@@ -455,7 +560,10 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-weight:600;white-space:nowrap}
 .safe{background:#d9f2dd;color:#135c1e}.repair{background:#dbe9fb;color:#123f7a}
 .lost{background:#fde2d6;color:#7a2a06}.broken{background:#f9d6dc;color:#7a0e24}
-td.text{text-align:left}
+td.text{text-align:left}th{text-align:left}
+table.verdicts td{vertical-align:middle;white-space:nowrap}
+table.verdicts td.why{white-space:normal}td.why{font-size:.88em;color:#555;max-width:26em}
+.near{color:#a15c00;font-weight:700;margin-left:.3em;cursor:help}
 """
 
 _BADGE = {
@@ -488,36 +596,50 @@ def _muted(text: str) -> str:
     return f"<span class='muted'>{html.escape(text)}</span>"
 
 
+def _estimate_html(e, fp32=None) -> str:
+    """A compact cell: the estimate (its interval as a tooltip), then fp32's in grey."""
+    if e.value is None:
+        return "–"
+    tip = f"{e.text()} ({e.n_seeds} seed{'s' if e.n_seeds != 1 else ''})"
+    out = f"<span title='{html.escape(tip)}'>{pct(e.value)}</span>"
+    if fp32 is not None and fp32.value is not None:
+        out += f" {_muted(f'fp32 {pct(fp32.value)}')}"
+    return out
+
+
 def _verdict_section(rows: list[dict], budget) -> str:
     """The verdict table: per model and precision, the outcome (colour and text), the numbers
-    behind it and the reason."""
+    behind it (intervals as tooltips and in the key numbers below) and the reason."""
     from quantcal.verdicts import verdicts
 
     vs = verdicts(rows, budget)
     if not vs:
         return "<p>No quantized cell with an fp32 reference: no verdict.</p>"
+    multi_ds = len({v.dataset for v in vs}) > 1
     body = []
     for v in vs:
         cls, label = _BADGE[v.outcome]
         if v.outcome == "safe after recalibration":
-            label += f" ({html.escape(v.recal)}, fitted on {html.escape(v.recal_fit)})"
-        border = " <span class='muted'>(borderline: its interval crosses the budget)</span>"
+            label += f" · {html.escape(v.recal)} on {html.escape(v.recal_fit)}"
+        near = (
+            " <span class='near' title='borderline: the interval of the deciding number "
+            "crosses the budget line'>≈</span>"
+            if v.borderline
+            else ""
+        )
+        model = f"{_ds_label(v.dataset)} / {v.model}" if multi_ds else v.model
+        best = f"{html.escape(v.recal)} {_estimate_html(v.best_ece)}" if v.recal else "–"
         body.append(
-            "<tr>"
-            + f"<td>{html.escape(v.dataset)}</td><td>{html.escape(v.model)}</td>"
-            + f"<td>{html.escape(v.precision)}</td>"
-            + f"<td class='text'><span class='badge {cls}'>{label}</span>"
-            + (border if v.borderline else "")
-            + "</td>"
-            + f"<td>{v.accuracy.text()} {_muted(f'(fp32 {v.fp32_accuracy.text()})')}</td>"
-            + f"<td>{v.ece.text()} {_muted(f'(fp32 {v.fp32_ece.text()})')}</td>"
-            + f"<td>{html.escape(v.recal or '–')}: {v.best_ece.text()}</td>"
-            + f"<td class='text muted'>{html.escape(v.reason)}</td></tr>"
+            f"<tr><td class='text'>{html.escape(model)}</td>"
+            f"<td class='text'>{html.escape(v.precision)}</td>"
+            f"<td class='text'><span class='badge {cls}'>{label}</span>{near}</td>"
+            f"<td>{_estimate_html(v.accuracy, v.fp32_accuracy)}</td>"
+            f"<td>{_estimate_html(v.ece, v.fp32_ece)}</td>"
+            f"<td>{best}</td><td class='text why'>{html.escape(v.reason)}</td></tr>"
         )
     head = "".join(
         f"<th>{h}</th>"
         for h in (
-            "dataset",
             "model",
             "precision",
             "verdict",
@@ -527,13 +649,18 @@ def _verdict_section(rows: list[dict], budget) -> str:
             "why",
         )
     )
+    counts = {o: sum(v.outcome == o for v in vs) for o in _BADGE}
+    summary = ", ".join(f"{n} {o}" for o, n in counts.items() if n)
+    datasets = "" if multi_ds else f" on {html.escape(_ds_label(vs[0].dataset))}"
     return (
+        f"<p><b>{len(vs)} quantized cells{datasets}: {html.escape(summary)}.</b></p>"
+        f"<table class='verdicts'><tr>{head}</tr>{''.join(body)}</table>"
         f"<p class='muted'>Budget: at most {100 * budget.max_accuracy_drop:g} point(s) of "
         f"top-1 accuracy lost and {100 * budget.max_ece_rise:g} point(s) of ECE gained vs "
-        "fp32 (as is; after recalibration, vs fp32's best), set by the study's [report] "
-        "max_accuracy_drop and max_ece_rise. Point estimates decide; [intervals] are 95 % "
-        "bootstrap intervals over test images (and seeds).</p>"
-        f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        "fp32 (as is; after recalibration, vs fp32's best), from the study's [report] "
+        "max_accuracy_drop and max_ece_rise. Point estimates decide; hover a number for its "
+        "95 % interval (the key numbers below list them); ≈ marks a verdict whose interval "
+        "crosses the budget line.</p>"
     )
 
 
@@ -703,6 +830,8 @@ def write_report(run_dir: str | Path) -> Path:
         )
     if ok:
         why_html, why_figs = why_section(rows, details, _budget(config_text))
+        for stale in (run / "figures").glob("why_*.png"):  # from an earlier report
+            stale.unlink()
         if why_html:
             parts.append(why_html)
             for name, _, png in why_figs:

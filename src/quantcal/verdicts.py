@@ -131,7 +131,8 @@ def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
                 borderline = _straddles(ece, ece_line)
                 reason = (
                     f"ECE {100 * ece.value:.1f} % vs fp32 {100 * fp_ece.value:.1f} % (budget +"
-                    f"{100 * budget.max_ece_rise:g}); accuracy {100 * drop:+.1f} points lost"
+                    f"{100 * budget.max_ece_rise:g}); accuracy {100 * acc.value:.1f} % vs fp32 "
+                    f"{100 * fp_acc.value:.1f} %"
                 )
             elif (
                 best.value is not None
@@ -148,15 +149,18 @@ def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
             else:
                 outcome = NOT_REPAIRABLE
                 borderline = best.value is not None and _straddles(best, repair_line)
-                reason = (
-                    f"raw ECE {100 * ece.value:.1f} %; the best recalibrator"
-                    + (
-                        f", {method}, reaches {100 * best.value:.1f} %"
-                        if best.value is not None
-                        else " was not measured"
+                if best.value is None:
+                    tried = "no recalibrator was measured"
+                elif best.value >= ece.value:
+                    tried = (
+                        f"no recalibrator lowers it (the best, {method}, reaches "
+                        f"{100 * best.value:.1f} %)"
                     )
-                    + f" vs fp32's best {100 * fp_best.value:.1f} % (budget "
-                    f"+{100 * budget.max_ece_rise:g})"
+                else:
+                    tried = f"the best recalibrator, {method}, reaches {100 * best.value:.1f} %"
+                reason = (
+                    f"raw ECE {100 * ece.value:.1f} %; {tried}; fp32's best is "
+                    f"{100 * fp_best.value:.1f} % (budget +{100 * budget.max_ece_rise:g})"
                 )
             out.append(
                 Verdict(
