@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.quantcal-installed
 TIMM_VENV  ?= .venv-timm
 TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-timm setup lint clean-venv
+.PHONY: run test test-timm screenshots setup lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ $(TIMM_VENV)/.quantcal-installed: pyproject.toml
 
 test-timm: $(TIMM_VENV)/.quantcal-installed
 	$(TIMM_VENV)/bin/python -m pytest tests/test_timm.py $(ARGS)
+
+# README images of the demo report (after `make run`; needs Debian's chromium).
+screenshots: $(STAMP)
+	$(BIN)/python docs/screenshots.py runs/demo docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

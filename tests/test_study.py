@@ -223,3 +223,91 @@ def test_paper_presets_use_the_papers_recipe():
         assert cfg.train["epochs"] == 200 and cfg.train["batch_size"] == 32
         assert cfg.train["lr"] == 0.1 and cfg.train["weight_decay"] == 1e-4
         assert cfg.precisions == ("fp32", "W8A8", "W4A8", "W4A4")
+
+
+def test_report_gives_verdicts_first_and_explains_cells_beyond_repair(finished, tmp_path):
+    """The report of a real run: a verdict per quantized cell at the top; diagnostics in
+    details.json for each; with a zero ECE budget every cell beyond repair gets its why."""
+    import json
+    import re
+    import shutil
+
+    from quantcal import report
+    from quantcal.verdicts import OUTCOMES
+
+    details = json.loads((finished / "details.json").read_text())
+    diag = details["diagnostics"]
+    assert {(d["arch"], d["precision"]) for d in diag} == {
+        (a, p) for a in ("shufflenetv2", "ghostnet_vgg16") for p in ("W8A8", "W4A4")
+    }
+    for d in diag:
+        g = d["gap"]
+        assert g["gap_q"] - g["gap_fp32"] == pytest.approx(
+            g["accuracy_term"] + g["confidence_term"]
+        )
+        assert sum(f["n"] for f in d["flips"]) == int(_rows(finished)[0]["n_test"])
+    text = (finished / "report.html").read_text()
+    assert text.index("<h2>Verdict</h2>") < text.index("<h2>Key numbers</h2>")
+    assert len(re.findall(r"class='badge ", text)) == 4
+    assert all(o in OUTCOMES for o in re.findall(r"class='badge \w+'>[✔✘] ([^<·]+?)(?: ·|<)", text))
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    cfg = (run / "config.toml").read_text()
+    cfg = re.sub(r"max_ece_rise = [0-9.e-]+", "max_ece_rise = 0.0", cfg)
+    cfg = re.sub(r"max_accuracy_drop = [0-9.e-]+", "max_accuracy_drop = 1.0", cfg)
+    (run / "config.toml").write_text(cfg)
+    text = report.write_report(run).read_text()
+    assert "<h2>Why recalibration fails</h2>" in text
+    assert "Mean confidence − accuracy went from" in text and "NLL is" in text
+    assert list((run / "figures").glob("why_*.png"))
+
+
+def test_compare_two_runs_pairs_cells_and_finds_the_one_changed(finished, tmp_path, capsys):
+    """Run B is run A with one cell's logits changed and another cell's logits gone: every
+    other cell differs by exactly 0 with a [0, 0] paired interval."""
+    import hashlib
+    import io
+    import json
+    import shutil
+
+    import torch
+
+    from quantcal import cli
+    from quantcal.compare import compare_runs
+
+    run_b = tmp_path / "b"
+    shutil.copytree(finished, run_b)
+    runner, plan = study._assembler(run_b, lambda s: None)
+    changed = gone = None
+    for g, cells in plan:
+        tkey = runner.train_key(g)
+        for c in cells[1:]:
+            path = runner.cache / "logits" / f"{study._logits_key(runner.config, c, tkey)}.pt"
+            if g.model.arch == "ghostnet_vgg16" and c.precision == "W4A4":
+                d = torch.load(path, weights_only=True)
+                d["test_logits"] = d["test_logits"] * 3 + 1
+                buf = io.BytesIO()
+                torch.save(d, buf)
+                path.write_bytes(buf.getvalue())
+                meta = json.loads(path.with_suffix(".json").read_text())
+                meta["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+                path.with_suffix(".json").write_text(json.dumps(meta))
+                changed = (g.model.arch, c.precision)
+            elif g.model.arch == "shufflenetv2" and c.precision == "W8A8":
+                path.unlink()
+                path.with_suffix(".json").unlink()
+                gone = (g.model.arch, c.precision)
+    assert changed and gone
+    result = compare_runs(finished, run_b, n_resamples=50)
+    assert {(r["arch"], r["precision"]) for r in result["only_a"]} == {gone}
+    assert result["only_b"] == []
+    for r in result["rows"]:
+        assert r["paired"]
+        if (r["arch"], r["precision"]) == changed and r["recal"] == "none":
+            assert r["diff"] != 0 and r["b"] != r["a"]
+        elif (r["arch"], r["precision"]) != changed:
+            assert (r["diff"], r["lo"], r["hi"]) == (0.0, 0.0, 0.0)
+    assert cli.main(["compare", str(finished), str(run_b), "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "paired" in out and f"only in {finished.name} (3)" in out
+    assert cli.main(["compare", str(finished), str(tmp_path / "nothing")]) == 2

@@ -1470,6 +1470,57 @@ def _assembler(out_dir: str | Path, log: Callable[[str], None]) -> tuple[_Runner
     return _Runner(config, out, "cpu", True, log, assembling=True), expand_cells(config)
 
 
+def recalibrated_test_logits(
+    out_dir: str | Path, *, first_sample_only: bool = True
+) -> dict[tuple, tuple[Any, Any]]:
+    """Every cell's recalibrated test logits of a finished run, from its cache: ``{(dataset,
+    arch, width, objective, seed, precision, observer, ptq_sample, recal): (logits, labels)}``
+    with the identity as results.csv writes it (fp32: observer ``"-"``, sample -1). Each
+    recalibrator is refitted exactly as the row was scored (on val, or cross-fitted on test).
+    ``first_sample_only`` keeps range-calibration sample 0. A cell whose logits are not cached
+    is left out."""
+    runner, plan = _assembler(out_dir, lambda s: None)
+    cfg = runner.config
+    out: dict[tuple, tuple[Any, Any]] = {}
+    for g, cells in plan:
+        tkey = runner.train_key(g)
+
+        def cached(cell: QuantCell, tkey: str = tkey) -> dict | None:
+            path = runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.pt"
+            meta = runner.store.read_json(path.with_suffix(".json"), ("sha256", "precision"))
+            return None if meta is None else runner.store.read_torch(path, meta["sha256"])
+
+        fp32 = cached(cells[0])
+        if fp32 is None:
+            continue
+        fit = runner.recal_fit(g)[0]
+        for cell in cells:
+            if first_sample_only and cell.sample not in (None, 0):
+                continue
+            lg = fp32 if cell.is_fp32 else cached(cell)
+            if lg is None:
+                continue
+            labels = lg["test_labels"]
+            for method in cfg.recal:
+                folds = None
+                if fit == "test_crossfit" and method != "none":
+                    folds = crossfit_folds(labels, g.seed)
+                z, _ = _recalibrate(method, lg, fp32, [], None, folds)
+                key = (
+                    g.dataset,
+                    g.model.arch,
+                    float(g.model.width),
+                    g.objective,
+                    g.seed,
+                    cell.precision,
+                    cell.observer or "-",
+                    -1 if cell.sample is None else cell.sample,
+                    method,
+                )
+                out[key] = (z, labels)
+    return out
+
+
 def failed_rows(out_dir: str | Path) -> list[dict[str, Any]]:
     """The error rows recorded in a run folder's cache (every shard's), for its study."""
     runner, plan = _assembler(out_dir, lambda s: None)
