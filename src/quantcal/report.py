@@ -448,12 +448,13 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(headers: list[str], body: list[list[str]]) -> str:
+def _html_table(headers: list[str], body: list[list[str]], css: str = "") -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     trs = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body
     )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+    cls = f" class='{css}'" if css else ""
+    return f"<table{cls}><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
 def _outside(e) -> bool:
@@ -519,6 +520,7 @@ def _key_table(rows: list[dict]) -> str:
             "weights",
         ],
         body,
+        css="nums",
     )
     notes = []
     if seeds > 1:
@@ -563,6 +565,7 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 td.text{text-align:left}th{text-align:left}
 table.verdicts td{vertical-align:middle;white-space:nowrap}
 table.verdicts td.why{white-space:normal}td.why{font-size:.88em;color:#555;max-width:26em}
+table.nums td{white-space:nowrap}
 .near{color:#a15c00;font-weight:700;margin-left:.3em;cursor:help}
 """
 
