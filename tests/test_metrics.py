@@ -456,3 +456,247 @@ def test_plot_reliability_draws_labelled_bins():
     ]
     assert under
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------------------------
+# smooth ECE (Błasiok & Nakkiran 2024)
+# ----------------------------------------------------------------------------------------------
+def _smece_reference(conf, correct, sigma):
+    """Direct O(N·T) re-derivation: the reflected Gaussian kernel as an explicit sum of images
+    ``φ(t − f − 2m) + φ(t + f − 2m)``, evaluated at every grid point for every sample, and
+    ``Σ_k |Σ_i r_i K(t_k, f_i)| / Σ_k Σ_i K(t_k, f_i)`` on ``T = max(200, round(10/σ))`` points."""
+    f = np.asarray(conf, dtype=np.float64)
+    r = f - np.asarray(correct, dtype=np.float64)
+    t = np.linspace(0.0, 1.0, max(200, round(10 / sigma)))[:, None]
+    images = int(np.ceil(6 * sigma)) + 1  # every image within 12σ of [0, 1]
+    k = np.zeros((t.shape[0], f.shape[0]))
+    for m in range(-images, images + 1):
+        k += np.exp(-0.5 * ((t - f - 2 * m) / sigma) ** 2)
+        k += np.exp(-0.5 * ((t + f - 2 * m) / sigma) ** 2)
+    return float(np.abs(k @ r).sum() / k.sum())
+
+
+def _smece_data(n=300, seed=0):
+    """Confidences with ties, exact 0 and 1, and outcomes that are neither all 0 nor all 1."""
+    rng = np.random.default_rng(seed)
+    f = rng.random(n) ** 0.3
+    f[: n // 10] = 1.0
+    f[n // 10 : n // 8] = 0.0
+    f[n // 8 : n // 6] = 0.75
+    y = (rng.random(n) < f**1.5).astype(np.float64)
+    return f, y
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 0.004, 0.02, 0.05, 0.0731, 0.2, 0.7, 2.5, 5.0])
+def test_smooth_ece_matches_a_direct_kernel_sum(sigma):
+    f, y = _smece_data(n=60 if sigma < 0.01 else 300, seed=int(sigma * 1000))
+    want = _smece_reference(f, y, sigma)
+    assert M.smooth_ece_from_confidences(f, y, bandwidth=sigma) == pytest.approx(want, abs=1e-12)
+    z, labels = _random(n=200, c=6, scale=2.0, seed=3)
+    conf, pred = _refs.top_label(z.numpy())
+    want = _smece_reference(conf, pred == labels.numpy(), sigma)
+    assert M.smooth_ece(z, labels, bandwidth=sigma) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 6.0])
+def test_smooth_ece_bandwidth_is_the_bisected_fixed_point(scale):
+    z, y = _random(n=400, c=5, scale=scale, seed=7)
+    conf, pred = _refs.top_label(z.numpy())
+    hit = (pred == y.numpy()).astype(np.float64)
+    value, sigma = M._SmoothEce(conf, conf - hit).search()
+    step = 2.0**-10
+    assert sigma / step == int(sigma / step) and 2 * step <= sigma <= 1.0
+    # bisection invariants: smECE_σ ≤ σ at σ*, and one step below, σ < smECE_σ (or σ < 0.001)
+    assert _smece_reference(conf, hit, sigma) <= sigma
+    below = sigma - step
+    assert below < 1e-3 or below < _smece_reference(conf, hit, below)
+    assert value == pytest.approx(_smece_reference(conf, hit, sigma), abs=1e-12)
+    assert M.smooth_ece(z, y) == M.smooth_ece(z, y, bandwidth=sigma)
+    assert M.smooth_ece(z, y) == pytest.approx(value, abs=1e-14)  # softmax rounding differs
+
+
+def test_smooth_ece_properties():
+    for seed, scale in [(0, 0.3), (1, 2.0), (2, 8.0), (3, 40.0)]:
+        z, y = _random(n=500, c=10, scale=scale, seed=seed)
+        assert 0.0 <= M.smooth_ece(z, y) <= 1.0
+        assert 0.0 <= M.smooth_ece(z, y, bandwidth=0.01) <= 1.0
+    zc, yc = _refs.calibrated_logits(20000, 10, seed=4)  # top-label calibrated by construction
+    assert M.smooth_ece(zc, yc) < 0.02
+    assert M.smooth_ece(zc * 3.0, yc) > 0.1  # the same model made over-confident
+    # sample order does not matter
+    z, y = _random(n=700, c=4, scale=2.0, seed=5)
+    perm = torch.randperm(700, generator=torch.Generator().manual_seed(0))
+    assert M.smooth_ece(z[perm], y[perm]) == pytest.approx(M.smooth_ece(z, y), abs=1e-14)
+    # numpy and torch inputs, and float64 numpy confidences, give the same value
+    assert M.smooth_ece(z.numpy(), y.numpy()) == M.smooth_ece(z, y)
+    conf, correct = M._top_label(z, y)
+    assert M.smooth_ece_from_confidences(conf, correct) == M.smooth_ece(z, y)
+    assert M.smooth_ece_from_confidences(conf.numpy(), correct.numpy()) == M.smooth_ece(z, y)
+
+
+def test_smooth_ece_at_confidence_zero_and_one():
+    z, _ = _random(n=50, c=5, seed=6)
+    z = z * 1000.0  # every softmax saturates: confidence exactly 1.0
+    pred = z.argmax(1)
+    conf, _ = M._top_label(z, pred)
+    assert (conf == 1.0).all()
+    assert M.smooth_ece(z, (pred + 1) % 5) == 1.0  # always wrong at confidence 1
+    assert M.smooth_ece(z, pred) == 0.0  # always right at confidence 1
+    assert M.smooth_ece(z, (pred + 1) % 5, bandwidth=0.05) == 1.0
+    # a mix at exactly 0 and 1 (the lower-level function takes any (probability, outcome) pairs)
+    f = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.5])
+    y = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    for sigma in (0.01, 0.1, 0.6):
+        want = _smece_reference(f, y, sigma)
+        assert M.smooth_ece_from_confidences(f, y, bandwidth=sigma) == pytest.approx(
+            want, abs=1e-12
+        )
+    assert M.smooth_ece_from_confidences(np.zeros(5), np.zeros(5)) == 0.0
+    assert M.smooth_ece_from_confidences(np.zeros(5), np.ones(5)) == 1.0
+
+
+def test_smooth_ece_single_sample_and_one_class():
+    z, y = _random(n=30, c=4, seed=8)
+    conf, pred = _refs.top_label(z.numpy())
+    for i in range(3):  # one sample: the smoothed residual is r everywhere, so smECE = |r|
+        gap = abs(float(pred[i] == int(y[i])) - conf[i])
+        assert M.smooth_ece(z[i : i + 1], y[i : i + 1]) == pytest.approx(gap, abs=1e-14)
+        assert M.smooth_ece(z[i : i + 1], y[i : i + 1], bandwidth=0.003) == pytest.approx(
+            gap, abs=1e-14
+        )
+    # one class (C = 1) is refused like every metric here; its confidence would be 1, always
+    # right, which the lower-level function scores 0
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        M.smooth_ece(z[:, :1], torch.zeros(30, dtype=torch.long))
+    assert M.smooth_ece_from_confidences(np.ones(30), np.ones(30, dtype=bool)) == 0.0
+
+
+def test_smooth_ece_bad_inputs():
+    z, y = _random(n=20, c=3)
+    bad = z.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf in 1 of 20 rows"):
+        M.smooth_ece(bad, y)
+    with pytest.raises(ValueError, match="look like probabilities"):
+        M.smooth_ece(torch.softmax(z, 1), y)
+    with pytest.raises(ValueError, match="empty"):
+        M.smooth_ece(z[:0], y[:0])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.smooth_ece(z, y[:-1])
+    for bandwidth in (0.0, -0.1, float("nan"), float("inf"), 1e-5):
+        with pytest.raises(ValueError, match=r"bandwidth must be a finite number >= 0\.0001"):
+            M.smooth_ece(z, y, bandwidth=bandwidth)
+    for bandwidth in ("0.1", True, [0.1]):
+        with pytest.raises(TypeError, match="bandwidth must be a float or None"):
+            M.smooth_ece(z, y, bandwidth=bandwidth)
+    f = np.linspace(0.1, 0.9, 20)
+    hit = np.ones(20)
+    with pytest.raises(ValueError, match="NaN or Inf in 1 of 20"):
+        M.smooth_ece_from_confidences(np.where(f == f[7], np.nan, f), hit)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        M.smooth_ece_from_confidences(f * 2.0, hit)
+    with pytest.raises(ValueError, match="only 0/1"):
+        M.smooth_ece_from_confidences(f, hit * 2)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.smooth_ece_from_confidences(f, hit[:-1])
+    with pytest.raises(ValueError, match=r"1-D with shape \(N,\)"):
+        M.smooth_ece_from_confidences(f[:, None], hit)
+    with pytest.raises(ValueError, match="empty"):
+        M.smooth_ece_from_confidences(f[:0], hit[:0])
+    with pytest.raises(TypeError, match="floating-point"):
+        M.smooth_ece_from_confidences(np.ones(20, dtype=np.int64), hit)
+    with pytest.raises(TypeError, match=r"torch\.Tensor or a numpy\.ndarray"):
+        M.smooth_ece_from_confidences(f.tolist(), hit)
+
+
+def test_smooth_ece_in_the_report_and_the_bootstrap():
+    z, y = _random(n=400, c=6, dtype=torch.float32, seed=9)
+    rep = M.calibration_report(z, y)
+    keys = list(rep)
+    assert keys[keys.index("debiased_ece") + 1] == "smooth_ece"
+    assert rep["smooth_ece"] == pytest.approx(M.smooth_ece(z, y), abs=1e-12)
+    lo, hi = M.bootstrap_ci(M.smooth_ece, z, y, n_resamples=30, seed=1)
+    assert lo < rep["smooth_ece"] < hi
+
+
+# relplot (the authors' package, `pip install relplot`) is the peer. It bins the samples onto a
+# grid of 1000+ points, cuts its kernel at ±1/2 with one reflection per side, and adds 1e-4 to
+# the density; quantcal sums the kernel exactly. With relplot's grid refined and the 1e-4 taken
+# out, the two agree to rounding; its default agrees to its discretization error.
+def _relplot_cases():
+    cases = {}
+    for n in (50, 500, 5000):
+        for scale in (0.5, 1.5, 3.0):
+            g = torch.Generator().manual_seed(n + int(10 * scale))
+            z = torch.randn(n, 10, generator=g, dtype=torch.float64) * scale
+            cases[f"random n={n} scale={scale}"] = (z, torch.randint(0, 10, (n,), generator=g))
+    zc, yc = _refs.calibrated_logits(2000, 5, seed=0)
+    cases["calibrated"] = (torch.from_numpy(zc), torch.from_numpy(yc))
+    z = torch.randn(300, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cases["all correct"] = (z, z.argmax(1))
+    cases["all wrong"] = (z, (z.argmax(1) + 1) % 6)
+    return cases
+
+
+_RELPLOT_CASES = _relplot_cases()
+
+
+def _fine_relplot(monkeypatch):
+    relplot = pytest.importorskip("relplot")
+    rm = relplot.metrics
+    if not all(hasattr(rm, name) for name in ("ReflectedGaussianKernel", "smooth_ece")):
+        pytest.skip("relplot internals changed (needs metrics.ReflectedGaussianKernel)")
+
+    class Fine(rm.ReflectedGaussianKernel):
+        def apply(self, f, y, x_eval, eval_points=None):
+            return super().apply(f, y, x_eval, eval_points=10001)  # 2e-4 grid, not 1e-3
+
+        def smooth(self, f, y, x_eval, eps=1e-4):
+            return super().smooth(f, y, x_eval, eps=1e-300)
+
+    monkeypatch.setattr(rm, "ReflectedGaussianKernel", Fine)
+    return relplot
+
+
+@pytest.mark.parametrize("case", list(_RELPLOT_CASES))
+def test_smooth_ece_matches_relplot_on_a_fine_grid(case, monkeypatch):
+    relplot = _fine_relplot(monkeypatch)
+    z, y = _RELPLOT_CASES[case]
+    f, hit = relplot.multiclass_logits_to_confidences(z.numpy(), y.numpy())
+    for sigma in (0.02, 0.05, 0.1):  # relplot's cut at ±1/2 is beyond 5σ
+        want = relplot.smECE_sigma(f, hit, sigma)
+        assert M.smooth_ece(z, y, bandwidth=sigma) == pytest.approx(want, abs=1e-6), sigma
+    if case in ("calibrated", "random n=500 scale=0.5"):  # σ* < 0.1: the whole search agrees
+        want, sigma = relplot.smECE(f, hit, return_width=True)
+        assert M._SmoothEce(f, f - hit).search()[1] == sigma
+        assert M.smooth_ece(z, y) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in _RELPLOT_CASES if "scale=3.0" not in c])
+def test_smooth_ece_agrees_with_relplot_default(case):
+    relplot = pytest.importorskip("relplot")
+    z, y = _RELPLOT_CASES[case]
+    f, hit = relplot.multiclass_logits_to_confidences(z.numpy(), y.numpy())
+    want, sigma = relplot.smECE(f, hit, return_width=True)
+    assert M._SmoothEce(f, f - hit).search()[1] == sigma
+    # relplot's 1e-3 grid and (at σ* ~ 0.3) its kernel cut: up to 3e-5 on these inputs
+    assert M.smooth_ece(z, y) == pytest.approx(want, abs=1e-4)
+
+
+def test_relplot_counts_confidence_one_at_half_weight_is_pinned():
+    # relplot reflects its binned masses about the end grid points without doubling the mass
+    # on them, so a sample at exactly 0 or 1 gets half the kernel mass of an interior one.
+    # Saturated float32 softmax gives exactly 1.0 often (low-bit models: most samples).
+    relplot = pytest.importorskip("relplot")
+    f = np.array([1.0, 1.0, 0.6, 0.6])
+    y = np.array([0.0, 0.0, 1.0, 1.0])
+    ours = M.smooth_ece_from_confidences(f, y, bandwidth=0.02)
+    theirs = relplot.smECE_sigma(f, y, 0.02)
+    assert ours == pytest.approx(_smece_reference(f, y, 0.02), abs=1e-12)
+    # groups 20σ apart: |residual| per group (1 and 0.4), weighted by the group's mass on the
+    # grid of T = 500 points; the end point counts fully there, so the group at 1 weighs
+    # 1 + Δ·φ_σ(0) (Euler-Maclaurin), where relplot gives it half of that
+    w1 = 1 + (1 / 499) / (0.02 * math.sqrt(2 * math.pi))
+    assert ours == pytest.approx((2 * w1 * 1.0 + 2 * 0.4) / (2 * w1 + 2), abs=1e-9)
+    assert theirs == pytest.approx((w1 * 1.0 + 2 * 0.4) / (w1 + 2), abs=1e-4)
+    assert ours - theirs > 0.1
