@@ -67,10 +67,11 @@ __all__ = [
 ]
 
 # Each stage's cache version: bumping one recomputes that stage and those after it, never the
-# stages before (v2: data content digests and pinned threads in the keys, verified entries).
+# stages before (v2: data content digests and pinned threads in the keys, verified entries;
+# rows v3: smooth ECE and the plug-in l2 ECE measured).
 _TRAIN_VERSION = 2
 _LOGITS_VERSION = 2
-_ROW_VERSION = 2
+_ROW_VERSION = 3
 
 #: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
 #: precision, observer, range-calibration sample and recalibration method).
