@@ -5,7 +5,7 @@
 
 Two images: the top of the report (title and verdict table) and the "why recalibration fails"
 block of one cell. Each part is cut out of the report's own HTML (with its own CSS), rendered
-alone at 1100 px wide, and the blank space below it trimmed. Needs a Chromium binary (the
+alone at 1200 px wide, and the blank space below it trimmed. Needs a Chromium binary (the
 ``CHROMIUM`` environment variable, else ``chromium`` or ``chromium-browser`` on PATH; Debian's
 package ``chromium``) and Pillow (a matplotlib dependency).
 """
@@ -41,7 +41,7 @@ def _chromium() -> str:
     sys.exit("screenshots: no Chromium found; install Debian's 'chromium' or set CHROMIUM")
 
 
-def _shoot(html: str, out: Path, width: int = 1100, height: int = 4000) -> None:
+def _shoot(html: str, out: Path, width: int = 1200, height: int = 4000) -> None:
     from PIL import Image, ImageChops
 
     with tempfile.TemporaryDirectory() as tmp:

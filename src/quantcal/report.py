@@ -563,8 +563,9 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 .safe{background:#d9f2dd;color:#135c1e}.repair{background:#dbe9fb;color:#123f7a}
 .lost{background:#fde2d6;color:#7a2a06}.broken{background:#f9d6dc;color:#7a0e24}
 td.text{text-align:left}th{text-align:left}
-table.verdicts td{vertical-align:middle;white-space:nowrap}
-table.verdicts td.why{white-space:normal}td.why{font-size:.88em;color:#555;max-width:26em}
+table.verdicts{width:100%}table.verdicts td{vertical-align:middle;white-space:nowrap}
+table.verdicts td.why,table.verdicts td.verdict{white-space:normal}
+td.why{font-size:.88em;color:#555;max-width:26em}
 table.nums td{white-space:nowrap}
 .near{color:#a15c00;font-weight:700;margin-left:.3em;cursor:help}
 """
@@ -622,8 +623,9 @@ def _verdict_section(rows: list[dict], budget) -> str:
     body = []
     for v in vs:
         cls, label = _BADGE[v.outcome]
+        after = ""
         if v.outcome == "safe after recalibration":
-            label += f" · {html.escape(v.recal)} on {html.escape(v.recal_fit)}"
+            after = f"<br>{_muted(f'{v.recal}, fitted on {v.recal_fit}')}"
         near = (
             " <span class='near' title='borderline: the interval of the deciding number "
             "crosses the budget line'>≈</span>"
@@ -635,7 +637,7 @@ def _verdict_section(rows: list[dict], budget) -> str:
         body.append(
             f"<tr><td class='text'>{html.escape(model)}</td>"
             f"<td class='text'>{html.escape(v.precision)}</td>"
-            f"<td class='text'><span class='badge {cls}'>{label}</span>{near}</td>"
+            f"<td class='text verdict'><span class='badge {cls}'>{label}</span>{near}{after}</td>"
             f"<td>{_estimate_html(v.accuracy, v.fp32_accuracy)}</td>"
             f"<td>{_estimate_html(v.ece, v.fp32_ece)}</td>"
             f"<td>{best}</td><td class='text why'>{html.escape(v.reason)}</td></tr>"
