@@ -172,3 +172,62 @@ def test_claims_a_study_does_not_test_say_what_they_need():
         assert not by_key[key].tested and by_key[key].verdict == "not tested"
     assert "ghostnet_vgg16" in by_key["ghostnet_most_robust"].evidence[0]
     assert [c.key for c in claims.evaluate(rows)] == [fn.__name__ for fn in claims.CLAIMS]
+
+
+def test_every_claim_uses_both_seeds_the_same_way():
+    """Two seeds of a study that tests every claim: each claim's numbers are means over both
+    seeds (n_seeds == 2) with the shared aggregation, never the first seed's row."""
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        for arch in ("ghostnet_vgg16", "mobileone_s0"):
+            for obj in ("ce", "focal"):
+                base = {"arch": arch, "objective": obj, "seed": seed}
+                rise = (0.01 if arch.startswith("ghost") else 0.2) + shift
+                rows += [
+                    _row("fp32", "none", 0.8, 0.05, **base),
+                    _row("fp32", "temperature", 0.8, 0.03, **base, temperature=1.2),
+                    _row(
+                        "W4A4",
+                        "none",
+                        0.7,
+                        0.05 + rise,
+                        **base,
+                        ece_diff_vs_fp32=rise,
+                        ece_diff_vs_fp32_lo=rise - 0.01,
+                        ece_diff_vs_fp32_hi=rise + 0.01,
+                    ),
+                    _row(
+                        "W4A4",
+                        "temperature",
+                        0.7,
+                        0.04 + shift,
+                        **base,
+                        temperature=2.0,
+                        ece_diff_vs_none=-rise,
+                        ece_diff_vs_none_lo=-rise - 0.01,
+                        ece_diff_vs_none_hi=-rise + 0.01,
+                        ece_diff_vs_fp32=0.01,
+                        ece_diff_vs_fp32_lo=0.0,
+                        ece_diff_vs_fp32_hi=0.02,
+                    ),
+                    _row("W4A4", "temperature_fp32", 0.7, 0.2 + shift, **base, temperature=1.2),
+                ]
+    results = {c.key: c for c in claims.evaluate(rows)}
+    tested = [c for c in results.values() if c.tested]
+    assert {c.key for c in tested} >= {
+        "precision_raises_ece",
+        "ghostnet_most_robust",
+        "temperature_scaling_helps",
+        "refit_temperature",
+        "training_objectives",
+    }
+    for c in tested:
+        assert c.rows, c.key
+        assert all(n["n_seeds"] == 2 for n in c.rows), c.key
+    (ghost,) = [
+        n
+        for n in results["ghostnet_most_robust"].rows
+        if n["model"] == "ghostnet_vgg16@1" and n["quantity"] == "ece_diff_vs_fp32"
+    ]
+    assert ghost["value"] == pytest.approx(0.02)  # mean of 0.01 and 0.03
+    assert results["ghostnet_most_robust"].verdict.startswith("supported")
