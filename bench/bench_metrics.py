@@ -19,31 +19,12 @@ every chunked or small op wait on descheduled threads (up to 10x slower, for bot
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from _race import race
 from quantcal import metrics, recal
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def _race(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple]:
-    """Median seconds and last value per contender, calls interleaved round-robin."""
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    values: dict[str, object] = {}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            dt, values[name] = _timed(fn)
-            times[name].append(dt)
-    return {k: (statistics.median(v), values[k]) for k, v in times.items()}
 
 
 def _ms(seconds: float) -> str:
@@ -59,7 +40,7 @@ def bench_ece(n: int, repeats: int) -> None:
     z = torch.randn(n, c, generator=g) * 3.0
     y = torch.randint(0, c, (n,), generator=g)
     y_np = y.numpy()
-    res = _race(
+    res = race(
         {
             "quantcal": lambda: metrics.ece(z, y, n_bins=15),
             "torchmetrics": lambda: float(
@@ -103,7 +84,7 @@ def bench_bootstrap(n: int, resamples: int, repeats: int, peer_calls: int) -> No
             for i in idx
         ]
 
-    res = _race(
+    res = race(
         {
             "quantcal": lambda: metrics.bootstrap_ci("ece", z, y, n_resamples=resamples),
             "torchmetrics": peer,
@@ -147,7 +128,7 @@ def bench_temperature(n: int, repeats: int) -> None:
     y = torch.from_numpy((p.cumsum(1) < rng.random(n)[:, None]).sum(1).clip(0, c - 1))
     z = torch.from_numpy(logits * 4.0).float()  # calibrated model, over-confident by 4x
     _lbfgs_recipe(z[:10], y[:10])  # warm-up: torch.optim's first use imports torch._dynamo
-    res = _race(
+    res = race(
         {
             "quantcal": lambda: recal.TemperatureScaling().fit(z, y).temperature,
             "LBFGS recipe": lambda: _lbfgs_recipe(z, y),

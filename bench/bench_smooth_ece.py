@@ -23,33 +23,13 @@ not a quantcal dependency: without it the peer is skipped with a message.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from _race import race
 from quantcal import metrics
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def _race(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple]:
-    """Median seconds and last value per contender, calls interleaved round-robin."""
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    values: dict[str, object] = {}
-    for fn in contenders.values():  # warm-up (imports, caches), not timed
-        fn()
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            dt, values[name] = _timed(fn)
-            times[name].append(dt)
-    return {k: (statistics.median(v), values[k]) for k, v in times.items()}
 
 
 def _ms(seconds: float) -> str:
@@ -88,7 +68,7 @@ def bench(n: int, sharpen: float, repeats: int, relplot) -> None:
         contenders["relplot logits"] = lambda: relplot.smECE(
             *relplot.multiclass_logits_to_confidences(z_np, y_np)
         )
-    res = _race(contenders, repeats)
+    res = race(contenders, repeats, warmup=True)
     print(f"  quantcal: smooth ECE = {ours_value:.6f} at bandwidth {ours_sigma:.6f}")
     if relplot is not None:
         rp_value, rp_sigma = relplot.smECE(conf, correct, return_width=True)

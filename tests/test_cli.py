@@ -169,6 +169,27 @@ def _eval_plain(folder, out, *extra):
     )
 
 
+def _eval_factory(folder, model, out):
+    """``quantcal eval`` of the plain checkpoint built by ``model`` (a module:factory), fp32."""
+    return cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(folder / "plain.pt"),
+            "--model",
+            model,
+            "--dataset",
+            "digits",
+            "--precisions",
+            "fp32",
+            "--recal",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
+
+
 def test_declared_preprocessing_gives_the_models_real_accuracy(
     plain_digits_model, tmp_path, capsys
 ):
@@ -205,24 +226,7 @@ def test_factory_declares_its_preprocessing_and_modules_load_from_the_current_fo
     folder, true_acc = plain_digits_model
     (tmp_path / "declaring.py").write_text(_PLAIN_NET + "\nbuild.mean = 0.0\nbuild.std = 1.0\n")
     monkeypatch.chdir(tmp_path)  # 'declaring' is found in the current folder, no PYTHONPATH
-    code = cli.main(
-        [
-            "eval",
-            "--checkpoint",
-            str(folder / "plain.pt"),
-            "--model",
-            "declaring:build",
-            "--dataset",
-            "digits",
-            "--precisions",
-            "fp32",
-            "--recal",
-            "none",
-            "--out",
-            str(tmp_path / "run"),
-        ]
-    )
-    assert code == 0
+    assert _eval_factory(folder, "declaring:build", tmp_path / "run") == 0
     err = capsys.readouterr().err
     assert "declared by declaring:build" in err and "mean (0)" in err
     with open(tmp_path / "run" / "results.csv", newline="") as fh:
@@ -260,24 +264,7 @@ def test_a_transform_function_is_the_models_preprocessing(
     # declared by the factory, as a 'module:function' string found in the current folder
     (tmp_path / "declaring_t.py").write_text(_PLAIN_NET + "\nbuild.transform = 'prep:prep'\n")
     monkeypatch.chdir(tmp_path)
-    code = cli.main(
-        [
-            "eval",
-            "--checkpoint",
-            str(folder / "plain.pt"),
-            "--model",
-            "declaring_t:build",
-            "--dataset",
-            "digits",
-            "--precisions",
-            "fp32",
-            "--recal",
-            "none",
-            "--out",
-            str(tmp_path / "run2"),
-        ]
-    )
-    assert code == 0
+    assert _eval_factory(folder, "declaring_t:build", tmp_path / "run2") == 0
     err = capsys.readouterr().err
     assert "inputs are prep:prep(uint8 images) (declared by declaring_t:build)" in err
     with open(tmp_path / "run2" / "results.csv", newline="") as fh:

@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 
 import pytest
 
+from _results import result_row, write_results
 from quantcal import report
-from quantcal.study import RESULT_COLUMNS
 
-
-def _row(arch, precision, recal, ece, diff, lo, hi, acc=0.9, **kw):
-    r = dict.fromkeys(RESULT_COLUMNS, "")
-    r.update(
-        dataset="digits",
-        arch=arch,
-        width=0.25,
-        seed=0,
-        precision=precision,
-        observer="-" if precision == "fp32" else "minmax",
-        ptq_sample=-1 if precision == "fp32" else 0,
-        recal=recal,
-        status="ok",
-        accuracy=acc,
-        accuracy_lo=acc - 0.02,
-        accuracy_hi=acc + 0.02,
-        ece=ece,
-        ece_lo=ece - 0.01,
-        ece_hi=ece + 0.01,
-        ece_diff_vs_fp32=diff,
-        ece_diff_vs_fp32_lo=lo,
-        ece_diff_vs_fp32_hi=hi,
-        n_test=360,
-        n_bins=15,
-        params=1000,
-        weight_bytes=500,
-        row_id=f"{arch}-{precision}-{recal}",
-    )
-    r.update(kw)
-    return r
-
-
-def _write(tmp_path, rows):
-    with open(tmp_path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(RESULT_COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
-    (tmp_path / "details.json").write_text(json.dumps({"reliability": {}, "inspect": []}))
-    return report.load_rows(tmp_path)
+_row = result_row
+_write = write_results
 
 
 @pytest.fixture

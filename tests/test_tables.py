@@ -10,55 +10,14 @@ import re
 
 import pytest
 
+from _results import result_row, write_results
 from quantcal import cli, report, tables
-from quantcal.study import RESULT_COLUMNS
-
 
 # ---------------------------------------------------------------------------------------------
 # Hand-made rows written to a results.csv (the pattern of test_report.py)
 # ---------------------------------------------------------------------------------------------
-def _row(arch, precision, recal, ece, diff, lo, hi, acc=0.9, **kw):
-    r = dict.fromkeys(RESULT_COLUMNS, "")
-    r.update(
-        dataset="digits",
-        arch=arch,
-        width=0.25,
-        objective="ce",
-        seed=0,
-        precision=precision,
-        observer="-" if precision == "fp32" else "minmax",
-        ptq_sample=-1 if precision == "fp32" else 0,
-        recal=recal,
-        recal_fit="val",
-        status="ok",
-        accuracy=acc,
-        accuracy_lo=acc - 0.02,
-        accuracy_hi=acc + 0.02,
-        ece=ece,
-        ece_lo=ece - 0.01,
-        ece_hi=ece + 0.01,
-        debiased_ece=ece / 2,
-        nll=0.3 + ece,
-        ece_diff_vs_fp32=diff,
-        ece_diff_vs_fp32_lo=lo,
-        ece_diff_vs_fp32_hi=hi,
-        n_test=360,
-        n_bins=15,
-        params=1000,
-        weight_bytes=500,
-        row_id=f"{arch}-{precision}-{recal}",
-    )
-    r.update(kw)
-    return r
-
-
-def _write(tmp_path, rows):
-    with open(tmp_path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(RESULT_COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
-    (tmp_path / "details.json").write_text(json.dumps({"reliability": {}, "inspect": []}))
-    return report.load_rows(tmp_path)
+_row = result_row
+_write = write_results
 
 
 def _cells(arch, **kw):

@@ -16,19 +16,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IDENTITY", "compare_runs", "format_comparison"]
+__all__ = ["compare_runs", "format_comparison"]
 
-IDENTITY = (
-    "dataset",
-    "arch",
-    "width",
-    "objective",
-    "seed",
-    "precision",
-    "observer",
-    "ptq_sample",
-    "recal",
-)
+def _identity() -> tuple[str, ...]:
+    """The leading columns of results.csv that name a cell and its recalibrator."""
+    from quantcal.study import RESULT_COLUMNS
+
+    return RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1]
+
+
 METRICS = ("ece", "accuracy", "nll", "brier")
 
 
@@ -61,6 +57,7 @@ def compare_runs(
     if not a or not b:
         empty = run_a if not a else run_b
         raise ValueError(f"{empty} has no cached logits to compare (is it a finished run?)")
+    identity = _identity()
     rows = []
     for key in [k for k in a if k in b]:
         (za, ya), (zb, yb) = a[key], b[key]
@@ -77,7 +74,7 @@ def compare_runs(
             lo, hi = diff - half, diff + half
         rows.append(
             {
-                **dict(zip(IDENTITY, key)),
+                **dict(zip(identity, key)),
                 "a": va,
                 "a_lo": lo_a,
                 "a_hi": hi_a,
@@ -94,8 +91,8 @@ def compare_runs(
     return {
         "metric": metric,
         "rows": rows,
-        "only_a": [dict(zip(IDENTITY, k)) for k in a if k not in b],
-        "only_b": [dict(zip(IDENTITY, k)) for k in b if k not in a],
+        "only_a": [dict(zip(identity, k)) for k in a if k not in b],
+        "only_b": [dict(zip(identity, k)) for k in b if k not in a],
     }
 
 

@@ -182,10 +182,7 @@ def _conv_module(kind: type[nn.Module], call: dict[str, Any], c: _Constants) -> 
         device=weight.device,
         dtype=weight.dtype,
     )
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=False)
-    return layer
+    return _holding(layer, weight, bias)
 
 
 def _linear_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -196,6 +193,11 @@ def _linear_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module
         device=weight.device,
         dtype=weight.dtype,
     )
+    return _holding(layer, weight, bias)
+
+
+def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``layer`` with the given constant weight and bias (frozen)."""
     layer.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
