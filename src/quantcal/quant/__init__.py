@@ -26,11 +26,20 @@ from quantcal.quant.observers import (
     get_observer,
     register_observer,
 )
+from quantcal.quant.plan import (
+    PlanBudget,
+    PlanResult,
+    layer_costs,
+    plan_cost,
+    plan_mixed_precision,
+)
 
 __all__ = [
     "PRECISIONS",
     "LayerReport",
     "LayerTable",
+    "PlanBudget",
+    "PlanResult",
     "QuantConfig",
     "RangeObserver",
     "available_observers",
@@ -38,7 +47,10 @@ __all__ = [
     "fake_quant_disabled",
     "get_observer",
     "inspect",
+    "layer_costs",
     "parse_precision",
+    "plan_cost",
+    "plan_mixed_precision",
     "quantize",
     "quantized_layers",
     "register_observer",

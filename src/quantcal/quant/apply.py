@@ -385,10 +385,11 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def _layer_bits(config: QuantConfig, index: int, count: int) -> tuple[int, int]:
+def _layer_bits(config: QuantConfig, index: int, count: int, name: str) -> tuple[int, int]:
+    w, a = config.bits_of(name)
     if config.first_last_8bit and index in (0, count - 1):
-        return max(config.weight_bits, 8), max(config.act_bits, 8)
-    return config.weight_bits, config.act_bits
+        return max(w, 8), max(a, 8)
+    return w, a
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -455,7 +456,14 @@ def quantize(
             )
         warnings.warn(message, UserWarning, stacklevel=2)
     modules = {name: gm.get_submodule(name) for name in names}
-    bits = {name: _layer_bits(config, i, len(names)) for i, name in enumerate(names)}
+    unknown = sorted(set(config.plan()) - set(names))
+    if unknown:
+        raise ValueError(
+            f"QuantConfig.layer_bits names {len(unknown)} layer(s) this model does not quantize: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; its layers are "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        )
+    bits = {name: _layer_bits(config, i, len(names), name) for i, name in enumerate(names)}
     observers: dict[str, RangeObserver] = {
         name: get_observer(config.observer, bits=bits[name][1], **config.observer_options())
         for name in names

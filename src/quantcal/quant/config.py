@@ -49,6 +49,11 @@ class QuantConfig:
         CVPR 2018, §2.4; ONNX QDQ, TFLite); 32 (default) or None to keep float biases. The
         rounding is below one accumulator step, but an integer runtime's requantization ties
         follow it, and across a deep net those ties decide single predictions.
+      layer_bits: a mixed-precision plan: ``((layer name, weight_bits, act_bits), ...)``, each
+        overriding the config's bits for that quantized layer (names as ``quant.inspect`` and
+        ``quantized_layers`` give them; a name the model does not have is a ValueError naming
+        the valid ones); a dict ``{name: (w, a)}`` is accepted and stored sorted. Empty (the
+        default): every layer at the config's bits. ``quant.plan_mixed_precision`` finds one.
       on_unsupported: what ``quantize`` does with a conv or linear computation it cannot
         quantize (a functional ``F.conv2d`` / ``F.linear`` call, e.g. an attention projection or
         a weight-standardized conv traced through, or a transposed conv): "warn" (default) names
@@ -64,6 +69,7 @@ class QuantConfig:
     histogram_bins: int = 2048
     bias_bits: int | None = 32
     on_unsupported: str = "warn"
+    layer_bits: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -95,6 +101,7 @@ class QuantConfig:
                 f"biases, got {b!r}"
             )
 
+        object.__setattr__(self, "layer_bits", _check_layer_bits(self.layer_bits))
         if self.on_unsupported not in ("warn", "error"):
             raise ValueError(
                 f"QuantConfig.on_unsupported must be 'warn' or 'error', got {self.on_unsupported!r}"
@@ -102,8 +109,19 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        """The precision string, e.g. "W4A8"."""
-        return f"W{self.weight_bits}A{self.act_bits}"
+        """The precision string, e.g. "W4A8"; with a plan, the base bits and how many layers
+        the plan sets (``"W4A4+mixed(12)"``)."""
+        base = f"W{self.weight_bits}A{self.act_bits}"
+        return f"{base}+mixed({len(self.layer_bits)})" if self.layer_bits else base
+
+    def plan(self) -> dict[str, tuple[int, int]]:
+        """``layer_bits`` as ``{name: (weight_bits, act_bits)}``."""
+        return {n: (w, a) for n, w, a in self.layer_bits}
+
+    def bits_of(self, name: str) -> tuple[int, int]:
+        """(weight_bits, act_bits) of the layer ``name`` under this config's plan (before
+        ``first_last_8bit``)."""
+        return self.plan().get(name, (self.weight_bits, self.act_bits))
 
     def observer_options(self) -> dict[str, Any]:
         """Constructor options for the configured observer (unused ones are ignored)."""
@@ -111,7 +129,12 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of all fields (canonical for hashing)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.layer_bits:
+            d["layer_bits"] = [list(t) for t in self.layer_bits]
+        else:  # uniform configs keep the dict (and the cache keys made from it) of before
+            del d["layer_bits"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
@@ -123,6 +146,34 @@ class QuantConfig:
             if key not in fields:
                 raise ValueError("QuantConfig: " + unknown_name_message("field", str(key), fields))
         return cls(**data)
+
+
+def _check_layer_bits(value: Any) -> tuple[tuple[str, int, int], ...]:
+    """``layer_bits`` as a sorted tuple of (name, w, a), validated."""
+    if isinstance(value, dict):
+        items = [(k, *v) if isinstance(v, (tuple, list)) else (k, v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in value]
+    else:
+        raise TypeError(
+            "QuantConfig.layer_bits must be {name: (weight_bits, act_bits)} or a sequence of "
+            f"(name, weight_bits, act_bits), got {type(value).__name__}"
+        )
+    out = []
+    for item in items:
+        if len(item) != 3 or not isinstance(item[0], str) or not item[0]:
+            raise ValueError(
+                f"QuantConfig.layer_bits entries must be (layer name, weight_bits, act_bits), "
+                f"got {item!r}"
+            )
+        _check_bits_field(f"layer_bits[{item[0]!r}] weight bits", item[1])
+        _check_bits_field(f"layer_bits[{item[0]!r}] activation bits", item[2])
+        out.append((item[0], int(item[1]), int(item[2])))
+    names = [t[0] for t in out]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"QuantConfig.layer_bits names a layer twice: {', '.join(dup)}")
+    return tuple(sorted(out))
 
 
 def parse_precision(precision: str, **overrides: Any) -> QuantConfig | None:

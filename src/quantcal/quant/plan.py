@@ -1,0 +1,449 @@
+"""Calibration-budgeted mixed precision: the cheapest per-layer bit plan whose accuracy *and*
+calibration stay within a budget.
+
+Mixed-precision searches in the style of HAWQ (Dong et al., ICCV 2019; HAWQ-V3, ICML 2021),
+AIMET's AMP or NNCF budget accuracy only. :func:`plan_mixed_precision` budgets the ECE after
+recalibration as well, because accuracy and calibration do not fall together under quantization
+(Kuang & Wong, arXiv 2309.13866).
+
+**Layers are independent here**: ``quantize`` observes each layer's range on its *fp32* input, so a
+layer quantized at some bits is the same module whatever the other layers' bits. A plan is
+therefore evaluated by composing, layer by layer, the modules of uniform quantizations at each
+level (bit-identical to ``quantize`` with the plan; tested), and never needs requantizing.
+
+**The search**, for levels ordered from most to fewest bits (default W8A8, W4A8, W4A4):
+
+1. *Sensitivities*: each layer alone dropped to each lower level, the rest at the top level; its
+   penalty is the rise in validation NLL (smooth in the logits, where a single layer rarely moves
+   accuracy or ECE measurably) plus, for a calibration budget, its rise in ECE after the
+   recalibrator.
+2. *Order*: moves (layer, level) sorted by penalty per byte (or BOP) saved.
+3. *Binary search* for the longest prefix of that order whose whole model keeps the budget, then
+   *greedy extension* with single further moves, each verified, and *back-off* (the prefix
+   shrinks) when interactions break a budget the parts kept.
+
+**Overfitting the validation set**: validation is split in two stratified halves; recalibrators
+are fitted on one (``fit``) and every budget is checked on the other (``check``), so a plan is
+never judged on the images its recalibrator saw. The test split is not touched: a study reports
+the found plan's test numbers beside the uniform precisions (``[quant] plans``), which shows
+whether the budget held out of sample.
+
+**Costs** (:func:`layer_costs`): weight bytes (each quantized layer's weight at its bits, rounded
+up per tensor, plus one fp32 scale per output channel; other parameters at 32 bits, as
+``models.describe``) or BOPs (Σ MACs · weight bits · activation bits per image, Baskin et al.
+2021).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantcal.quant.config import QuantConfig, parse_precision
+
+__all__ = [
+    "COSTS",
+    "LayerCost",
+    "PlanBudget",
+    "PlanResult",
+    "compose_plan",
+    "layer_costs",
+    "plan_cost",
+    "plan_mixed_precision",
+]
+
+COSTS = ("weight_bytes", "bops")
+
+
+@dataclass(frozen=True)
+class PlanBudget:
+    """What the plan may lose vs fp32 on the validation check half: top-1 accuracy, and the ECE
+    after ``recal`` (None: an accuracy-only budget, as other tools use). Fractions: 0.01 is one
+    point."""
+
+    max_accuracy_drop: float = 0.01
+    max_ece_rise: float | None = 0.01
+    recal: str = "temperature"
+
+    def __post_init__(self) -> None:
+        from quantcal import recal
+
+        for name in ("max_accuracy_drop", "max_ece_rise"):
+            v = getattr(self, name)
+            if v is None and name == "max_ece_rise":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(
+                    f"PlanBudget.{name} must be a fraction in [0, 1] (0.01 = 1 point)"
+                    + (" or None (accuracy only)" if name == "max_ece_rise" else "")
+                    + f", got {v!r}"
+                )
+        if self.recal not in recal.available():
+            raise ValueError(
+                f"PlanBudget.recal: unknown recalibrator {self.recal!r}; choose one of "
+                f"{', '.join(recal.available())}"
+            )
+
+    @property
+    def calibration(self) -> bool:
+        return self.max_ece_rise is not None
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """A quantized layer's weight elements, output channels and MACs per image."""
+
+    params: int
+    out_channels: int
+    macs: int
+
+
+@dataclass
+class PlanResult:
+    """The found plan and how it was found.
+
+    ``config`` quantizes the model with the plan (``quantize(model, result.config, batches)``);
+    ``plan`` is ``{layer: (weight_bits, act_bits)}`` for every quantized layer; ``cost`` and
+    ``uniform_costs`` (per level) are in the ``cost_kind`` unit; ``metrics`` and ``fp32`` hold
+    the check half's accuracy, ECE after the recalibrator and NLL; ``evaluations`` counts whole
+    validation passes; ``sensitivity`` the per-layer penalties (``{layer: {level: penalty}}``).
+    """
+
+    plan: dict[str, tuple[int, int]]
+    config: QuantConfig
+    budget: PlanBudget
+    cost_kind: str
+    cost: float
+    uniform_costs: dict[str, float]
+    metrics: dict[str, float]
+    fp32: dict[str, float]
+    evaluations: int
+    seconds: float
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    within_budget: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "plan": {k: list(v) for k, v in self.plan.items()},
+            "layer_bits": [list(t) for t in self.config.layer_bits],
+            "base": self.config.name.split("+")[0],
+            "budget": {
+                "max_accuracy_drop": self.budget.max_accuracy_drop,
+                "max_ece_rise": self.budget.max_ece_rise,
+                "recal": self.budget.recal,
+            },
+            "cost_kind": self.cost_kind,
+            "cost": self.cost,
+            "uniform_costs": self.uniform_costs,
+            "metrics": self.metrics,
+            "fp32": self.fp32,
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "sensitivity": self.sensitivity,
+            "within_budget": self.within_budget,
+        }
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def layer_costs(deploy: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]:
+    """Per quantizable layer of a deploy-form (or quantized) model: weight elements, output
+    channels and MACs for one image of ``example``'s shape (conv: output elements times
+    ``C_in / groups · prod(kernel)``; linear: output elements times ``in_features``)."""
+    from quantcal.quant.apply import QuantizedLayer
+
+    costs: dict[str, LayerCost] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            w = module.weight
+            # each output element costs one weight row: C_in/groups * prod(kernel) for a conv,
+            # in_features for a linear
+            macs = out[0].numel() * w[0].numel()
+            costs[name] = LayerCost(int(w.numel()), int(w.shape[0]), int(macs))
+
+        return fn
+
+    for name, m in deploy.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, QuantizedLayer)):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            deploy(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return costs
+
+
+def _weight_bytes(c: LayerCost, w: int) -> float:
+    return c.params * 4 if w >= 32 else math.ceil(c.params * w / 8) + 4 * c.out_channels
+
+
+def plan_cost(
+    costs: dict[str, LayerCost], plan: dict[str, tuple[int, int]], kind: str = "weight_bytes"
+) -> float:
+    """The plan's cost over the quantized layers: ``weight_bytes`` (weights at their bits plus
+    per-channel fp32 scales) or ``bops`` (Σ MACs · w · a per image)."""
+    if kind not in COSTS:
+        raise ValueError(f"unknown cost {kind!r}; choose one of {', '.join(COSTS)}")
+    if kind == "weight_bytes":
+        return float(sum(_weight_bytes(c, plan[n][0]) for n, c in costs.items()))
+    return float(sum(c.macs * plan[n][0] * plan[n][1] for n, c in costs.items()))
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def compose_plan(
+    levels: list[nn.Module], assignment: dict[str, int], base: nn.Module | None = None
+) -> nn.Module:
+    """A mixed model from uniform quantizations of one deploy model (``levels``, made by
+    ``quantize`` with one config each): layer ``name`` takes level ``assignment[name]``'s module
+    (default 0). ``base`` (a copy of ``levels[0]``, reused across calls) is modified in place and
+    returned."""
+    from quantcal.quant.apply import _set_submodule, quantized_layers
+
+    out = base if base is not None else copy.deepcopy(levels[0])
+    tables = [dict(quantized_layers(m)) for m in levels]
+    for name in tables[0]:
+        _set_submodule(out, name, tables[assignment.get(name, 0)][name])
+    return out
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def _halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    from quantcal import data
+
+    n = labels.shape[0]
+    if n < 4:
+        raise ValueError(f"plan_mixed_precision needs at least 4 validation images, got {n}")
+    a, b = data.stratified_split(labels.numpy(), np.arange(n), n // 2, np.random.default_rng(seed))
+    return torch.from_numpy(np.sort(a)), torch.from_numpy(np.sort(b))
+
+
+class _Scorer:
+    """Logits of a model on the validation images, and the budget's metrics on the check half
+    (the recalibrator fitted on the fit half)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, budget: PlanBudget, seed: int, bs: int):
+        self.x, self.y, self.budget, self.bs = x, y, budget, bs
+        self.fit, self.check = _halves(y, seed)
+        self.evaluations = 0
+
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        self.evaluations += 1
+        device = next(iter(model.buffers()), torch.zeros(0)).device
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    model(self.x[i : i + self.bs].to(device)).float().cpu()
+                    for i in range(0, len(self.x), self.bs)
+                ]
+            )
+
+    def metrics(self, z: torch.Tensor) -> dict[str, float]:
+        from quantcal import metrics, recal
+
+        zc, yc = z[self.check], self.y[self.check]
+        out = {
+            "accuracy": metrics.accuracy(zc, yc),
+            "nll": metrics.nll(zc, yc),
+            "ece_raw": metrics.ece(zc, yc),
+        }
+        if self.budget.calibration:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a degenerate fit is still a number to compare
+                fitted = recal.get(self.budget.recal)().fit(z[self.fit], self.y[self.fit])
+            out["ece"] = metrics.ece(fitted(zc), yc)
+        return out
+
+
+def _within(m: dict[str, float], ref: dict[str, float], budget: PlanBudget) -> bool:
+    if ref["accuracy"] - m["accuracy"] > budget.max_accuracy_drop:
+        return False
+    return not budget.calibration or m["ece"] - ref["ece"] <= budget.max_ece_rise
+
+
+def _penalty(m: dict[str, float], top: dict[str, float], budget: PlanBudget) -> float:
+    p = max(0.0, m["nll"] - top["nll"]) + max(0.0, top["accuracy"] - m["accuracy"])
+    if budget.calibration:
+        p += max(0.0, m["ece"] - top["ece"])
+    return p
+
+
+def plan_mixed_precision(
+    model: nn.Module,
+    calib_batches: Iterable[Any],
+    val_batches: Iterable[Any],
+    *,
+    budget: PlanBudget | None = None,
+    levels: Iterable[str] = ("W8A8", "W4A8", "W4A4"),
+    cost: str = "weight_bytes",
+    base_config: QuantConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    extend: int = 8,
+) -> PlanResult:
+    """The cheapest plan found whose validation accuracy and ECE after ``budget.recal`` stay
+    within ``budget`` of fp32 (see the module docstring for the search).
+
+    Args:
+        model: any model ``quantize`` takes (it is not modified).
+        calib_batches: range-calibration batches (``ptq_calib``), as for ``quantize``.
+        val_batches: ``(x, y)`` validation batches; split into a fit and a check half.
+        budget: the budget (default 1 point of accuracy and of ECE after temperature scaling);
+            ``PlanBudget(max_ece_rise=None)`` is accuracy only.
+        levels: precisions from most to fewest bits, each ``"WxAy"``.
+        cost: ``"weight_bytes"`` or ``"bops"``.
+        base_config: observer and other settings shared by every level (its bits are ignored).
+        extend: single moves tried after the binary search.
+
+    When even the top level breaks the budget, the result is the all-top plan with
+    ``within_budget`` False.
+    """
+    from quantcal.models.deploy import to_deploy
+    from quantcal.quant.apply import batch_inputs, quantize, quantized_layers
+
+    budget = budget or PlanBudget()
+    if cost not in COSTS:
+        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    configs = []
+    for p in levels:
+        qc = parse_precision(p) if isinstance(p, str) else None
+        if qc is None:
+            raise ValueError(f"plan levels must be quantized precisions like 'W4A8', got {p!r}")
+        if base_config is not None:
+            qc = QuantConfig.from_dict(
+                {
+                    **base_config.to_dict(),
+                    "weight_bits": qc.weight_bits,
+                    "act_bits": qc.act_bits,
+                    "layer_bits": (),
+                }
+            )
+        configs.append(qc)
+    if len(configs) < 2:
+        raise ValueError("plan levels need at least two precisions, e.g. ('W8A8', 'W4A4')")
+    keys = [(c.weight_bits, c.act_bits) for c in configs]
+    if any(b[0] > a[0] or b[1] > a[1] for a, b in itertools.pairwise(keys)) or len(set(keys)) < len(
+        keys
+    ):
+        raise ValueError(f"plan levels must go from most to fewest bits, got {list(levels)}")
+    t0 = time.perf_counter()
+    calib = batch_inputs(calib_batches)
+    xs, ys = [], []
+    for batch in val_batches:
+        xs.append(batch[0])
+        ys.append(batch[1])
+    if not xs:
+        raise ValueError("val_batches is empty: the budget is checked on validation images")
+    scorer = _Scorer(torch.cat(xs), torch.cat(ys).long().cpu(), budget, seed, batch_size)
+
+    deploy = to_deploy(model)
+    quantized = [quantize(deploy, c, calib) for c in configs]
+    names = [n for n, _ in quantized_layers(quantized[0])]
+    costs = layer_costs(deploy, scorer.x[:1].to(next(iter(deploy.parameters())).device))
+    bits = [(c.weight_bits, c.act_bits) for c in configs]
+
+    def plan_of(assign: dict[str, int]) -> dict[str, tuple[int, int]]:
+        return {n: bits[assign.get(n, 0)] for n in names}
+
+    work = copy.deepcopy(quantized[0])
+
+    def evaluate(assign: dict[str, int]) -> dict[str, float]:
+        return scorer.metrics(scorer.logits(compose_plan(quantized, assign, work)))
+
+    fp32 = scorer.metrics(scorer.logits(deploy))
+    top = evaluate({})
+    uniform = {c.name: plan_cost(costs, {n: b for n in names}, cost) for c, b in zip(configs, bits)}
+    sensitivity: dict[str, dict[str, float]] = {}
+    moves = []
+    for n in names:
+        sensitivity[n] = {}
+        layer_cost = [plan_cost({n: costs[n]}, {n: b}, cost) for b in bits]
+        for j in range(1, len(configs)):
+            if layer_cost[j] >= layer_cost[j - 1]:
+                continue  # saves nothing in this cost (A4 under weight bytes): never worth a risk
+            m = evaluate({n: j})
+            pen = _penalty(m, top, budget)
+            sensitivity[n][configs[j].name] = pen
+            moves.append((pen / (layer_cost[0] - layer_cost[j]), n, j))
+    moves.sort()
+
+    def prefix(k: int) -> dict[str, int]:
+        assign: dict[str, int] = {}
+        for _, n, j in moves[:k]:
+            assign[n] = max(assign.get(n, 0), j)
+        return assign
+
+    within_top = _within(top, fp32, budget)
+    best_k, best_m = 0, top
+    if within_top:
+        lo, hi = 0, len(moves)
+        while lo < hi:  # the longest prefix that keeps the budget (back-off on failure)
+            mid = (lo + hi + 1) // 2
+            m = evaluate(prefix(mid))
+            if _within(m, fp32, budget):
+                lo, best_m = mid, m
+            else:
+                hi = mid - 1
+        best_k = lo
+        if best_k and best_m is top:
+            best_m = evaluate(prefix(best_k))
+    assign = prefix(best_k)
+    tried = 0
+    for _, n, j in moves[best_k:]:  # greedy extension: single further moves, each verified
+        if tried >= extend or not within_top:
+            break
+        if assign.get(n, 0) >= j:
+            continue
+        tried += 1
+        candidate = {**assign, n: j}
+        m = evaluate(candidate)
+        if _within(m, fp32, budget):
+            assign, best_m = candidate, m
+    plan = plan_of(assign)
+    counts = {b: sum(v == b for v in plan.values()) for b in bits}
+    base_w, base_a = max(bits, key=lambda b: counts[b])  # the fewest overrides
+    config = QuantConfig.from_dict(
+        {
+            **configs[0].to_dict(),
+            "weight_bits": base_w,
+            "act_bits": base_a,
+            "layer_bits": tuple(
+                (n, w, a) for n, (w, a) in plan.items() if (w, a) != (base_w, base_a)
+            ),
+        }
+    )
+    return PlanResult(
+        plan=plan,
+        config=config,
+        budget=budget,
+        cost_kind=cost,
+        cost=plan_cost(costs, plan, cost),
+        uniform_costs=uniform,
+        metrics=best_m,
+        fp32=fp32,
+        evaluations=scorer.evaluations,
+        seconds=time.perf_counter() - t0,
+        sensitivity=sensitivity,
+        within_budget=within_top,
+    )
