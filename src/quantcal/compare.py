@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = ["compare_runs", "format_comparison"]
 
+
 def _identity() -> tuple[str, ...]:
     """The leading columns of results.csv that name a cell and its recalibrator."""
     from quantcal.study import RESULT_COLUMNS

@@ -29,6 +29,7 @@ from quantcal._rows import (
     pick,
     prec_key,
 )
+from quantcal.report_plans import plans_section
 from quantcal.report_why import why_section
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
@@ -840,6 +841,12 @@ def write_report(run_dir: str | Path) -> Path:
         if why_html:
             parts.append(why_html)
             for name, _, png in why_figs:
+                atomic_write_bytes(run / "figures" / f"{name}.png", png)
+    if ok:
+        plans_html, plan_figs = plans_section(rows, details)
+        if plans_html:
+            parts.append(plans_html)
+            for name, _, png in plan_figs:
                 atomic_write_bytes(run / "figures" / f"{name}.png", png)
     parts.append("<h2>Figures</h2>")
     for _, caption, png in figs:

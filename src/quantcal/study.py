@@ -114,6 +114,7 @@ RESULT_COLUMNS = (
     "params",
     "macs",
     "weight_bytes",
+    "bops",
     "quantized_layers",
     "n_test",
     "n_bins",
@@ -179,6 +180,9 @@ def expand_cells(config: StudyConfig) -> list[tuple[Group, list[QuantCell]]]:
                         for obs in config.observers:
                             for s in range(config.ptq_calib_samples):
                                 cells.append(QuantCell(g, p, obs, s))
+                    if config.plans is not None:
+                        for kind in PLAN_KINDS:
+                            cells.append(QuantCell(g, f"plan:{kind}", config.observers[0], 0))
                     out.append((g, cells))
     return out
 
@@ -370,10 +374,24 @@ def load_state(model, obj: Any, where: str | Path):
     return model.eval()
 
 
+#: The mixed-precision cells of ``[quant] plans``: a calibration budget, and accuracy only.
+PLAN_KINDS = ("calib", "accuracy")
+
+
+def _plan_spec(config: StudyConfig, cell: QuantCell) -> dict[str, Any] | None:
+    """The search settings of a ``plan:KIND`` cell, else None."""
+    if not cell.precision.startswith("plan:"):
+        return None
+    return config.plan_spec(cell.precision.split(":", 1)[1])
+
+
 def _quant_config(config: StudyConfig, cell: QuantCell):
+    """The cell's QuantConfig (None for fp32); for a plan cell, the top level's, which the
+    search turns into the plan (``_Runner.plan_config``)."""
     from quantcal import quant
 
-    qc = quant.parse_precision(cell.precision)
+    spec = _plan_spec(config, cell)
+    qc = quant.parse_precision(spec["levels"][0] if spec else cell.precision)
     if qc is None:
         return None
     return dataclasses.replace(qc, observer=cell.observer, first_last_8bit=config.first_last_8bit)
@@ -381,14 +399,16 @@ def _quant_config(config: StudyConfig, cell: QuantCell):
 
 def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     qc = _quant_config(config, cell)
-    return content_hash(
-        {
-            "v": _LOGITS_VERSION,
-            "train": train_key,
-            "quant": None if qc is None else qc.to_dict(),
-            "sample": cell.sample,
-        }
-    )
+    spec: dict[str, Any] = {
+        "v": _LOGITS_VERSION,
+        "train": train_key,
+        "quant": None if qc is None else qc.to_dict(),
+        "sample": cell.sample,
+    }
+    plan = _plan_spec(config, cell)
+    if plan is not None:  # the plan is found from these and the data, deterministically
+        spec["plan"] = {**plan, "seed": cell.group.seed}
+    return content_hash(spec)
 
 
 def _row_key(
@@ -488,6 +508,8 @@ class _Runner:
         self._data_digests: dict[str, str] = {}
         # (train key, deploy model, its warnings) of the group being evaluated
         self._deployed: tuple[str, Any, list[str]] | None = None
+        #: Validation metrics of mixed plans, shared by a group's plan:calib and plan:accuracy.
+        self._plan_memo: dict[tuple, dict] = {}
         self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
 
     def say(self, message: str) -> None:
@@ -792,6 +814,8 @@ class _Runner:
         return helper
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
+        import torch
+
         from quantcal import models, quant, train
 
         key = _logits_key(self.config, cell, train_key)
@@ -819,6 +843,9 @@ class _Runner:
             net = deploy
         else:
             calib = self.ptq_batches(splits, cell.sample)
+            plan = _plan_spec(self.config, cell)
+            if plan is not None:
+                qc, meta["plan"] = self.plan_config(plan, qc, deploy, calib, splits, cell)
             with _recorded_warnings() as caught:
                 net = quant.quantize(deploy, qc, calib)
             notes.extend(n for n in caught if n not in notes)
@@ -834,6 +861,17 @@ class _Runner:
             deploy, splits.image_size, in_chans=splits.channels, weight_bits=bits
         )
         meta.update(params=stats.params, macs=stats.macs, weight_bytes=stats.weight_bytes)
+        costs = quant.layer_costs(
+            deploy, torch.zeros(1, splits.channels, splits.image_size, splits.image_size)
+        )
+        layer_plan = {
+            n: (32, 32) if qc is None else qc.bits_of(n) for n in costs
+        }  # first_last_8bit aside: the cost of the plan as configured
+        meta["bops"] = int(quant.plan_cost(costs, layer_plan, "bops"))
+        if qc is not None and qc.layer_bits:
+            stats32 = models.describe(deploy, splits.image_size, in_chans=splits.channels)
+            other = stats32.weight_bytes - 4 * sum(c.params for c in costs.values())
+            meta["weight_bytes"] = int(other + quant.plan_cost(costs, layer_plan, "weight_bytes"))
         out = {}
         for name in ("val", "test"):
             lg, lb = train.predict_logits(
@@ -856,6 +894,40 @@ class _Runner:
         where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
         self.say(f"eval   {cell.group.label}  {cell.precision}{where}  ({meta['seconds']:.1f} s)")
         return out, meta, key
+
+    def plan_config(self, spec: dict, top, deploy, calib, splits, cell: QuantCell):
+        """The mixed-precision QuantConfig of a ``plan:KIND`` cell, searched on the group's
+        range-calibration sample and val split (``quant.plan_mixed_precision``), and the
+        search's record for details.json."""
+        from quantcal import quant
+
+        budget = quant.PlanBudget(
+            max_accuracy_drop=spec["max_accuracy_drop"],
+            max_ece_rise=spec["max_ece_rise"],
+            recal=spec["recal"],
+        )
+        t0 = time.perf_counter()
+        result = quant.plan_mixed_precision(
+            deploy,
+            calib,
+            splits.val.batches(self.config.eval_batch_size, device=self.device),
+            budget=budget,
+            levels=spec["levels"],
+            cost=spec["cost"],
+            base_config=top,
+            seed=cell.group.seed,
+            batch_size=self.config.eval_batch_size,
+            memo=self._plan_memo.setdefault((cell.group, spec["recal"]), {}),
+        )
+        qc = dataclasses.replace(
+            result.config, observer=top.observer, first_last_8bit=top.first_last_8bit
+        )
+        self.say(
+            f"plan   {cell.group.label}  {cell.precision}: {len(qc.layer_bits)} of "
+            f"{len(result.plan)} layers off {qc.name.split('+')[0]}, {result.evaluations} "
+            f"evaluations ({time.perf_counter() - t0:.1f} s)"
+        )
+        return qc, result.as_dict()
 
     # -- row stage -------------------------------------------------------------------------
     def _fp32_fit_for(self, fp32_key: str) -> _FitFn:
@@ -913,6 +985,7 @@ class _Runner:
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
             weight_bytes=lmeta.get("weight_bytes"),
+            bops=lmeta.get("bops"),
             quantized_layers=lmeta.get("quantized_layers"),
             row_id=key,
         )
@@ -1294,6 +1367,18 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
             lm = runner.store.read_json(
                 runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.json"
             )
+            if lm is not None and lm.get("plan"):
+                details.setdefault("plans", []).append(
+                    {
+                        "dataset": g.dataset,
+                        "arch": g.model.arch,
+                        "width": g.model.width,
+                        "objective": g.objective,
+                        "seed": g.seed,
+                        "precision": cell.precision,
+                        **lm["plan"],
+                    }
+                )
             if lm is not None and lm.get("inspect"):
                 details["inspect"].append(
                     {

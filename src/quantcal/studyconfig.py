@@ -30,6 +30,8 @@ listed method and scored on the test split. File layout (every key optional but 
     observers = ["minmax"]         # range estimators
     ptq_calib_samples = 1          # disjoint range-calibration samples (a source of variance)
     first_last_8bit = false
+    plans = false                  # true, or a table: calibration-budgeted mixed precision
+                                   # (plan:calib) beside an accuracy-only plan (plan:accuracy)
 
     [recal]
     methods = ["none", "temperature", "temperature_fp32", "vector", "histogram", "isotonic"]
@@ -69,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcal import _toml
-from quantcal._registry import closest
+from quantcal._registry import closest, unknown_name_message
 
 #: Recalibration pseudo-method: apply the temperature fitted on the fp32 model's validation
 #: logits to every precision (the deployment shortcut that skips a refit after quantization).
@@ -154,6 +156,11 @@ class StudyConfig:
     observers: tuple[str, ...] = ("minmax",)
     ptq_calib_samples: int = 1
     first_last_8bit: bool = False
+    #: Mixed-precision plans searched per model (``quant.plan_mixed_precision``): None (off), or
+    #: a dict with any of max_accuracy_drop, max_ece_rise (default: the [report] budget), recal
+    #: ("temperature"), cost ("bops" or "weight_bytes"), levels (default: the study's quantized
+    #: precisions, most bits first). Adds the cells ``plan:calib`` and ``plan:accuracy``.
+    plans: Mapping[str, Any] | None = None
     recal: tuple[str, ...] = DEFAULT_RECAL
     recal_fit: str = "auto"
     n_bins: int = 15
@@ -281,6 +288,7 @@ class StudyConfig:
                     f"report.{name} must be a fraction in [0, 1] (0.01 = 1 point), got {v!r}"
                 )
             set_(name, float(v))
+        set_("plans", self._check_plans(self.plans))
         set_("objectives", _objectives_axis(self.objectives, dict(self.train)))
         if len(self.objectives) > 1 and any(m.checkpoint for m in self.models):
             raise ValueError(
@@ -294,6 +302,48 @@ class StudyConfig:
         recipe = TrainConfig.from_dict(train).to_dict()
         recipe.pop("objective")
         set_("train", recipe)
+
+    def _check_plans(self, plans: Any) -> dict[str, Any] | None:
+        from quantcal.quant.plan import COSTS
+
+        if plans is None or plans is False:
+            return None
+        if plans is True:
+            plans = {}
+        if not isinstance(plans, Mapping):
+            raise ValueError(f"quant.plans must be true, false or a table, got {plans!r}")
+        allowed = ("max_accuracy_drop", "max_ece_rise", "recal", "cost", "levels")
+        for key in plans:
+            if key not in allowed:
+                raise ValueError(
+                    "quant.plans: " + unknown_name_message("key", str(key), list(allowed))
+                )
+        out = dict(plans)
+        if out.get("cost", "bops") not in COSTS:
+            raise ValueError(f"quant.plans.cost must be one of {', '.join(COSTS)}")
+        levels = out.get("levels") or [p for p in self.precisions if p.lower() != "fp32"]
+        if len(levels) < 2:
+            raise ValueError(
+                "quant.plans needs at least two quantized precisions to choose between (the "
+                "study's precisions, or quant.plans.levels)"
+            )
+        out["levels"] = [canonical_precision(p) for p in levels]
+        return out
+
+    def plan_spec(self, kind: str) -> dict[str, Any]:
+        """The search settings of the ``plan:calib`` (kind "calib") or ``plan:accuracy`` cell,
+        defaults filled in."""
+        p = self.plans or {}
+        return {
+            "kind": kind,
+            "max_accuracy_drop": float(p.get("max_accuracy_drop", self.max_accuracy_drop)),
+            "max_ece_rise": (
+                None if kind == "accuracy" else float(p.get("max_ece_rise", self.max_ece_rise))
+            ),
+            "recal": p.get("recal", "temperature"),
+            "cost": p.get("cost", "bops"),
+            "levels": list(p.get("levels", [])),
+        }
 
     def objective_labels(self) -> list[str]:
         """Short labels of the objectives, in order (``ce``, ``focal(gamma=3)``, ...)."""
@@ -329,6 +379,7 @@ class StudyConfig:
                 "observers": list(self.observers),
                 "ptq_calib_samples": self.ptq_calib_samples,
                 "first_last_8bit": self.first_last_8bit,
+                "plans": None if self.plans is None else dict(self.plans),
             },
             "recal": {"methods": list(self.recal), "fit_on": self.recal_fit},
             "metrics": {
@@ -363,6 +414,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "observers": "observers",
         "ptq_calib_samples": "ptq_calib_samples",
         "first_last_8bit": "first_last_8bit",
+        "plans": "plans",
     },
     "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {

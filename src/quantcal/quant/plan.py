@@ -245,6 +245,7 @@ class _Scorer:
         self.x, self.y, self.budget, self.bs = x, y, budget, bs
         self.fit, self.check = _halves(y, seed)
         self.evaluations = 0
+        self.always_ece = False  # set when a memo is shared with calibration-budgeted searches
 
     def logits(self, model: nn.Module) -> torch.Tensor:
         self.evaluations += 1
@@ -266,7 +267,7 @@ class _Scorer:
             "nll": metrics.nll(zc, yc),
             "ece_raw": metrics.ece(zc, yc),
         }
-        if self.budget.calibration:
+        if self.budget.calibration or self.always_ece:
             import warnings
 
             with warnings.catch_warnings():
@@ -301,6 +302,7 @@ def plan_mixed_precision(
     seed: int = 0,
     batch_size: int = 256,
     extend: int = 8,
+    memo: dict | None = None,
 ) -> PlanResult:
     """The cheapest plan found whose validation accuracy and ECE after ``budget.recal`` stay
     within ``budget`` of fp32 (see the module docstring for the search).
@@ -315,6 +317,9 @@ def plan_mixed_precision(
         cost: ``"weight_bytes"`` or ``"bops"``.
         base_config: observer and other settings shared by every level (its bits are ignored).
         extend: single moves tried after the binary search.
+        memo: a dict shared by searches of the same model, data, levels, recalibrator and seed
+            (a calibration budget and an accuracy-only one, say): each plan's validation metrics
+            are measured once (``evaluations`` counts only new measurements).
 
     When even the top level breaks the budget, the result is the all-top plan with
     ``within_budget`` False.
@@ -368,10 +373,24 @@ def plan_mixed_precision(
 
     work = copy.deepcopy(quantized[0])
 
-    def evaluate(assign: dict[str, int]) -> dict[str, float]:
-        return scorer.metrics(scorer.logits(compose_plan(quantized, assign, work)))
+    if memo is not None:
+        scorer.always_ece = True
 
-    fp32 = scorer.metrics(scorer.logits(deploy))
+    def evaluate(assign: dict[str, int]) -> dict[str, float]:
+        key = tuple(sorted((n, j) for n, j in assign.items() if j))
+        if memo is not None and key in memo:
+            return memo[key]
+        m = scorer.metrics(scorer.logits(compose_plan(quantized, assign, work)))
+        if memo is not None:
+            memo[key] = m
+        return m
+
+    if memo is not None and "fp32" in memo:
+        fp32 = memo["fp32"]
+    else:
+        fp32 = scorer.metrics(scorer.logits(deploy))
+        if memo is not None:
+            memo["fp32"] = fp32
     top = evaluate({})
     uniform = {c.name: plan_cost(costs, {n: b for n in names}, cost) for c, b in zip(configs, bits)}
     sensitivity: dict[str, dict[str, float]] = {}
