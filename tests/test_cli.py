@@ -353,3 +353,43 @@ def test_crossfit_folds_never_measure_an_image_with_its_own_fit():
     tb = recal.TemperatureScaling().fit(logits[b], labels[b])
     assert torch.allclose(z[b], ta(logits[b])) and torch.allclose(z[a], tb(logits[a]))
     assert t == pytest.approx((ta.temperature + tb.temperature) / 2)
+
+
+def test_plan_command_writes_a_plan_the_quantizer_takes(plain_digits_model, tmp_path, capsys):
+    import json
+
+    from quantcal import quant
+
+    folder, _ = plain_digits_model
+    out = tmp_path / "plan.json"
+    common = [
+        "plan",
+        "--checkpoint",
+        str(folder / "plain.pt"),
+        "--model",
+        str(folder / "plainnet.py") + ":build",
+        "--dataset",
+        "digits",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--levels",
+        "W8A8,W4A4",
+        "--out",
+        str(out),
+    ]
+    code = cli.main([*common, "--max-accuracy-drop", "0.05", "--max-ece-rise", "0.05"])
+    assert code in (0, 1)
+    printed = capsys.readouterr().out
+    assert "validation check half: accuracy" in printed and "evaluations" in printed
+    plan = json.loads(out.read_text())
+    assert set(plan["plan"]) == {"0", "3", "7"} and plan["budget"]["max_ece_rise"] == 0.05
+    cfg = quant.QuantConfig.from_dict(plan["quant_config"])
+    assert {n: cfg.bits_of(n) for n in plan["plan"]} == {
+        n: tuple(b) for n, b in plan["plan"].items()
+    }
+    assert cli.main([*common, "--max-ece-rise", "-1"]) == 2
+    assert "max_ece_rise must be a fraction" in capsys.readouterr().err
+    assert cli.main([*common, "--max-ece-rise", "none", "--cost", "weight_bytes"]) in (0, 1)
+    assert json.loads(out.read_text())["budget"]["max_ece_rise"] is None

@@ -311,3 +311,36 @@ def test_compare_two_runs_pairs_cells_and_finds_the_one_changed(finished, tmp_pa
     out = capsys.readouterr().out
     assert "paired" in out and f"only in {finished.name} (3)" in out
     assert cli.main(["compare", str(finished), str(tmp_path / "nothing")]) == 2
+
+
+def test_plans_add_two_mixed_precision_cells_measured_on_test(tmp_path):
+    """[quant] plans: plan:calib and plan:accuracy per model, searched on val, in results.csv
+    with their BOPs, in details.json with their layers, in the report with the front and the
+    finding; a second run reads every plan from the cache."""
+    import json
+
+    cfg = {
+        **MICRO,
+        "model": [{"arch": "ghostnet_vgg16", "width": 0.1}],
+        "quant": {
+            "precisions": ["fp32", "W8A8", "W4A4"],
+            "observers": ["minmax"],
+            "plans": {"max_accuracy_drop": 0.05, "max_ece_rise": 0.05},
+        },
+    }
+    study.run_study(cfg, tmp_path, quiet=True)
+    rows = _rows(tmp_path)
+    precs = [r["precision"] for r in rows if r["recal"] == "none"]
+    assert precs == ["fp32", "W8A8", "W4A4", "plan:calib", "plan:accuracy"]
+    assert all(r["status"] == "ok" for r in rows)
+    bops = {r["precision"]: float(r["bops"]) for r in rows if r["recal"] == "none"}
+    assert bops["W4A4"] <= bops["plan:calib"] <= bops["W8A8"] < bops["fp32"]
+    details = json.loads((tmp_path / "details.json").read_text())
+    kinds = {d["precision"]: d for d in details["plans"]}
+    assert set(kinds) == {"plan:calib", "plan:accuracy"}
+    assert kinds["plan:accuracy"]["budget"]["max_ece_rise"] is None
+    html = (tmp_path / "report.html").read_text()
+    assert "<h2>Mixed precision</h2>" in html and "Budgeting calibration chooses" in html
+    before = (tmp_path / "results.csv").read_text()
+    study.run_study(cfg, tmp_path, quiet=True)  # all from the cache, same numbers
+    assert (tmp_path / "results.csv").read_text() == before

@@ -517,3 +517,71 @@ def training_objectives(rows: list[dict]) -> Claim:
         tuple(evidence),
         tuple(numbers),
     )
+
+
+def _share(cost: float | None, ref: float | None) -> str:
+    return f"{100 * cost / ref:.0f} %" if cost is not None and ref else "–"
+
+
+@register_claim
+def calibration_budgeted_plans(rows: list[dict]) -> Claim:
+    """Budgeting calibration chooses a different, safer mixed-precision plan than budgeting
+    accuracy alone (the ``[quant] plans`` cells). Per model: each plan's cost (BOPs) relative to
+    uniform W8A8, test accuracy and test ECE after temperature scaling. *supported* when the
+    calibration plan's ECE interval lies wholly below the accuracy plan's, *contradicted* when
+    wholly above, *same plan* when both chose the same bits (equal cost and logits), else
+    *undecided*; the price is the cost ratio of the two plans."""
+    statement = (
+        "Budgeting calibration chooses a different, safer mixed-precision plan than budgeting "
+        "accuracy alone, at a stated cost."
+    )
+    main = main_rows(rows)
+    evidence, verdicts, numbers = [], [], []
+    for ds, model in groups(main):
+        rs = pick(main, dataset=ds, model=model)
+        cal = pick(rs, precision="plan:calib", recal="temperature")
+        acc = pick(rs, precision="plan:accuracy", recal="temperature")
+        ref = pick(rs, precision="W8A8", recal="none") or pick(rs, precision="plan:calib")
+        if not (cal and acc):
+            continue
+        e_cal, e_acc = aggregate(cal, "ece"), aggregate(acc, "ece")
+        a_cal, a_acc = aggregate(cal, "accuracy"), aggregate(acc, "accuracy")
+        c_cal, c_acc = cal[0].get("bops"), acc[0].get("bops")
+        c_ref = ref[0].get("bops") if ref else None
+        numbers += [
+            _number(ds, model, "plan:calib", "ece_after_ts", e_cal),
+            _number(ds, model, "plan:accuracy", "ece_after_ts", e_acc),
+        ]
+        if c_cal == c_acc and e_cal.value == e_acc.value and a_cal.value == a_acc.value:
+            v = "same plan"
+        elif not (e_cal.decided and e_acc.decided):
+            v = "undecided (no interval)"
+        elif e_cal.hi < e_acc.lo:
+            v = "supported"
+        elif e_cal.lo > e_acc.hi:
+            v = "contradicted"
+        else:
+            v = "undecided (the ECE intervals overlap)"
+        verdicts.append(v.split(" (")[0])
+
+        evidence.append(
+            f"{ds} / {model}: calibration plan at {_share(c_cal, c_ref)} of W8A8's BOPs, "
+            f"accuracy {a_cal.text()} %, ECE after TS {e_cal.text()} %; accuracy-only plan at "
+            f"{_share(c_acc, c_ref)}, accuracy {a_acc.text()} %, ECE after TS {e_acc.text()} % "
+            f"— {v}."
+        )
+    if not verdicts:
+        return Claim(
+            "calibration_budgeted_plans",
+            statement,
+            "not tested",
+            ("needs [quant] plans",),
+            tested=False,
+        )
+    return Claim(
+        "calibration_budgeted_plans",
+        statement,
+        summarise(verdicts),
+        tuple(evidence),
+        tuple(numbers),
+    )

@@ -270,6 +270,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "plan",
+        help="find the cheapest per-layer bit plan that keeps accuracy and calibration",
+        description="Mixed precision under a calibration budget: search the per-layer weight "
+        "and activation bits (from --levels) of a trained checkpoint so that, on the dataset's "
+        "validation split, top-1 accuracy and the ECE after --recal stay within the budget of "
+        "fp32 (recalibrators fitted on one half, the budget checked on the other), at the "
+        "lowest --cost. Writes the plan as JSON; quant.QuantConfig(layer_bits=...) uses it.",
+        epilog="examples:\n  quantcal plan --checkpoint model.pt --model shufflenetv2 --width 0.5 "
+        "--dataset cifar100\n  quantcal plan --checkpoint net.pt --model nets.py:build "
+        "--dataset npz:data.npz --max-ece-rise none --cost weight_bytes --out acc_plan.json"
+        "\n\nexit status: 0 a plan within the budget, 1 even the top level breaks it (the "
+        "all-top plan is written), 2 bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
+    p.add_argument("--model", required=True, help="as for `quantcal eval --model`")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--mean", default=None, help="as for `quantcal eval`")
+    p.add_argument("--std", default=None, help="as for `quantcal eval`")
+    p.add_argument("--levels", default="W8A8,W4A8,W4A4", help="precisions, most bits first")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="0.01 = 1 point")
+    p.add_argument(
+        "--max-ece-rise", default="0.01", help="0.01 = 1 point; 'none' budgets accuracy only"
+    )
+    p.add_argument("--recal", default="temperature", help="the recalibrator of the ECE budget")
+    p.add_argument("--cost", default="bops", choices=("bops", "weight_bytes"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and halves")
+    p.add_argument("--out", default="plan.json", help="where the plan is written (JSON)")
+    _add_common(p)
+
+    p = sub.add_parser(
         "compare",
         help="two finished runs side by side, paired where they share test images",
         description="Match the cells of two runs (dataset, model, objective, seed, precision, "
@@ -638,6 +670,75 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from quantcal import data, quant, study
+    from quantcal._io import atomic_write_json
+
+    split = [v.strip() for v in args.levels.split(",") if v.strip()]
+    ece = None if args.max_ece_rise.strip().lower() == "none" else float(args.max_ece_rise)
+    budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal)
+    splits = data.load_dataset(args.dataset, seed=args.seed)
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together: give both or neither")
+    if args.mean is not None:
+        splits = data.with_normalization(
+            splits,
+            [float(v) for v in args.mean.split(",")],
+            [float(v) for v in args.std.split(",")],
+        )
+    model = study.build_model(
+        _absolute_factory(args.model),
+        num_classes=splits.num_classes,
+        image_size=splits.image_size,
+        in_chans=splits.channels,
+        width=args.width,
+        seed=args.seed,
+    )
+    study.load_weights(model, args.checkpoint)
+    device = study._resolve_device(args.device)
+    model.to(device)
+    t0 = time.perf_counter()
+    result = quant.plan_mixed_precision(
+        model,
+        list(splits.ptq_calib.batches(256, device=device)),
+        splits.val.batches(256, device=device),
+        budget=budget,
+        levels=split,
+        cost=args.cost,
+        seed=args.seed,
+    )
+    record = {**result.as_dict(), "checkpoint": str(Path(args.checkpoint).resolve())}
+    atomic_write_json(Path(args.out), record)
+    per_level: dict[str, int] = {}
+    for w, a in result.plan.values():
+        per_level[f"W{w}A{a}"] = per_level.get(f"W{w}A{a}", 0) + 1
+    m, f = result.metrics, result.fp32
+    print(
+        f"plan: {', '.join(f'{k} x{v}' for k, v in per_level.items())}; cost "
+        f"{result.cost:.4g} {args.cost} ("
+        + ", ".join(f"{k} {v:.4g}" for k, v in result.uniform_costs.items())
+        + ")"
+    )
+    print(
+        f"validation check half: accuracy {100 * m['accuracy']:.1f} % (fp32 "
+        f"{100 * f['accuracy']:.1f} %)"
+        + (
+            f", ECE after {args.recal} {100 * m['ece']:.1f} % (fp32 {100 * f['ece']:.1f} %)"
+            if "ece" in m
+            else ""
+        )
+        + f"; {result.evaluations} evaluations, {time.perf_counter() - t0:.0f} s"
+    )
+    print(f"written: {args.out}")
+    if not result.within_budget:
+        print(
+            "quantcal plan: even the top level breaks the budget: the all-top plan was written",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from quantcal.compare import compare_runs, format_comparison
 
@@ -658,6 +759,7 @@ _COMMANDS = {
     "eval": _cmd_eval,
     "report": _cmd_report,
     "compare": _cmd_compare,
+    "plan": _cmd_plan,
     "data": _cmd_data,
     "list": _cmd_list,
 }

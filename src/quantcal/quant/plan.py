@@ -136,6 +136,8 @@ class PlanResult:
             "plan": {k: list(v) for k, v in self.plan.items()},
             "layer_bits": [list(t) for t in self.config.layer_bits],
             "base": self.config.name.split("+")[0],
+            #: ``QuantConfig.from_dict(record["quant_config"])`` quantizes with this plan
+            "quant_config": self.config.to_dict(),
             "budget": {
                 "max_accuracy_drop": self.budget.max_accuracy_drop,
                 "max_ece_rise": self.budget.max_ece_rise,
