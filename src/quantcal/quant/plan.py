@@ -299,7 +299,7 @@ def plan_mixed_precision(
     *,
     budget: PlanBudget | None = None,
     levels: Iterable[str] = ("W8A8", "W4A8", "W4A4"),
-    cost: str = "weight_bytes",
+    cost: str = "bops",
     base_config: QuantConfig | None = None,
     seed: int = 0,
     batch_size: int = 256,
@@ -316,7 +316,7 @@ def plan_mixed_precision(
         budget: the budget (default 1 point of accuracy and of ECE after temperature scaling);
             ``PlanBudget(max_ece_rise=None)`` is accuracy only.
         levels: precisions from most to fewest bits, each ``"WxAy"``.
-        cost: ``"weight_bytes"`` or ``"bops"``.
+        cost: ``"bops"`` (default; weights and activations both count) or ``"weight_bytes"``.
         base_config: observer and other settings shared by every level (its bits are ignored).
         extend: single moves tried after the binary search.
         memo: a dict shared by searches of the same model, data, levels, recalibrator and seed
