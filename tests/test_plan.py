@@ -177,3 +177,24 @@ def test_bad_plans_and_budgets_are_clear_errors():
     cfg = quant.QuantConfig(layer_bits={"c2": (4, 8), "c1": (4, 4)})
     assert cfg.layer_bits == (("c1", 4, 4), ("c2", 4, 8))
     assert quant.QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_describe_reports_a_plans_weight_bytes_and_bops():
+    net = Net().eval()
+    deploy = models.to_deploy(net)
+    uniform = models.describe(deploy, 8, in_chans=3, weight_bits=4)
+    as_config = models.describe(deploy, 8, in_chans=3, config=quant.QuantConfig(4, 8))
+    assert as_config.weight_bytes == uniform.weight_bytes
+    assert as_config.bops == 4 * 8 * as_config.macs
+    mixed = models.describe(
+        deploy, 8, in_chans=3, config=quant.QuantConfig(4, 4, layer_bits={"c3": (8, 8)})
+    )
+    costs = quant.layer_costs(deploy, torch.zeros(1, 3, 8, 8))
+    assert mixed.bops == sum(c.macs * (64 if n == "c3" else 16) for n, c in costs.items())
+    assert (
+        uniform.weight_bytes
+        < mixed.weight_bytes
+        < models.describe(deploy, 8, in_chans=3, weight_bits=8).weight_bytes
+    )
+    assert models.describe(deploy, 8, in_chans=3).bops == 32 * 32 * uniform.macs
+    assert uniform.bops is None  # activation bits unknown

@@ -139,3 +139,29 @@ def test_export_bad_input(tmp_path):
     with pytest.raises(TypeError, match="example_input"):
         quant.export_onnx(w8, tmp_path / "m.onnx", None)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_mixed_plan_of_8_bit_activations_exports_and_a_4_bit_one_is_named(tmp_path):
+    """A plan with W8A8 and W4A8 layers exports (each layer's own integer weights); a layer at
+    A4 is refused by name."""
+    torch.manual_seed(0)
+    cfg = quant.QuantConfig(layer_bits={"dw": (4, 8)})
+    qmodel = quant.quantize(Small(), cfg, _calib())
+    x = torch.randn(64, 3, 8, 8)
+    path = quant.export_onnx(qmodel, tmp_path / "mixed.onnx", x[:2])
+    _graph_checks(path, qmodel)
+    model = onnx.load(str(path))
+    dw = dict(quantized_layers(qmodel))["dw"]
+    int8 = [
+        onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and list(i.dims) == list(dw.weight.shape)
+    ]
+    assert int8 and np.abs(int8[0].astype(np.int32)).max() <= 7  # the 4-bit layer's grid
+    with torch.no_grad():
+        ref = qmodel(x)
+    out = quant.run_onnx(path, x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    low = quant.quantize(Small(), quant.QuantConfig(layer_bits={"fc": (4, 4)}), _calib())
+    with pytest.raises(ValueError, match=r"layer 'fc' is W4A4"):
+        quant.export_onnx(low, tmp_path / "low.onnx", x[:2])

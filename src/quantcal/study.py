@@ -814,7 +814,6 @@ class _Runner:
         return helper
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
-        import torch
 
         from quantcal import models, quant, train
 
@@ -856,22 +855,12 @@ class _Runner:
                 meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
                 meta["inspect_error"] = f"{type(exc).__name__}: {exc}"
-        bits = 32 if qc is None else qc.weight_bits
         stats = models.describe(
-            deploy, splits.image_size, in_chans=splits.channels, weight_bits=bits
+            deploy, splits.image_size, in_chans=splits.channels, config=qc
+        )  # weight bytes and BOPs at each layer's bits (a mixed plan's included)
+        meta.update(
+            params=stats.params, macs=stats.macs, weight_bytes=stats.weight_bytes, bops=stats.bops
         )
-        meta.update(params=stats.params, macs=stats.macs, weight_bytes=stats.weight_bytes)
-        costs = quant.layer_costs(
-            deploy, torch.zeros(1, splits.channels, splits.image_size, splits.image_size)
-        )
-        layer_plan = {
-            n: (32, 32) if qc is None else qc.bits_of(n) for n in costs
-        }  # first_last_8bit aside: the cost of the plan as configured
-        meta["bops"] = int(quant.plan_cost(costs, layer_plan, "bops"))
-        if qc is not None and qc.layer_bits:
-            stats32 = models.describe(deploy, splits.image_size, in_chans=splits.channels)
-            other = stats32.weight_bytes - 4 * sum(c.params for c in costs.values())
-            meta["weight_bytes"] = int(other + quant.plan_cost(costs, layer_plan, "weight_bytes"))
         out = {}
         for name in ("val", "test"):
             lg, lb = train.predict_logits(
@@ -1350,18 +1339,17 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
     cfg = runner.config
     for g, cells in plan:
         tkey = runner.train_key(g)
+        group = {
+            "dataset": g.dataset,
+            "arch": g.model.arch,
+            "width": g.model.width,
+            "objective": g.objective,
+            "seed": g.seed,
+        }
         m = runner.store.read_json(runner.cache / "train" / tkey / "meta.json")
         if m is not None:
             details["training"].append(
-                {
-                    "dataset": g.dataset,
-                    "arch": g.model.arch,
-                    "width": g.model.width,
-                    "objective": g.objective,
-                    "seed": g.seed,
-                    "history": m.get("history", []),
-                    "seconds": m.get("seconds"),
-                }
+                {**group, "history": m.get("history", []), "seconds": m.get("seconds")}
             )
         for cell in cells[1:]:
             lm = runner.store.read_json(
@@ -1369,24 +1357,12 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
             )
             if lm is not None and lm.get("plan"):
                 details.setdefault("plans", []).append(
-                    {
-                        "dataset": g.dataset,
-                        "arch": g.model.arch,
-                        "width": g.model.width,
-                        "objective": g.objective,
-                        "seed": g.seed,
-                        "precision": cell.precision,
-                        **lm["plan"],
-                    }
+                    {**group, "precision": cell.precision, **lm["plan"]}
                 )
             if lm is not None and lm.get("inspect"):
                 details["inspect"].append(
                     {
-                        "dataset": g.dataset,
-                        "arch": g.model.arch,
-                        "width": g.model.width,
-                        "objective": g.objective,
-                        "seed": g.seed,
+                        **group,
                         "precision": cell.precision,
                         "observer": cell.observer,
                         "ptq_sample": cell.sample,

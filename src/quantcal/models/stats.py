@@ -36,6 +36,9 @@ class ModelStats:
     quantized_params: int  # elements of Conv/Linear weights (the ones stored at weight_bits)
     image_size: int
     in_chans: int
+    #: bit operations of one image, Σ MACs · weight bits · activation bits over the conv/linear
+    #: layers (Baskin et al. 2021); None when the activation bits are not known
+    bops: int | None = None
 
     @property
     def mparams(self) -> float:
@@ -92,11 +95,15 @@ def describe(
     *,
     in_chans: int | None = None,
     weight_bits: int = 32,
+    config: Any = None,
 ) -> ModelStats:
     """Parameters, MACs of one image and weight bytes at ``weight_bits`` (see module docstring).
 
     ``image_size`` and ``in_chans`` default to the model's ``image_size``/``in_chans``
     attributes (set by :func:`~quantcal.models.create_model`); pass them for other modules.
+    With ``config`` (a ``quant.QuantConfig``, a mixed plan included; ``model`` then in its
+    deploy form, whose layer names the plan uses), weight bytes and BOPs follow each layer's
+    bits and ``weight_bits`` is ignored; without it, BOPs are given for fp32 (32 x 32) only.
     """
     if image_size is None:
         image_size = getattr(model, "image_size", None)
@@ -122,13 +129,29 @@ def describe(
         device=ref.device if ref is not None else None,
         dtype=ref.dtype if ref is not None else None,
     )
-    weight_bytes, quantized = weight_storage_bytes(model, weight_bits)
+    bops = None
+    if config is not None:
+        from quantcal.quant.plan import layer_costs, plan_cost
+
+        costs = layer_costs(model, example)
+        plan = {n: config.bits_of(n) for n in costs}
+        w32, quantized = weight_storage_bytes(model, 32)
+        other = w32 - 4 * sum(c.params for c in costs.values())
+        weight_bytes = int(other + plan_cost(costs, plan, "weight_bytes"))
+        bops = int(plan_cost(costs, plan, "bops"))
+        weight_bits = config.weight_bits
+    else:
+        weight_bytes, quantized = weight_storage_bytes(model, weight_bits)
+    macs = count_macs(model, example)
+    if bops is None and weight_bits == 32:
+        bops = macs * 32 * 32
     return ModelStats(
         params=sum(p.numel() for p in model.parameters()),
-        macs=count_macs(model, example),
+        macs=macs,
         weight_bytes=weight_bytes,
         weight_bits=weight_bits,
         quantized_params=quantized,
         image_size=image_size,
         in_chans=in_chans,
+        bops=bops,
     )
