@@ -706,6 +706,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         levels=split,
         cost=args.cost,
         seed=args.seed,
+        log=None if args.quiet else (lambda line: print(f"plan: {line}", file=sys.stderr)),
     )
     record = {**result.as_dict(), "checkpoint": str(Path(args.checkpoint).resolve())}
     atomic_write_json(Path(args.out), record)

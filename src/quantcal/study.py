@@ -907,6 +907,7 @@ class _Runner:
             seed=cell.group.seed,
             batch_size=self.config.eval_batch_size,
             memo=self._plan_memo.setdefault((cell.group, spec["recal"]), {}),
+            log=lambda line: self.say(f"plan   {cell.group.label}  {cell.precision}: {line}"),
         )
         qc = dataclasses.replace(
             result.config, observer=top.observer, first_last_8bit=top.first_last_8bit

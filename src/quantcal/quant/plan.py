@@ -305,6 +305,7 @@ def plan_mixed_precision(
     batch_size: int = 256,
     extend: int = 8,
     memo: dict | None = None,
+    log: Any = None,
 ) -> PlanResult:
     """The cheapest plan found whose validation accuracy and ECE after ``budget.recal`` stay
     within ``budget`` of fp32 (see the module docstring for the search).
@@ -322,6 +323,8 @@ def plan_mixed_precision(
         memo: a dict shared by searches of the same model, data, levels, recalibrator and seed
             (a calibration budget and an accuracy-only one, say): each plan's validation metrics
             are measured once (``evaluations`` counts only new measurements).
+        log: called with a line of progress now and then (the sensitivities every tenth of
+            the layers, each binary-search step); None: silent.
 
     When even the top level breaks the budget, the result is the all-top plan with
     ``within_budget`` False.
@@ -395,9 +398,16 @@ def plan_mixed_precision(
             memo["fp32"] = fp32
     top = evaluate({})
     uniform = {c.name: plan_cost(costs, {n: b for n in names}, cost) for c, b in zip(configs, bits)}
+    say = log or (lambda _line: None)
     sensitivity: dict[str, dict[str, float]] = {}
     moves = []
-    for n in names:
+    step = max(1, len(names) // 10)
+    for i, n in enumerate(names):
+        if i % step == 0:
+            say(
+                f"sensitivities: layer {i + 1} of {len(names)} ({scorer.evaluations} "
+                f"validation passes, {time.perf_counter() - t0:.0f} s)"
+            )
         sensitivity[n] = {}
         layer_cost = [plan_cost({n: costs[n]}, {n: b}, cost) for b in bits]
         for j in range(1, len(configs)):
@@ -422,7 +432,11 @@ def plan_mixed_precision(
         while lo < hi:  # the longest prefix that keeps the budget (back-off on failure)
             mid = (lo + hi + 1) // 2
             m = evaluate(prefix(mid))
-            if _within(m, fp32, budget):
+            ok = _within(m, fp32, budget)
+            say(
+                f"search: the first {mid} of {len(moves)} moves {'keep' if ok else 'break'} the budget"
+            )
+            if ok:
                 lo, best_m = mid, m
             else:
                 hi = mid - 1
