@@ -433,9 +433,8 @@ def plan_mixed_precision(
             mid = (lo + hi + 1) // 2
             m = evaluate(prefix(mid))
             ok = _within(m, fp32, budget)
-            say(
-                f"search: the first {mid} of {len(moves)} moves {'keep' if ok else 'break'} the budget"
-            )
+            verb = "keep" if ok else "break"
+            say(f"search: the first {mid} of {len(moves)} moves {verb} the budget")
             if ok:
                 lo, best_m = mid, m
             else:
