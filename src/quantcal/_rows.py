@@ -30,9 +30,13 @@ _PREC_ORDER = {"fp32": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
 
 
 def prec_key(p: str) -> tuple:
-    """Sort key: fp32, W8A8, W4A8, W4A4, then other precisions from most to fewest bits."""
+    """Sort key: fp32, W8A8, W4A8, W4A4, other precisions from most to fewest bits, then the
+    mixed-precision plans (plan:calib, plan:accuracy)."""
     if p in _PREC_ORDER:
         return (_PREC_ORDER[p], p)
+    if p.startswith("plan:"):  # mixed-precision plans after the uniform precisions
+        kinds = ("plan:calib", "plan:accuracy")
+        return (50, kinds.index(p) if p in kinds else len(kinds), p)
     w, _, a = p.upper().lstrip("W").partition("A")
     try:
         return (10, -int(w), -int(a))

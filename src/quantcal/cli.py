@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         "elsewhere has probably seen a val held out of the train split",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    p.add_argument(
+        "--plans",
+        action="store_true",
+        help="also search mixed-precision plans (plan:calib, plan:accuracy; see `quantcal "
+        "plan`) on val and measure them on test beside the uniform precisions",
+    )
     p.add_argument("--out", default="runs/eval")
     _add_force(p)
     _add_common(p)
@@ -563,6 +569,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.transform is not None and args.mean is not None:
         raise ValueError("--transform replaces --mean/--std: give one or the other")
     if args.onnx or args.logits:
+        if args.plans:
+            raise ValueError("--plans quantizes the model itself: it needs --checkpoint")
         return _eval_given(args)
     if args.model is None or args.dataset is None:
         raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
@@ -582,7 +590,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "checkpoint": str(Path(args.checkpoint).resolve()),
             }
         ],
-        "quant": {"precisions": precisions, "observers": split(args.observers)},
+        "quant": {
+            "precisions": precisions,
+            "observers": split(args.observers),
+            "plans": bool(args.plans),
+        },
         "recal": {"methods": split(args.recal), "fit_on": args.recal_fit},
     }
     if args.threads is not None:

@@ -424,8 +424,9 @@ def summary_table(rows: list[dict]) -> str:
     """A compact plain-text table of the key numbers, for the terminal."""
     main = _main_rows(rows)
     mw = max([22, *(len(m) for _, m in _groups(main))])  # the model column fits every label
+    pw = max([5, *(len(r["precision"]) for r in main)])  # and the precision column
     header = (
-        f"{'dataset':<16} {'model':<{mw}} {'prec':<5} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
+        f"{'dataset':<16} {'model':<{mw}} {'prec':<{pw}} {'acc%':>6} {'ECE%':>6} {'[95% CI]':>14} "
         f"{'+TS':>6} {'fp32T':>6} {'T':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -437,7 +438,7 @@ def summary_table(rows: list[dict]) -> str:
             )
             ci = f"[{_pct(r['ece_lo'])},{_pct(r['ece_hi'])}]" if r.get("ece_lo") is not None else ""
             lines.append(
-                f"{_ds_label(ds)[:16]:<16} {model:<{mw}} {r['precision']:<5} "
+                f"{_ds_label(ds)[:16]:<16} {model:<{mw}} {r['precision']:<{pw}} "
                 f"{_pct(r['accuracy']):>6} "
                 f"{_pct(r['ece']):>6} {ci:>14} {_pct(ts[0]['ece']) if ts else '–':>6} "
                 f"{_pct(f32[0]['ece']) if f32 else '–':>6} "
