@@ -198,3 +198,28 @@ def test_describe_reports_a_plans_weight_bytes_and_bops():
     )
     assert models.describe(deploy, 8, in_chans=3).bops == 32 * 32 * uniform.macs
     assert uniform.bops is None  # activation bits unknown
+
+
+def test_a_plan_whose_top_level_breaks_the_budget_is_said():
+    """The fragile layer costs W4A8 most of its accuracy: with W4A8 as the top level no plan
+    keeps a 2-point budget; the result says so and a study cell gets a note."""
+    from quantcal.study import plan_notes
+
+    net = Net().eval()
+    x, y = _data(net)
+    r = quant.plan_mixed_precision(
+        net,
+        [x[:200]],
+        _batches(x[200:], y[200:]),
+        budget=quant.PlanBudget(0.02, 0.02),
+        levels=("W4A8", "W4A4"),
+    )
+    assert not r.within_budget
+    assert set(r.plan.values()) == {(4, 8)}
+    (note,) = plan_notes(r.as_dict(), "plan:calib")
+    assert "plan:calib: even uniform W4A8 breaks the budget on validation" in note
+    assert "loosen the budget" in note
+    ok = quant.plan_mixed_precision(
+        net, [x[:200]], _batches(x[200:], y[200:]), levels=("W8A8", "W4A8")
+    )
+    assert plan_notes(ok.as_dict(), "plan:calib") == []

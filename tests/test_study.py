@@ -344,3 +344,21 @@ def test_plans_add_two_mixed_precision_cells_measured_on_test(tmp_path):
     before = (tmp_path / "results.csv").read_text()
     study.run_study(cfg, tmp_path, quiet=True)  # all from the cache, same numbers
     assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from quantcal import cli
+
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    real = study.recalibrated_test_logits
+
+    def renamed(run, **kw):  # the other run's cells under another dataset name
+        out = real(run, **kw)
+        return {("x", *k[1:]): v for k, v in out.items()} if run == str(other) else out
+
+    monkeypatch.setattr(study, "recalibrated_test_logits", renamed)
+    assert cli.main(["compare", str(finished), str(other), "--bootstrap", "10"]) == 1
+    assert "share no cell" in capsys.readouterr().err

@@ -759,6 +759,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not (Path(d) / "config.toml").is_file():
             raise FileNotFoundError(f"{d} is not a quantcal run folder (no config.toml)")
     result = compare_runs(args.run_a, args.run_b, metric=args.metric, n_resamples=args.bootstrap)
+    if not result["rows"]:
+        print(
+            "quantcal compare: the two runs share no cell (dataset, model, seed, precision, "
+            "range estimator, recalibrator): nothing to compare",
+            file=sys.stderr,
+        )
+        return 1
     if args.format == "json":
         print(json.dumps(result, indent=1))
     else:

@@ -378,6 +378,26 @@ def load_state(model, obj: Any, where: str | Path):
 PLAN_KINDS = ("calib", "accuracy")
 
 
+def plan_notes(record: dict[str, Any], precision: str) -> list[str]:
+    """What a plan cell's numbers may not mean: a search whose top level already broke the
+    budget on validation (the plan is then all top level)."""
+    if record.get("within_budget", True):
+        return []
+    top = next(iter(record["uniform_costs"]), "the top level")
+    m, f = record["metrics"], record["fp32"]
+    ece = (
+        f", ECE after {record['budget']['recal']} {100 * m['ece']:.1f} % vs fp32 "
+        f"{100 * f['ece']:.1f} %"
+        if "ece" in m and "ece" in f
+        else ""
+    )
+    return [
+        f"{precision}: even uniform {top} breaks the budget on validation (accuracy "
+        f"{100 * m['accuracy']:.1f} % vs fp32 {100 * f['accuracy']:.1f} %{ece}), so the plan "
+        f"is all {top}: loosen the budget or add a level with more bits"
+    ]
+
+
 def _plan_spec(config: StudyConfig, cell: QuantCell) -> dict[str, Any] | None:
     """The search settings of a ``plan:KIND`` cell, else None."""
     if not cell.precision.startswith("plan:"):
@@ -845,6 +865,7 @@ class _Runner:
             plan = _plan_spec(self.config, cell)
             if plan is not None:
                 qc, meta["plan"] = self.plan_config(plan, qc, deploy, calib, splits, cell)
+                notes.extend(plan_notes(meta["plan"], cell.precision))
             with _recorded_warnings() as caught:
                 net = quant.quantize(deploy, qc, calib)
             notes.extend(n for n in caught if n not in notes)
@@ -918,6 +939,12 @@ class _Runner:
             f"evaluations ({time.perf_counter() - t0:.1f} s)"
         )
         return qc, result.as_dict()
+
+    def cached_logits(self, cell: QuantCell, train_key: str) -> dict | None:
+        """The cell's cached logits (verified), or None when absent or damaged."""
+        path = self.cache / "logits" / f"{_logits_key(self.config, cell, train_key)}.pt"
+        meta = self.store.read_json(path.with_suffix(".json"), ("sha256", "precision"))
+        return None if meta is None else self.store.read_torch(path, meta["sha256"])
 
     # -- row stage -------------------------------------------------------------------------
     def _fp32_fit_for(self, fp32_key: str) -> _FitFn:
@@ -1382,17 +1409,11 @@ def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
     from quantcal import diagnose
 
     cfg = runner.config
-
-    def cached(cell: QuantCell, tkey: str) -> dict | None:
-        path = runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.pt"
-        meta = runner.store.read_json(path.with_suffix(".json"), ("sha256", "precision"))
-        return None if meta is None else runner.store.read_torch(path, meta["sha256"])
-
     out = []
     first_observer = cfg.observers[0]
     for g, cells in plan:
         tkey = runner.train_key(g)
-        fp32 = cached(cells[0], tkey)
+        fp32 = runner.cached_logits(cells[0], tkey)
         if fp32 is None:
             continue
         fit = runner.recal_fit(g)[0]
@@ -1400,7 +1421,7 @@ def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
         for cell in cells[1:]:
             if cell.observer != first_observer or cell.sample != 0:
                 continue
-            q = cached(cell, tkey)
+            q = runner.cached_logits(cell, tkey)
             if q is None:
                 continue
             d = diagnose.diagnose(
@@ -1548,19 +1569,14 @@ def recalibrated_test_logits(
     for g, cells in plan:
         tkey = runner.train_key(g)
 
-        def cached(cell: QuantCell, tkey: str = tkey) -> dict | None:
-            path = runner.cache / "logits" / f"{_logits_key(cfg, cell, tkey)}.pt"
-            meta = runner.store.read_json(path.with_suffix(".json"), ("sha256", "precision"))
-            return None if meta is None else runner.store.read_torch(path, meta["sha256"])
-
-        fp32 = cached(cells[0])
+        fp32 = runner.cached_logits(cells[0], tkey)
         if fp32 is None:
             continue
         fit = runner.recal_fit(g)[0]
         for cell in cells:
             if first_sample_only and cell.sample not in (None, 0):
                 continue
-            lg = fp32 if cell.is_fp32 else cached(cell)
+            lg = fp32 if cell.is_fp32 else runner.cached_logits(cell, tkey)
             if lg is None:
                 continue
             labels = lg["test_labels"]
