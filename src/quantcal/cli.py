@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and activation bits (from --levels) of a trained checkpoint so that, on the dataset's "
         "validation split, top-1 accuracy and the ECE after --recal stay within the budget of "
         "fp32 (recalibrators fitted on one half, the budget checked on the other), at the "
-        "lowest --cost. Writes the plan as JSON; quant.QuantConfig(layer_bits=...) uses it.",
+        'lowest --cost. Writes the plan as JSON; quant.QuantConfig.from_dict(its "quant_config") '
+        "quantizes with it.",
         epilog="examples:\n  quantcal plan --checkpoint model.pt --model shufflenetv2 --width 0.5 "
         "--dataset cifar100\n  quantcal plan --checkpoint net.pt --model nets.py:build "
         "--dataset npz:data.npz --max-ece-rise none --cost weight_bytes --out acc_plan.json"
