@@ -181,7 +181,7 @@ def fake_quantize_bias(
         )
     q_max = 2 ** (bits - 1) - 1
     q = torch.round(bias.detach().to(torch.float64) / scale.to(torch.float64))
-    q = q.clamp_(-q_max, q_max)
+    q = q.clamp_(-q_max, q_max) + 0.0  # + 0.0: a tiny negative bias rounds to +0, not -0
     return (q.to(torch.float32) * scale).to(bias.dtype)
 
 
