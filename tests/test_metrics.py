@@ -391,6 +391,27 @@ def test_paired_bootstrap_diff():
         M.paired_bootstrap_diff("ece", z, z[:, :3], y % 3)
 
 
+def test_paired_bootstrap_contrast_is_a_difference_of_differences():
+    z, y = _overconfident()
+    quad = [z, z / 3.0, z / 2.0, z / 4.0]
+    est, lo, hi = M.paired_bootstrap_contrast("ece", quad, [1, -1, -1, 1], y, n_resamples=150)
+    by_hand = M.ece(z, y) - M.ece(z / 3.0, y) - M.ece(z / 2.0, y) + M.ece(z / 4.0, y)
+    assert est == pytest.approx(by_hand, abs=1e-12)
+    idx = M._bootstrap_indices(z.shape[0], 150, seed=0)
+    slow = np.array([sum(w * M.ece(q[i], y[i]) for w, q in zip([1, -1, -1, 1], quad)) for i in idx])
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])), abs=1e-10)
+    # the same model on both sides of a difference cancels exactly, resample by resample
+    assert M.paired_bootstrap_contrast("nll", [z, z, z, z], [1, -1, -1, 1], y) == (0.0, 0.0, 0.0)
+    # a two-term contrast is the paired difference
+    assert M.paired_bootstrap_contrast(
+        "accuracy", [z, z / 3.0], [1, -1], y, n_resamples=80, seed=3
+    ) == M.paired_bootstrap_diff("accuracy", z, z / 3.0, y, n_resamples=80, seed=3)
+    with pytest.raises(ValueError, match="one weight per logits"):
+        M.paired_bootstrap_contrast("ece", quad, [1, -1], y)
+    with pytest.raises(ValueError, match="same shape"):
+        M.paired_bootstrap_contrast("ece", [z, z[:, :3]], [1, -1], y % 3)
+
+
 def test_bootstrap_arguments_are_validated():
     z, y = _random(n=30, c=3)
     with pytest.raises(ValueError, match="Did you mean 'ece'"):
