@@ -1,8 +1,15 @@
 """The model zoo: the study's efficient CNNs adapted to small images (REFERENCE.md §2).
 
 ``create_model(name, *, num_classes, image_size=32, in_chans=3, width=1.0, seed=None, **kw)``
-builds "shufflenetv2", "augshufflenet", "ghostnet_vgg16" or "mobileone_s0" (see
-``list_models()``); ``describe(model)`` gives parameters, MACs and weight bytes;
+builds any name of ``list_models()``: the study's "shufflenetv2", "augshufflenet",
+"ghostnet_vgg16" and "mobileone_s0"; "resnet20", "mobilenetv2", "mobilenetv3_small",
+"efficientnet_b0" and "repvgg_a0" in their CIFAR form (:mod:`quantcal.models.resnet`,
+:mod:`~quantcal.models.mobilenet`, :mod:`~quantcal.models.efficientnet`,
+:mod:`~quantcal.models.repvgg`); or the controlled ablation family "ablation_base",
+"ablation_separable", "ablation_no_residual", "ablation_relu6", "ablation_hardswish",
+"ablation_se", "ablation_reparam" (a ResNet-20-like skeleton changing one property at a time at a
+matched deploy budget; :mod:`quantcal.models.ablation`). ``describe(model)`` gives parameters,
+MACs and weight bytes;
 ``to_deploy(model)`` (in :mod:`quantcal.models.deploy`, loaded on first use) gives the
 reparameterized, BN-folded eval-mode copy.
 """
@@ -13,7 +20,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Importing the family modules registers them; they only define classes.
-from quantcal.models import ghostnet, mobileone, shufflenet  # noqa: F401
+from quantcal.models import (  # noqa: F401
+    ablation,
+    efficientnet,
+    ghostnet,
+    mobilenet,
+    mobileone,
+    repvgg,
+    resnet,
+    shufflenet,
+)
 from quantcal.models.registry import create_model, list_models, register_model
 from quantcal.models.stats import ModelStats, describe
 
