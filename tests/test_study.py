@@ -199,6 +199,21 @@ def test_shard_parsing():
         ({**MICRO, "model": [{"arch": "shufflenet", "width": 1}]}, "shufflenetv2"),
         ({**MICRO, "model": [{"arch": "shufflenetv2", "widht": 1}]}, "(?i)did you mean 'width'"),
         ({**MICRO, "train": {"epoch": 3}}, "epochs"),
+        ({**MICRO, "data": {"datasets": ["digits"], "train_size": 0}}, "train_size"),
+        ({**MICRO, "quant": {**MICRO["quant"], "attribution": "yes"}}, "true, false or a table"),
+        (
+            {**MICRO, "quant": {**MICRO["quant"], "attribution": {"granularty": "layer"}}},
+            "(?i)did you mean 'granularity'",
+        ),
+        (
+            {**MICRO, "quant": {**MICRO["quant"], "attribution": {"granularity": "stage"}}},
+            "layer, block",
+        ),
+        (
+            {**MICRO, "quant": {**MICRO["quant"], "attribution": {"precisions": ["W4A8"]}}},
+            "W8A8, W4A4",
+        ),
+        ({**MICRO, "quant": {**MICRO["quant"], "attribution": {"samples": 0}}}, "positive"),
     ],
 )
 def test_bad_study_files_name_the_problem(raw, match):
@@ -362,3 +377,47 @@ def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, mon
     monkeypatch.setattr(study, "recalibrated_test_logits", renamed)
     assert cli.main(["compare", str(finished), str(other), "--bootstrap", "10"]) == 1
     assert "share no cell" in capsys.readouterr().err
+
+
+def test_train_size_trains_on_a_stratified_subset_and_says_so(tmp_path):
+    import numpy as np
+
+    from quantcal import data
+
+    full = data.load_dataset("digits", seed=0)
+    cut = data.with_train_size(full, 500, seed=0)
+    assert len(cut.train) == 500 and cut.test is full.test and cut.val is full.val
+    assert set(cut.train.indices.tolist()) <= set(full.train.indices.tolist())
+    counts = np.bincount(cut.train.labels.numpy(), minlength=10) / 500
+    ref = np.bincount(full.train.labels.numpy(), minlength=10) / len(full.train)
+    assert np.abs(counts - ref).max() < 0.01  # class proportions kept
+    assert "stratified 500 of the 1157" in cut.notes[-1]
+    assert data.with_train_size(full, len(full.train), seed=0) is full
+    with pytest.raises(ValueError, match="train_size must be an integer in"):
+        data.with_train_size(full, 5000, seed=0)
+    # in a study: a different training set is a different model (its own cache key), named in
+    # every row's notes
+    raw = {**MICRO, "model": [MICRO["model"][0]], "data": {"datasets": ["digits"]}}
+    raw["data"]["train_size"] = 300
+    raw["quant"] = {"precisions": ["fp32"]}
+    out = study.run_study(raw, tmp_path / "cut", quiet=True)
+    rows = _rows(out)
+    assert all("stratified 300 of the 1157" in r["notes"] for r in rows)
+    cfg_a, cfg_b = load_study(raw), load_study({**raw, "data": {"datasets": ["digits"]}})
+    g = study.expand_cells(cfg_a)[0][0]
+    assert study._train_key(cfg_a, g, "d") != study._train_key(cfg_b, g, "d")
+
+
+def test_timm_arch_without_timm_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(ValueError, match=r"needs the timm package.*pip install timm"):
+        study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=1.0)

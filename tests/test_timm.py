@@ -220,3 +220,46 @@ def test_quantize_timm_is_never_silent_and_deploy_is_exact(arch: str, x: torch.T
         out_q = q(x)
     assert torch.isfinite(out_q).all()
     assert float((out_q - ref).abs().max()) <= 0.5 * logit_range
+
+
+def test_a_timm_arch_runs_in_a_study(tmp_path):
+    """``arch = "timm:NAME"``: built without pretrained weights for the study's classes, input
+    channels and image size, trained, quantized and scored like a registry model; the timm
+    version enters the training cache key; a width other than 1 and an unknown name are clear
+    errors."""
+    from quantcal import study
+    from quantcal.studyconfig import load_study
+
+    raw = {
+        "name": "timm_micro",
+        "data": {"datasets": ["digits"], "train_size": 200},
+        "model": [{"arch": "timm:mobilenetv3_small_050", "width": 1.0}],
+        "train": {"epochs": 1, "augment": False},
+        "quant": {"precisions": ["fp32", "W8A8"], "attribution": {"samples": 40}},
+        "recal": {"methods": ["none", "temperature"]},
+        "metrics": {"bootstrap": 20},
+    }
+    out = study.run_study(raw, tmp_path / "run", quiet=True)
+    rows = list(study.iter_rows(out))
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert {r["arch"] for r in rows} == {"timm:mobilenetv3_small_050"}
+    import json
+
+    attribution = json.loads((out / "details.json").read_text())["attribution"]
+    assert attribution and "groups" in attribution[0]
+    cfg = load_study(raw)
+    g = study.expand_cells(cfg)[0][0]
+    key = study._train_key(cfg, g, "digest")
+    from quantcal.models import external
+
+    real = external.timm_version
+    try:
+        external.timm_version = lambda: "0.0.0"  # another timm, other model definitions
+        assert study._train_key(cfg, g, "digest") != key
+    finally:
+        external.timm_version = real
+    assert study._train_key(cfg, g, "digest") == key
+    with pytest.raises(ValueError, match="no width multiplier"):
+        study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=0.5)
+    with pytest.raises(ValueError, match="closest: resnet18"):
+        study.build_model("timm:resnet18x", num_classes=10, image_size=32, in_chans=3, width=1)

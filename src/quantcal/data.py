@@ -1038,6 +1038,30 @@ def with_normalization(
     return dataclasses.replace(splits, mean=m, std=sd, **parts)
 
 
+def with_train_size(splits: Splits, size: int, *, seed: int = 0) -> Splits:
+    """The same splits with the training split cut to a stratified subset of ``size`` images
+    (class proportions kept, drawn with ``seed``; the other splits untouched), for a study sized
+    to a small machine. The cut is named in ``notes``. ValueError when ``size`` is not below the
+    training split's size."""
+    n = len(splits.train)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= n:
+        raise ValueError(
+            f"train_size must be an integer in [1, {n}] (the training split of {splits.name} "
+            f"has {n} images), got {size!r}"
+        )
+    if size == n:
+        return splits
+    t = splits.train
+    rng = np.random.default_rng([seed, 0x7472])  # its own stream: the other splits are drawn
+    taken, _ = stratified_split(t.labels.numpy(), np.arange(n), size, rng)
+    idx = torch.from_numpy(np.sort(taken))
+    train = dataclasses.replace(
+        t, images=t.images[idx], labels=t.labels[idx], indices=t.indices[idx]
+    )
+    note = f"trained on a stratified {size} of the {n} training images ([data] train_size)"
+    return dataclasses.replace(splits, train=train, notes=(*splits.notes, note))
+
+
 def with_transform(
     splits: Splits, transform: Callable[[torch.Tensor], torch.Tensor], name: str
 ) -> Splits:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -72,6 +73,7 @@ __all__ = [
 _TRAIN_VERSION = 2
 _LOGITS_VERSION = 2
 _ROW_VERSION = 3
+_ATTRIBUTION_VERSION = 1
 
 #: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
 #: precision, observer, range-calibration sample and recalibration method).
@@ -202,7 +204,14 @@ def _objective_spec(config: StudyConfig, g: Group) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def _split_args(config: StudyConfig, g: Group) -> tuple:
     """What decides a group's splits besides the data's content."""
-    return (g.dataset, g.seed, config.val_size, config.ptq_calib_size, config.ptq_calib_samples)
+    return (
+        g.dataset,
+        g.seed,
+        config.val_size,
+        config.ptq_calib_size,
+        config.ptq_calib_samples,
+        config.train_size,
+    )
 
 
 def _train_key(
@@ -216,7 +225,7 @@ def _train_key(
     """Key of a trained (or loaded) model: the data's content, its splits and input
     normalisation (when not the dataset's) or transform, the model, and the recipe with the
     pinned thread count (or the checkpoint's digest)."""
-    dataset, seed, val_size, ptq_size, ptq_samples = _split_args(config, g)
+    dataset, seed, val_size, ptq_size, ptq_samples, train_size = _split_args(config, g)
     spec: dict[str, Any] = {
         "v": _TRAIN_VERSION,
         "data": {
@@ -230,8 +239,14 @@ def _train_key(
         "arch": g.model.arch,
         "width": g.model.width,
     }
+    if g.model.arch.lower().startswith("timm:"):  # timm's model definitions change by version
+        from quantcal.models.external import timm_version
+
+        spec["timm"] = timm_version()
     if config.threads is not None:
         spec["threads"] = config.threads
+    if train_size is not None:  # absent otherwise: earlier keys stay valid
+        spec["data"]["train_size"] = train_size
     if normalization is not None:
         spec["data"]["normalization"] = [list(normalization[0]), list(normalization[1])]
     if transform is not None:
@@ -244,7 +259,8 @@ def _train_key(
 
 
 def import_factory(arch: str) -> Callable[..., Any]:
-    """The callable named by ``module:function`` or ``path/to/file.py:function``.
+    """The callable named by ``module:function`` or ``path/to/file.py:function`` (or, for
+    ``timm:NAME``, a factory of timm's model NAME: :func:`quantcal.models.external.timm_factory`).
 
     A module is looked up on ``sys.path`` and then in the current folder; a ``.py`` path is
     loaded from that file (no ``PYTHONPATH`` needed). ValueError saying how to fix it if not."""
@@ -252,6 +268,10 @@ def import_factory(arch: str) -> Callable[..., Any]:
     import importlib.util
     import sys
 
+    from quantcal.models.external import TIMM_PREFIX, timm_factory
+
+    if arch.lower().startswith(TIMM_PREFIX):
+        return timm_factory(arch[len(TIMM_PREFIX) :])
     mod_name, _, fn_name = arch.rpartition(":")
     try:
         if mod_name.endswith(".py"):
@@ -300,8 +320,9 @@ def build_model(
     width: float,
     seed: int | None = None,
 ):
-    """A registry model, or ``module:factory``: a callable imported from a module and called
-    with whichever of (num_classes, image_size, in_chans, width) its signature accepts."""
+    """A registry model, ``timm:NAME``, or ``module:factory``: a callable imported from a
+    module and called with whichever of (num_classes, image_size, in_chans, width) its
+    signature accepts."""
     import inspect as pyinspect
 
     from quantcal import models
@@ -431,6 +452,30 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     return content_hash(spec)
 
 
+def attribution_cells(config: StudyConfig, cells: list[QuantCell]) -> list[QuantCell]:
+    """The cells that get a per-layer attribution (``[quant] attribution``): every uniform
+    quantized precision (or those ``attribution.precisions`` lists) of the first range
+    estimator and range-calibration sample."""
+    if config.attribution is None:
+        return []
+    wanted = config.attribution.get("precisions")
+    return [
+        c
+        for c in cells
+        if not c.is_fp32
+        and not c.precision.startswith("plan:")
+        and (wanted is None or c.precision in wanted)
+        and c.observer == config.observers[0]
+        and c.sample == 0
+    ]
+
+
+def _attribution_key(config: StudyConfig, logits_key: str) -> str:
+    return content_hash(
+        {"v": _ATTRIBUTION_VERSION, "logits": logits_key, **dict(config.attribution or {})}
+    )
+
+
 def _row_key(
     config: StudyConfig, logits_key: str, fp32_key: str, method: str, recal_fit: str = "val"
 ) -> str:
@@ -520,6 +565,7 @@ class _Runner:
         self.store = Cache(self.cache, log)
         self.digests = FileDigests(self.cache / "digests.json")
         self.failures: list[dict[str, Any]] = []
+        self.attribution_errors: list[dict[str, str]] = []
         self.scored = 0  # rows computed (not read from the cache) by this runner
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
@@ -687,6 +733,8 @@ class _Runner:
             if self.config.ptq_calib_size is not None:
                 kw["ptq_calib_size"] = self.config.ptq_calib_size * self.config.ptq_calib_samples
             splits = data.load_dataset(g.dataset, **kw)
+            if self.config.train_size is not None:
+                splits = data.with_train_size(splits, self.config.train_size, seed=g.seed)
             for note in splits.notes:
                 self.say(f"note   {g.dataset} (seed {g.seed}): {note}")
             self._splits[key] = splits
@@ -940,6 +988,43 @@ class _Runner:
         )
         return qc, result.as_dict()
 
+    def attribution_path(self, cell: QuantCell, train_key: str) -> Path:
+        lkey = _logits_key(self.config, cell, train_key)
+        return self.cache / "attribution" / f"{_attribution_key(self.config, lkey)}.json"
+
+    def attribution(self, cell: QuantCell, model, train_key: str) -> dict[str, Any]:
+        """The cell's per-layer attribution (``quant.attribute_layers`` on the first
+        ``[quant] attribution.samples`` validation images), cached like every stage."""
+        from quantcal import quant
+
+        path = self.attribution_path(cell, train_key)
+        cached = self.store.read_json(path, ("groups", "precision"))
+        if cached is not None:
+            return cached
+        spec = self.config.attribution or {}
+        splits = self.splits(cell.group)
+        deploy = self.deployed(model, train_key, cell.group)
+        calib = self.ptq_batches(splits, cell.sample)
+        with _recorded_warnings():  # the logits stage has already named what they say
+            net = quant.quantize(deploy, _quant_config(self.config, cell), calib)
+        n = min(int(spec["samples"]), len(splits.val))
+        result = quant.attribute_layers(
+            net,
+            splits.val.batches(min(self.config.eval_batch_size, 128), device=self.device),
+            granularity=spec["granularity"],
+            n_bins=self.config.n_bins,
+            batch_size=128,
+            max_samples=n,
+        )
+        record = result.as_dict()
+        atomic_write_json(path, record)
+        self.say(
+            f"attrib {cell.group.label}  {cell.precision}: {len(result.groups)} "
+            f"{spec['granularity']}s x 2 over {n} val images ({result.seconds:.1f} s, "
+            f"{result.work_fraction:.0%} of the work of full passes)"
+        )
+        return record
+
     def cached_logits(self, cell: QuantCell, train_key: str) -> dict | None:
         """The cell's cached logits (verified), or None when absent or damaged."""
         path = self.cache / "logits" / f"{_logits_key(self.config, cell, train_key)}.pt"
@@ -1072,6 +1157,19 @@ class _Runner:
                 self.say(
                     f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
                     f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
+                )
+        for cell in attribution_cells(self.config, cells):
+            try:
+                self.attribution(cell, model, tkey)
+            except Exception as exc:  # the cells' rows stand; the failure is recorded and said
+                self.attribution_errors.append(
+                    {
+                        "label": f"{g.label} {cell.precision}",
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
+                self.say(
+                    f"error  {g.label} {cell.precision} attribution: {type(exc).__name__}: {exc}"
                 )
 
 
@@ -1398,6 +1496,8 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                     }
                 )
     details["diagnostics"] = _diagnostics(runner, plan)
+    details["attribution"] = _attributions(runner, plan)
+    details["ablation"] = _ablation_contrasts(runner, plan)
     atomic_write_json(out_dir / "details.json", details)
     return path
 
@@ -1442,6 +1542,38 @@ def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
             )
             out.append(d)
     return out
+
+
+def _attributions(runner: _Runner, plan) -> list[dict[str, Any]]:
+    """The cached attribution of every attributed cell, with its group's identity; a cell
+    whose attribution failed has ``error`` instead of numbers."""
+    out = []
+    errors = {e["label"]: e["error"] for e in runner.attribution_errors}
+    for g, cells in plan:
+        tkey = runner.train_key(g)
+        for cell in attribution_cells(runner.config, cells):
+            ident = {
+                "dataset": g.dataset,
+                "arch": g.model.arch,
+                "width": g.model.width,
+                "objective": g.objective,
+                "seed": g.seed,
+                "precision": cell.precision,
+            }
+            rec = runner.store.read_json(runner.attribution_path(cell, tkey), ("groups",))
+            if rec is not None:
+                out.append({**ident, **rec})
+            else:
+                error = errors.get(f"{g.label} {cell.precision}", "not computed (see the log)")
+                out.append({**ident, "error": error})
+    return out
+
+
+def _ablation_contrasts(runner: _Runner, plan) -> list[dict[str, Any]]:
+    """Paired contrasts of the ablation family (:mod:`quantcal.ablation`) from cached logits."""
+    from quantcal import ablation
+
+    return ablation.contrasts(runner, plan)
 
 
 def _stderr_log(message: str) -> None:
@@ -1598,6 +1730,14 @@ def recalibrated_test_logits(
                 )
                 out[key] = (z, labels)
     return out
+
+
+def failed_attributions(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The attributions of a finished run that failed (``details.json``, with ``error``)."""
+    path = Path(out_dir) / "details.json"
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()).get("attribution", []) if "error" in r]
 
 
 def failed_rows(out_dir: str | Path) -> list[dict[str, Any]]:

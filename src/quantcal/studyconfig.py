@@ -11,6 +11,7 @@ listed method and scored on the test split. File layout (every key optional but 
     [data]
     datasets = ["digits"]          # registry names, or "npz:PATH"
     val_size = 180                 # recalibration split (None: the dataset's default)
+    train_size = 10000             # train on a stratified subset (None: every training image)
     ptq_calib_size = 100           # range-calibration images per sample
     mean = [0.485, 0.456, 0.406]   # optional, with std: the model's input normalisation,
     std = [0.229, 0.224, 0.225]    # (x / 255 - mean) / std; default the dataset's statistics
@@ -32,6 +33,9 @@ listed method and scored on the test split. File layout (every key optional but 
     first_last_8bit = false
     plans = false                  # true, or a table: calibration-budgeted mixed precision
                                    # (plan:calib) beside an accuracy-only plan (plan:accuracy)
+    attribution = false            # true, or a table: which layers decide calibration
+                                   # (granularity = "layer"|"block", samples = 1000,
+                                   # precisions = ["W4A4"]; default every quantized one)
 
     [recal]
     methods = ["none", "temperature", "temperature_fp32", "vector", "histogram", "isotonic"]
@@ -145,6 +149,8 @@ class StudyConfig:
     datasets: tuple[str, ...] = ("digits",)
     val_size: int | None = None
     ptq_calib_size: int | None = None
+    #: Train on a stratified subset of this many training images (None: all of them).
+    train_size: int | None = None
     #: The model's input normalisation (per channel, on the [0, 1] pixel scale), or None for the
     #: dataset's own statistics (or what a ``module:factory`` declares as ``factory.mean/std``).
     mean: tuple[float, ...] | None = None
@@ -161,6 +167,10 @@ class StudyConfig:
     #: ("temperature"), cost ("bops" or "weight_bytes"), levels (default: the study's quantized
     #: precisions, most bits first). Adds the cells ``plan:calib`` and ``plan:accuracy``.
     plans: Mapping[str, Any] | None = None
+    #: Per-layer attribution of calibration loss (``quant.attribute_layers``) for every uniform
+    #: quantized precision: None (off), or a dict with granularity ("layer" or "block") and
+    #: samples (validation images used; the cost is 2 x groups partial passes over them).
+    attribution: Mapping[str, Any] | None = None
     recal: tuple[str, ...] = DEFAULT_RECAL
     recal_fit: str = "auto"
     n_bins: int = 15
@@ -241,7 +251,7 @@ class StudyConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        for name in ("val_size", "ptq_calib_size"):
+        for name in ("val_size", "ptq_calib_size", "train_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
@@ -289,6 +299,7 @@ class StudyConfig:
                 )
             set_(name, float(v))
         set_("plans", self._check_plans(self.plans))
+        set_("attribution", self._check_attribution(self.attribution))
         set_("objectives", _objectives_axis(self.objectives, dict(self.train)))
         if len(self.objectives) > 1 and any(m.checkpoint for m in self.models):
             raise ValueError(
@@ -330,6 +341,47 @@ class StudyConfig:
         out["levels"] = [canonical_precision(p) for p in levels]
         return out
 
+    def _check_attribution(self, value: Any) -> dict[str, Any] | None:
+        from quantcal.quant.attribution import GRANULARITIES
+
+        if value is None or value is False:
+            return None
+        if value is True:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"quant.attribution must be true, false or a table, got {value!r}")
+        allowed = ("granularity", "samples", "precisions")
+        for key in value:
+            if key not in allowed:
+                raise ValueError(
+                    "quant.attribution: " + unknown_name_message("key", str(key), list(allowed))
+                )
+        out = {
+            "granularity": value.get("granularity", "layer"),
+            "samples": value.get("samples", 1000),
+        }
+        if out["granularity"] not in GRANULARITIES:
+            raise ValueError(
+                f"quant.attribution.granularity must be one of {', '.join(GRANULARITIES)}, got "
+                f"{out['granularity']!r}"
+            )
+        n = out["samples"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"quant.attribution.samples must be a positive integer, got {n!r}")
+        if "precisions" in value:
+            precs = [
+                canonical_precision(p) for p in _tuple_of("precisions", value["precisions"], str)
+            ]
+            missing = [p for p in precs if p not in self.precisions or p == "fp32"]
+            if missing or not precs:
+                raise ValueError(
+                    f"quant.attribution.precisions must list quantized precisions of the study "
+                    f"({', '.join(p for p in self.precisions if p != 'fp32')}), got "
+                    f"{value['precisions']!r}"
+                )
+            out["precisions"] = precs
+        return out
+
     def plan_spec(self, kind: str) -> dict[str, Any]:
         """The search settings of the ``plan:calib`` (kind "calib") or ``plan:accuracy`` cell,
         defaults filled in."""
@@ -361,6 +413,7 @@ class StudyConfig:
             "data": {
                 "datasets": list(self.datasets),
                 "val_size": self.val_size,
+                "train_size": self.train_size,
                 "ptq_calib_size": self.ptq_calib_size,
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std),
@@ -380,6 +433,7 @@ class StudyConfig:
                 "ptq_calib_samples": self.ptq_calib_samples,
                 "first_last_8bit": self.first_last_8bit,
                 "plans": None if self.plans is None else dict(self.plans),
+                "attribution": None if self.attribution is None else dict(self.attribution),
             },
             "recal": {"methods": list(self.recal), "fit_on": self.recal_fit},
             "metrics": {
@@ -404,6 +458,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
     "data": {
         "datasets": "datasets",
         "val_size": "val_size",
+        "train_size": "train_size",
         "ptq_calib_size": "ptq_calib_size",
         "mean": "mean",
         "std": "std",
@@ -415,6 +470,7 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "ptq_calib_samples": "ptq_calib_samples",
         "first_last_8bit": "first_last_8bit",
         "plans": "plans",
+        "attribution": "attribution",
     },
     "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {
