@@ -67,7 +67,9 @@ class Claim:
         }
 
 
-ClaimFn = Callable[[list[dict]], Claim]
+#: ``fn(rows)``, or ``fn(rows, details)`` for a claim judged on ``details.json`` as well (the
+#: ablation's paired contrasts, the per-layer attribution).
+ClaimFn = Callable[..., Claim]
 #: The registered claims, in report order.
 CLAIMS: list[ClaimFn] = []
 
@@ -78,9 +80,16 @@ def register_claim(fn: ClaimFn) -> ClaimFn:
     return fn
 
 
-def evaluate(rows: list[dict]) -> list[Claim]:
-    """Every registered claim on the rows, in order."""
-    return [fn(rows) for fn in CLAIMS]
+def evaluate(rows: list[dict], details: dict[str, Any] | None = None) -> list[Claim]:
+    """Every registered claim on the rows (and ``details``, for those that read it), in
+    order."""
+    import inspect
+
+    out = []
+    for fn in CLAIMS:
+        takes_details = len(inspect.signature(fn).parameters) > 1
+        out.append(fn(rows, details or {}) if takes_details else fn(rows))
+    return out
 
 
 def _interval_verdict(e: Estimate, positive: str, negative: str) -> str:
@@ -585,3 +594,184 @@ def calibration_budgeted_plans(rows: list[dict]) -> Claim:
         tuple(evidence),
         tuple(numbers),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation and the attribution (``details.json``)
+# ---------------------------------------------------------------------------------------------
+def _pts(e: dict[str, float]) -> str:
+    return f"{100 * e['value']:+.2f} [{100 * e['lo']:+.2f}, {100 * e['hi']:+.2f}]"
+
+
+def _contrast_verdict(e: dict[str, float]) -> str:
+    if e["lo"] > 0:
+        return "more fragile"
+    if e["hi"] < 0:
+        return "less fragile"
+    return "no measurable difference"
+
+
+def _ablation_records(details: dict[str, Any], recal: str = "none") -> list[dict[str, Any]]:
+    return [r for r in details.get("ablation", []) if r.get("recal") == recal]
+
+
+@register_claim
+def separable_mechanism(rows: list[dict], details: dict[str, Any]) -> Claim:
+    """The paper's explanation of its architecture ranking, judged on the controlled ablation:
+    the separable variant against the dense base at matched parameters and MACs, everything
+    else equal. Per precision: the ECE-rise contrast (variant's ECE rise under quantization
+    minus the base's, as is, paired bootstrap over the test images). *supported* when it lies
+    above 0 at the lowest precision, *contradicted* when below, else *undecided*."""
+    statement = (
+        "Depthwise-separable convolutions lose more calibration under quantization than dense "
+        "ones (the paper's explanation), at matched parameters and MACs."
+    )
+    recs = [r for r in _ablation_records(details) if r["property"] == "block"]
+    if not recs:
+        return Claim(
+            "separable_mechanism",
+            statement,
+            "not tested",
+            ("needs ablation_base and ablation_separable in one study (the ablation preset)",),
+            source="Kuang & Wong, arXiv 2309.13866",
+            tested=False,
+        )
+    evidence, verdicts, numbers = [], [], []
+    for key in dict.fromkeys((r["dataset"], r["width"], r["objective"], r["seed"]) for r in recs):
+        sel = [r for r in recs if (r["dataset"], r["width"], r["objective"], r["seed"]) == key]
+        sel.sort(key=lambda r: prec_key(r["precision"]))
+        for r in sel:
+            c = r["ece_rise"]["contrast"]
+            evidence.append(
+                f"{key[0]} (width {key[1]:g}, seed {key[3]}), {r['precision']}: separable ECE "
+                f"rise {_pts(r['ece_rise']['variant'])} points vs dense "
+                f"{_pts(r['ece_rise']['base'])}; difference {_pts(c)} "
+                f"({_contrast_verdict(c)}); accuracy drop difference "
+                f"{_pts(r['accuracy_drop']['contrast'])} points."
+            )
+            numbers.append(
+                {
+                    "dataset": key[0],
+                    "model": "ablation_separable - ablation_base",
+                    "precision": r["precision"],
+                    "quantity": "ece_rise_contrast",
+                    **c,
+                    "n_seeds": 1,
+                }
+            )
+        low = sel[-1]["ece_rise"]["contrast"]  # the lowest precision (last in plan order)
+        verdicts.append(
+            "supported"
+            if low["lo"] > 0
+            else "contradicted"
+            if low["hi"] < 0
+            else "undecided (interval contains 0)"
+        )
+    return Claim(
+        "separable_mechanism",
+        statement,
+        summarise(verdicts),
+        tuple(evidence),
+        tuple(numbers),
+        source="Kuang & Wong, arXiv 2309.13866",
+    )
+
+
+@register_claim
+def ablation_properties(rows: list[dict], details: dict[str, Any]) -> Claim:
+    """Every property of the ablation at the lowest precision: the ECE-rise and accuracy-drop
+    contrasts against the base, as is and after temperature scaling (a measurement: the
+    verdict per property is *more fragile*, *less fragile* or *no measurable difference*)."""
+    statement = (
+        "Which architectural property makes calibration fragile under quantization (one "
+        "property changed at a time, matched parameters and MACs)."
+    )
+    recs = _ablation_records(details)
+    if not recs:
+        return Claim(
+            "ablation_properties",
+            statement,
+            "not tested",
+            ("needs ablation_base and at least one variant in one study (the ablation preset)",),
+            tested=False,
+        )
+    lowest = max((r["precision"] for r in recs), key=prec_key)
+    ts = {
+        (r["variant"], r["seed"], r["width"], r["dataset"]): r
+        for r in _ablation_records(details, "temperature")
+        if r["precision"] == lowest
+    }
+    evidence = []
+    for r in (r for r in recs if r["precision"] == lowest):
+        c = r["ece_rise"]["contrast"]
+        after = ts.get((r["variant"], r["seed"], r["width"], r["dataset"]))
+        tail = f"; after temperature scaling {_pts(after['ece_rise']['contrast'])}" if after else ""
+        evidence.append(
+            f"{r['property']} {r['base_value']} → {r['value']} ({r['dataset']}, {lowest}): ECE "
+            f"rise vs base {_pts(c)} points — {_contrast_verdict(c)}{tail}; accuracy drop vs "
+            f"base {_pts(r['accuracy_drop']['contrast'])} points."
+        )
+    return Claim("ablation_properties", statement, "see the numbers", tuple(evidence))
+
+
+@register_claim
+def attribution_layer_types(rows: list[dict], details: dict[str, Any]) -> Claim:
+    """From the per-layer attribution (``[quant] attribution``): per model at its lowest
+    attributed precision, the layer kind with the largest share of the summed single-layer NLL
+    rise, the kind with the largest rise per layer, and the top layer. A measurement."""
+    statement = "Which layer types decide calibration at low precision (per-layer attribution)."
+    recs = [
+        r
+        for r in details.get("attribution", [])
+        if "groups" in r and r.get("granularity") == "layer"
+    ]
+    if not recs:
+        return Claim(
+            "attribution_layer_types",
+            statement,
+            "not tested",
+            ('needs [quant] attribution (granularity = "layer")',),
+            tested=False,
+        )
+    from quantcal.quant.attribution import AttributionResult
+
+    evidence = []
+    per_layer_top: list[str] = []
+    for key in dict.fromkeys((r["dataset"], r["arch"], r["width"], r["seed"]) for r in recs):
+        sel = [r for r in recs if (r["dataset"], r["arch"], r["width"], r["seed"]) == key]
+        rec = max(sel, key=lambda r: prec_key(r["precision"]))
+        res = AttributionResult.from_dict(
+            {
+                k: v
+                for k, v in rec.items()
+                if k not in ("dataset", "arch", "width", "objective", "seed")
+            }
+        )
+        kinds = res.by_kind()
+        if not kinds:
+            continue
+        share = max(kinds, key=lambda k: _nan_low(kinds[k]["share"]))
+        mean = max(kinds, key=lambda k: kinds[k]["mean"])
+        per_layer_top.append(mean)
+        top = res.ranked()[0]
+        evidence.append(
+            f"{key[1]}@{key[2]:g} ({key[0]}, {rec['precision']}): {share} layers carry "
+            f"{100 * _nan_low(kinds[share]['share'], 0):.0f} % of the summed single-layer NLL rise "
+            f"({kinds[share]['count']} layers); {mean} the most per layer "
+            f"({kinds[mean]['mean']:.3f} nats); top layer {top.name} ({top.kind}, NLL "
+            f"{top.alone_nll:+.3f}, ECE {100 * top.alone_ece:+.2f} points alone; keeping it "
+            f"in fp32 gives back {top.recovery_nll:+.3f} nats)."
+        )
+    if per_layer_top:
+        counts = {k: per_layer_top.count(k) for k in dict.fromkeys(per_layer_top)}
+        evidence.insert(
+            0,
+            "Most harmful kind per layer, across models: "
+            + ", ".join(f"{k} in {n} of {len(per_layer_top)}" for k, n in counts.items())
+            + ".",
+        )
+    return Claim("attribution_layer_types", statement, "see the numbers", tuple(evidence))
+
+
+def _nan_low(v: float, default: float = -1.0) -> float:
+    return v if v == v else default

@@ -411,7 +411,19 @@ def _finish(out: Path, t0: float, quiet: bool) -> int:
         print(report.summary_table(rows))
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
     report_notes(rows)
-    return report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
+    code = report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
+    return report_failed_attributions(study.failed_attributions(out)) or code
+
+
+def report_failed_attributions(failed: list[dict]) -> int:
+    """Name each failed per-layer attribution on stderr; 1 when there is any, else 0."""
+    for r in failed:
+        print(
+            f"quantcal: the attribution of {r['dataset']} / {r['arch']}@{float(r['width']):g} "
+            f"{r['precision']} failed: {r['error']} (re-running retries it)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

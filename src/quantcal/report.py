@@ -29,6 +29,7 @@ from quantcal._rows import (
     pick,
     prec_key,
 )
+from quantcal.report_layers import ablation_section, attribution_section
 from quantcal.report_plans import plans_section
 from quantcal.report_why import why_section
 
@@ -107,13 +108,13 @@ def _ci(r: dict, key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Findings: the registered claims (quantcal.claims), judged on this run's numbers and intervals
 # ---------------------------------------------------------------------------------------------
-def findings(rows: list[dict]) -> list[dict[str, Any]]:
+def findings(rows: list[dict], details: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One entry per claim this study tests (``claim``, ``verdict``, ``evidence``, and the
     claim's ``key``, ``source``, ``rows``; see :mod:`quantcal.claims`), then a caveat when the
     test split is small."""
     from quantcal.claims import evaluate
 
-    out = [c.as_dict() for c in evaluate(rows) if c.tested]
+    out = [c.as_dict() for c in evaluate(rows, details) if c.tested]
     n_test = _mean([r.get("n_test") for r in _main_rows(rows)]) or 0
     if n_test and n_test < 2000:
         out.append(
@@ -130,11 +131,13 @@ def findings(rows: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def untested_claims(rows: list[dict]) -> list[dict[str, Any]]:
+def untested_claims(
+    rows: list[dict], details: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The registered claims this study does not test, each with what it would need."""
     from quantcal.claims import evaluate
 
-    return [c.as_dict() for c in evaluate(rows) if not c.tested]
+    return [c.as_dict() for c in evaluate(rows, details) if not c.tested]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,14 +819,14 @@ def write_report(run_dir: str | Path) -> Path:
         _key_table(rows) if ok else "<p>No successful cells.</p>",
         "<h2>Findings</h2>",
     ]
-    for f in findings(rows) if ok else []:
+    for f in findings(rows, details) if ok else []:
         parts.append(
             f"<h3>{html.escape(f['claim'])}</h3><p class='verdict'>Verdict: "
             f"{html.escape(f['verdict'])}</p><ul>"
             + "".join(f"<li>{html.escape(e)}</li>" for e in f["evidence"])
             + "</ul>"
         )
-    untested = untested_claims(rows) if ok else []
+    untested = untested_claims(rows, details) if ok else []
     if untested:
         parts.append(
             "<p class='muted'>Not tested by this study: "
@@ -849,6 +852,12 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(plans_html)
             for name, _, png in plan_figs:
                 atomic_write_bytes(run / "figures" / f"{name}.png", png)
+        for section in (ablation_section, attribution_section):
+            section_html, section_figs = section(details)
+            if section_html:
+                parts.append(section_html)
+                for name, _, png in section_figs:
+                    atomic_write_bytes(run / "figures" / f"{name}.png", png)
     parts.append("<h2>Figures</h2>")
     for _, caption, png in figs:
         b64 = base64.b64encode(png).decode()

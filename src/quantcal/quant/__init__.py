@@ -14,9 +14,11 @@ Importing this package loads only torch-based code; onnx/onnxruntime load on fir
 
 from __future__ import annotations
 
+from quantcal.quant.apply import fake_quant_disabled, quantize, quantized_layers
+
 # Eager imports are cheap (torch is already needed) and keep ``quant.inspect`` the function:
 # binding it here, after the sub-module import, means the sub-module cannot shadow it later.
-from quantcal.quant.apply import fake_quant_disabled, quantize, quantized_layers
+from quantcal.quant.attribution import AttributionResult, LayerAttribution, attribute_layers
 from quantcal.quant.config import PRECISIONS, QuantConfig, parse_precision
 from quantcal.quant.export import export_onnx, run_onnx
 from quantcal.quant.inspect import LayerReport, LayerTable, inspect
@@ -36,12 +38,15 @@ from quantcal.quant.plan import (
 
 __all__ = [
     "PRECISIONS",
+    "AttributionResult",
+    "LayerAttribution",
     "LayerReport",
     "LayerTable",
     "PlanBudget",
     "PlanResult",
     "QuantConfig",
     "RangeObserver",
+    "attribute_layers",
     "available_observers",
     "export_onnx",
     "fake_quant_disabled",
