@@ -188,3 +188,30 @@ def test_one_mode_only():
     q = quant.quantize(m, "W4A4", [x])
     res = attribute_layers(q, (x, y), modes=("alone",))
     assert all(math.isnan(g.recovery_nll) and not math.isnan(g.alone_nll) for g in res.groups)
+
+
+class _Aliasing(nn.Module):
+    """A graph whose forward reads a value after an in-place op mutated it (``x`` after
+    ``relu_(x)``): the replay, which keeps every value as made, would differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, a):
+        x = self.conv(a)
+        y = torch.relu_(x)
+        return self.head((x + y).mean((2, 3)))
+
+
+def test_a_graph_the_replay_cannot_follow_falls_back_to_full_passes_and_says_so():
+    torch.manual_seed(0)
+    m = _Aliasing().eval()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    q = quant.quantize(m, "W4A4", [x])
+    fast = attribute_layers(q, (x, y))
+    slow = attribute_layers(q, (x, y), naive=True)
+    assert fast.groups == slow.groups
+    assert fast.notes and "full passes" in fast.notes[0]
+    assert fast.work_fraction == 1.0

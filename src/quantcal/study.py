@@ -1010,14 +1010,15 @@ class _Runner:
         n = min(int(spec["samples"]), len(splits.val))
         result = quant.attribute_layers(
             net,
-            splits.val.batches(min(self.config.eval_batch_size, 128), device=self.device),
+            splits.val.batches(self.config.eval_batch_size, device=self.device),
             granularity=spec["granularity"],
             n_bins=self.config.n_bins,
-            batch_size=128,
             max_samples=n,
         )
         record = result.as_dict()
         atomic_write_json(path, record)
+        for note in result.notes:
+            self.say(f"note   {cell.group.label}  {cell.precision} attribution: {note}")
         self.say(
             f"attrib {cell.group.label}  {cell.precision}: {len(result.groups)} "
             f"{spec['granularity']}s x 2 over {n} val images ({result.seconds:.1f} s, "
