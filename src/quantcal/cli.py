@@ -78,6 +78,8 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quantcal.studyconfig import builtin_studies
+
     parser = argparse.ArgumentParser(
         prog="quantcal",
         description="Calibration error of quantized efficient CNNs: train or load a model, "
@@ -105,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         nargs="?",
         default=None,
-        help="a .toml study file or a built-in name (demo, cifar100_small, "
-        "paper_cifar100, paper_pathmnist); default: demo",
+        help="a .toml study file or a built-in name ("
+        + ", ".join(sorted(builtin_studies()))
+        + "); default: demo",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/STUDY_NAME)")
     p.add_argument(
