@@ -38,7 +38,7 @@ test: $(STAMP)
 $(TIMM_VENV)/.quantcal-installed: pyproject.toml
 	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_VENV)/bin/python -m pip install --quiet $(TIMM_TORCH)
-	$(TIMM_VENV)/bin/python -m pip install --quiet timm -e ".[dev]"
+	$(TIMM_VENV)/bin/python -m pip install --quiet -e ".[dev,timm]"
 	touch $@
 
 test-timm: $(TIMM_VENV)/.quantcal-installed

@@ -21,6 +21,7 @@ from quantcal.models.ablation import (
 )
 from quantcal.models.deploy import to_deploy
 from quantcal.models.mobileone import MobileOneBlock
+from test_models import _randomise_bn
 
 NAMES = sorted(ABLATION_VARIANTS)
 VARIANTS = [n for n in NAMES if n != ABLATION_BASE]
@@ -40,18 +41,6 @@ def build(name: str, width: float, size: int, seed: int = 0) -> nn.Module:
     return models.create_model(
         name, num_classes=classes, image_size=size, in_chans=chans, width=width, seed=seed
     )
-
-
-def _randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
-    """As in test_models.py: non-trivial statistics and affine parameters in every BN."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)
-                m.weight.copy_(torch.randn(n, generator=gen))
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
 
 
 def test_registry_and_table():

@@ -419,5 +419,5 @@ def test_timm_arch_without_timm_is_a_clear_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_timm)
-    with pytest.raises(ValueError, match=r"needs the timm package.*pip install timm"):
+    with pytest.raises(ValueError, match=r"needs the timm package.*quantcal\[timm\]"):
         study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=1.0)

@@ -45,12 +45,22 @@ def _pts(e: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- ablation
 
 
+def _order(r: dict[str, Any]) -> int:
+    """The family's order of variants (ABLATION_VARIANTS), unknown ones last."""
+    from quantcal.models.ablation import ABLATION_VARIANTS
+
+    names = list(ABLATION_VARIANTS)
+    return names.index(r["variant"]) if r["variant"] in names else len(names)
+
+
 def fig_ablation(records: list[dict[str, Any]]) -> bytes:
     """Forest plot: per property (one row per variant), the ECE-rise and accuracy-drop contrasts
     against the base with their paired intervals, one marker per precision."""
     from matplotlib.figure import Figure
 
-    variants = list(dict.fromkeys(r["variant"] for r in records))
+    variants = sorted(
+        dict.fromkeys(r["variant"] for r in records), key=lambda v: _order({"variant": v})
+    )
     precs = sorted({r["precision"] for r in records}, key=prec_key)
     fig = Figure(figsize=(9, 0.45 * len(variants) + 1.4), dpi=110, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
@@ -110,7 +120,7 @@ def ablation_section(details: dict[str, Any]) -> tuple[str, list]:
         rs = [r for r in records if r["recal"] == recal]
         if not rs:
             continue
-        rs.sort(key=lambda r: (r["dataset"], r["seed"], prec_key(r["precision"]), r["variant"]))
+        rs.sort(key=lambda r: (r["dataset"], r["seed"], prec_key(r["precision"]), _order(r)))
         body = "".join(
             "<tr>"
             + "".join(

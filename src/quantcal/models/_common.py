@@ -109,16 +109,43 @@ def conv_bn(
     stride: int = 1,
     groups: int = 1,
     *,
-    act: bool = False,
+    act: bool | type[nn.Module] = False,
 ) -> nn.Sequential:
-    """``Conv2d(bias=False, padding=k//2) -> BatchNorm2d [-> ReLU]`` as a plain Sequential."""
+    """``Conv2d(bias=False, padding=k//2) -> BatchNorm2d [-> act(inplace=True)]`` as a plain
+    Sequential; ``act`` True is ReLU, a module class (``nn.ReLU6``, ``nn.SiLU``, ...) is that."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_ch),
     ]
+    if act is True:
+        act = nn.ReLU
     if act:
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(act(inplace=True))
     return nn.Sequential(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al., CVPR 2018) as in torchvision's ``SqueezeExcitation``:
+    ``x * gate(fc2(act(fc1(avgpool(x)))))`` with fc1, fc2 1x1 convs with bias
+    (``channels -> squeeze -> channels``). The multiply is element-wise (no weights), so
+    quantization leaves no conv/linear computation in fp32."""
+
+    def __init__(
+        self,
+        channels: int,
+        squeeze: int,
+        act: type[nn.Module] = nn.ReLU,
+        gate: type[nn.Module] = nn.Hardsigmoid,
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = act(inplace=True)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
 def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> None:

@@ -80,6 +80,7 @@ from torch import nn
 
 from quantcal.models._common import (
     SmallImageClassifier,
+    SqueezeExcite,
     classifier_head,
     conv_bn,
     downsample_strides,
@@ -277,23 +278,6 @@ class OptionAShortcut(nn.Module):
         return x
 
 
-class SqueezeExcite(nn.Module):
-    """Squeeze-excitation (Hu et al. 2018): x * sigmoid(W2 relu(W1 avgpool(x) + b1) + b2), the
-    two FC layers as biased 1x1 convs, C -> max(1, C // 16) -> C."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        squeeze = _se_channels(channels)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = nn.Conv2d(channels, squeeze, 1)
-        self.act = nn.ReLU(inplace=True)
-        self.expand = nn.Conv2d(squeeze, channels, 1)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
-
-
 class RepConvUnit(MobileOneBlock):
     """A RepVGG 3x3 unit: :class:`MobileOneBlock` with one 3x3 branch, groups 1 (3x3 conv-BN +
     1x1 conv-BN + identity BN when in == out and stride 1), then ``act`` (``None``: none, for
@@ -353,7 +337,9 @@ class AblationBlock(nn.Module):
         super().__init__()
         self.unit1 = _unit(spec, in_ch, out_ch, stride, act=True)
         self.unit2 = _unit(spec, out_ch, out_ch, 1, act=False)
-        self.se = SqueezeExcite(out_ch) if spec.se else None
+        self.se = (
+            SqueezeExcite(out_ch, _se_channels(out_ch), nn.ReLU, nn.Sigmoid) if spec.se else None
+        )
         self.shortcut = OptionAShortcut(in_ch, out_ch, stride) if spec.residual else None
         self.act = _make_act(spec.act)
 

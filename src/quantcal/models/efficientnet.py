@@ -36,13 +36,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantcal.models._common import SmallImageClassifier, conv_bn, downsample_strides
-from quantcal.models.mobilenet import (
+from quantcal.models._common import (
+    SmallImageClassifier,
     SqueezeExcite,
-    check_flag,
-    conv_bn_act,
-    divisible_channels,
+    conv_bn,
+    downsample_strides,
 )
+from quantcal.models.mobilenet import check_flag, divisible_channels
 from quantcal.models.registry import register_model
 
 B0_STEM = 32
@@ -79,8 +79,8 @@ class MBConv(nn.Module):
         expanded = divisible_channels(in_ch * expand_ratio, small=small)
         layers: list[nn.Module] = []
         if expanded != in_ch:
-            layers.append(conv_bn_act(in_ch, expanded, 1, act=nn.SiLU))
-        layers.append(conv_bn_act(expanded, expanded, kernel_size, stride, expanded, act=nn.SiLU))
+            layers.append(conv_bn(in_ch, expanded, 1, act=nn.SiLU))
+        layers.append(conv_bn(expanded, expanded, kernel_size, stride, expanded, act=nn.SiLU))
         layers.append(SqueezeExcite(expanded, max(1, in_ch // 4), nn.SiLU, nn.Sigmoid))
         layers.append(conv_bn(expanded, out_ch, 1))
         self.block = nn.Sequential(*layers)
@@ -124,7 +124,7 @@ class EfficientNetB0(SmallImageClassifier):
             strides = tuple(next(down) if i in B0_CIFAR_DOWN else 1 for i in range(len(B0_STAGES)))
         self.strides = (stem_stride, *strides)
         in_ch = divisible_channels(B0_STEM * self.width, small=small)
-        layers: list[nn.Module] = [conv_bn_act(in_chans, in_ch, 3, stem_stride, act=nn.SiLU)]
+        layers: list[nn.Module] = [conv_bn(in_chans, in_ch, 3, stem_stride, act=nn.SiLU)]
         for (ratio, k, _, _, out, n), stride in zip(B0_STAGES, strides):
             out_ch = divisible_channels(out * self.width, small=small)
             blocks: list[nn.Module] = []
@@ -133,7 +133,7 @@ class EfficientNetB0(SmallImageClassifier):
                 in_ch = out_ch
             layers.append(nn.Sequential(*blocks))
         head = 4 * in_ch
-        layers.append(conv_bn_act(in_ch, head, 1, act=nn.SiLU))
+        layers.append(conv_bn(in_ch, head, 1, act=nn.SiLU))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(head, num_classes)

@@ -7,7 +7,7 @@ registry's: created without pretrained weights (the study trains it), with the s
 count and input channels, and ``img_size`` set to the study's image size where the architecture
 takes one (ViTs and other fixed-grid models); convolutional ones adapt through their global
 pooling. The factory checks one forward pass at the image size and names what went wrong.
-timm is an optional dependency (``pip install timm``); it is imported on first use.
+timm is an optional dependency (the ``timm`` extra); it is imported on first use.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _timm() -> Any:
         import timm
     except ImportError as exc:
         raise ValueError(
-            "arch 'timm:NAME' needs the timm package, which is not installed: pip install timm "
-            "(it brings torchvision; install it in the same environment as quantcal)"
+            "arch 'timm:NAME' needs the timm package, which is not installed: pip install "
+            "'quantcal[timm]' (or pip install timm; it brings torchvision, which needs a matching "
+            "torch build)"
         ) from exc
     return timm
 

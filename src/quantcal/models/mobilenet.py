@@ -53,6 +53,7 @@ from torch import nn
 
 from quantcal.models._common import (
     SmallImageClassifier,
+    SqueezeExcite,
     conv_bn,
     downsample_strides,
     round_channels,
@@ -80,49 +81,11 @@ def divisible_channels(value: float, *, small: bool = False) -> int:
     return make_divisible(value, 8)
 
 
-def conv_bn_act(
-    in_ch: int,
-    out_ch: int,
-    kernel_size: int,
-    stride: int = 1,
-    groups: int = 1,
-    act: type[nn.Module] | None = None,
-) -> nn.Sequential:
-    """``Conv2d(bias=False, padding=k//2) -> BatchNorm2d [-> act(inplace=True)]``."""
-    seq = conv_bn(in_ch, out_ch, kernel_size, stride, groups)
-    if act is not None:
-        seq.append(act(inplace=True))
-    return seq
-
-
 def check_flag(name: str, value: object) -> bool:
     """``value`` if it is a bool, else TypeError naming ``name``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation (Hu et al., CVPR 2018) as in torchvision's ``SqueezeExcitation``:
-    ``x * gate(fc2(act(fc1(avgpool(x)))))`` with fc1, fc2 1x1 convs with bias. The multiply
-    is element-wise (no weights), so quantization leaves no conv/linear computation in fp32."""
-
-    def __init__(
-        self,
-        channels: int,
-        squeeze: int,
-        act: type[nn.Module] = nn.ReLU,
-        gate: type[nn.Module] = nn.Hardsigmoid,
-    ) -> None:
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, squeeze, 1)
-        self.act = act(inplace=True)
-        self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.gate = gate()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
 class InvertedResidual(nn.Module):
@@ -135,8 +98,8 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(conv_bn_act(in_ch, hidden, 1, act=nn.ReLU6))
-        layers.append(conv_bn_act(hidden, hidden, 3, stride, hidden, act=nn.ReLU6))
+            layers.append(conv_bn(in_ch, hidden, 1, act=nn.ReLU6))
+        layers.append(conv_bn(hidden, hidden, 3, stride, hidden, act=nn.ReLU6))
         layers.append(conv_bn(hidden, out_ch, 1))
         self.conv = nn.Sequential(*layers)
 
@@ -165,8 +128,8 @@ class Bottleneck(nn.Module):
         self.use_residual = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expanded != in_ch:
-            layers.append(conv_bn_act(in_ch, expanded, 1, act=act))
-        layers.append(conv_bn_act(expanded, expanded, kernel_size, stride, expanded, act=act))
+            layers.append(conv_bn(in_ch, expanded, 1, act=act))
+        layers.append(conv_bn(expanded, expanded, kernel_size, stride, expanded, act=act))
         if se_squeeze is not None:
             layers.append(SqueezeExcite(expanded, se_squeeze, nn.ReLU, nn.Hardsigmoid))
         layers.append(conv_bn(expanded, out_ch, 1))
@@ -227,14 +190,14 @@ class MobileNetV2(SmallImageClassifier):
             strides = tuple(next(down) if i in V2_CIFAR_DOWN else 1 for i in range(len(V2_SETTING)))
         self.strides = (stem_stride, *strides)
         in_ch = divisible_channels(V2_STEM * self.width, small=small)
-        layers: list[nn.Module] = [conv_bn_act(in_chans, in_ch, 3, stem_stride, act=nn.ReLU6)]
+        layers: list[nn.Module] = [conv_bn(in_chans, in_ch, 3, stem_stride, act=nn.ReLU6)]
         for (t, c, n, _), stride in zip(V2_SETTING, strides):
             out_ch = divisible_channels(c * self.width, small=small)
             for i in range(n):
                 layers.append(InvertedResidual(in_ch, out_ch, stride if i == 0 else 1, t))
                 in_ch = out_ch
         head = divisible_channels(V2_HEAD * self.width, small=small)
-        layers.append(conv_bn_act(in_ch, head, 1, act=nn.ReLU6))
+        layers.append(conv_bn(in_ch, head, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(head, num_classes)
@@ -299,7 +262,7 @@ class MobileNetV3Small(SmallImageClassifier):
             )
         self.strides = (stem_stride, *strides)
         stem = ch(V3_SMALL_SETTING[0][0])
-        layers: list[nn.Module] = [conv_bn_act(in_chans, stem, 3, stem_stride, act=nn.Hardswish)]
+        layers: list[nn.Module] = [conv_bn(in_chans, stem, 3, stem_stride, act=nn.Hardswish)]
         for (cin, k, exp, cout, se, hs, _), stride in zip(V3_SMALL_SETTING, strides):
             expanded = ch(exp)
             squeeze = divisible_channels(expanded // 4, small=small) if se else None
@@ -307,7 +270,7 @@ class MobileNetV3Small(SmallImageClassifier):
             layers.append(Bottleneck(ch(cin), k, expanded, ch(cout), squeeze, act, stride))
         last_in = ch(V3_SMALL_SETTING[-1][3])
         last = 6 * last_in
-        layers.append(conv_bn_act(last_in, last, 1, act=nn.Hardswish))
+        layers.append(conv_bn(last_in, last, 1, act=nn.Hardswish))
         hidden = ch(V3_SMALL_HIDDEN)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
