@@ -393,3 +393,23 @@ def test_plan_command_writes_a_plan_the_quantizer_takes(plain_digits_model, tmp_
     assert "max_ece_rise must be a fraction" in capsys.readouterr().err
     assert cli.main([*common, "--max-ece-rise", "none", "--cost", "weight_bytes"]) in (0, 1)
     assert json.loads(out.read_text())["budget"]["max_ece_rise"] is None
+
+
+def test_eval_attributes_a_users_checkpoint_to_its_layers(plain_digits_model, tmp_path, capsys):
+    """``eval --attribution``: which layers of my network decide its calibration at W4A4."""
+    import json
+
+    folder, _ = plain_digits_model
+    out = tmp_path / "attr"
+    code = _eval_plain(
+        folder, out, "--mean", "0", "--std", "1", "--precisions", "fp32,W4A4", "--attribution"
+    )
+    assert code == 0
+    recs = json.loads((out / "details.json").read_text())["attribution"]
+    assert [r["precision"] for r in recs] == ["W4A4"]
+    assert recs[0]["granularity"] == "layer" and recs[0]["n_samples"] == 180  # all of val
+    assert "Which layers decide calibration" in (out / "report.html").read_text()
+    with pytest.raises(ValueError, match="--attribution quantizes the model itself"):
+        cli._cmd_eval(
+            cli.build_parser().parse_args(["eval", "--logits", "a", "b", "--attribution"])
+        )

@@ -245,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also search mixed-precision plans (plan:calib, plan:accuracy; see `quantcal "
         "plan`) on val and measure them on test beside the uniform precisions",
     )
+    p.add_argument(
+        "--attribution",
+        nargs="?",
+        const="layer",
+        choices=["layer", "block"],
+        default=None,
+        help="also attribute the calibration loss of each quantized precision to layers (or "
+        "blocks): each alone quantized, and each alone kept in fp32, measured on val images "
+        "(cost: 2 x layers partial passes over --attribution-samples images)",
+    )
+    p.add_argument(
+        "--attribution-samples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="validation images the attribution uses (default 1000)",
+    )
     p.add_argument("--out", default="runs/eval")
     _add_force(p)
     _add_common(p)
@@ -585,8 +602,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.transform is not None and args.mean is not None:
         raise ValueError("--transform replaces --mean/--std: give one or the other")
     if args.onnx or args.logits:
-        if args.plans:
-            raise ValueError("--plans quantizes the model itself: it needs --checkpoint")
+        if args.plans or args.attribution:
+            what = "--plans" if args.plans else "--attribution"
+            raise ValueError(f"{what} quantizes the model itself: it needs --checkpoint")
         return _eval_given(args)
     if args.model is None or args.dataset is None:
         raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
@@ -613,6 +631,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         },
         "recal": {"methods": split(args.recal), "fit_on": args.recal_fit},
     }
+    if args.attribution is not None:
+        raw["quant"]["attribution"] = {
+            "granularity": args.attribution,
+            "samples": args.attribution_samples,
+        }
     if args.threads is not None:
         raw["threads"] = args.threads
     if args.transform is not None:
