@@ -171,8 +171,13 @@ def fig_attribution(recs: list[dict[str, Any]]) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(9, 2.6 * len(recs) + 0.6), dpi=110, layout="constrained")
-    axes = fig.subplots(len(recs), 1, squeeze=False)[:, 0]
+    cols = 1 if len(recs) <= 3 else 2
+    rows = -(-len(recs) // cols)
+    fig = Figure(figsize=(9 * cols, 2.6 * rows + 0.6), dpi=110, layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(recs) :]:
+        ax.set_visible(False)
     kinds_seen: dict[str, str] = {}
     for ax, rec in zip(axes, recs):
         groups = sorted(rec["groups"], key=lambda g: -_num(g["alone_nll"]))[:TOP]
@@ -200,6 +205,7 @@ def fig_attribution(recs: list[dict[str, Any]]) -> bytes:
             fontsize=9,
         )
         ax.set_xlabel("ΔNLL (nats): bar = this layer alone quantized; | = given back by fp32")
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="x")
     fig.legend(
         handles=[Patch(color=c, label=k) for k, c in kinds_seen.items()],
