@@ -421,3 +421,56 @@ def test_timm_arch_without_timm_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(ValueError, match=r"needs the timm package.*quantcal\[timm\]"):
         study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=1.0)
+
+
+def test_timm_factory_adapts_and_checks_the_model_with_a_stand_in_timm(monkeypatch):
+    """The adapter's contract without timm installed: a fake ``timm`` module records how the
+    model is created (no pretrained weights, the study's classes and channels, ``img_size`` only
+    where the architecture takes it) and the forward check names a model that gives the wrong
+    shape."""
+    import sys
+    import types
+
+    import torch
+    from torch import nn
+
+    from quantcal.models.external import timm_factory
+
+    calls = []
+
+    class Net(nn.Module):
+        def __init__(self, num_classes, in_chans, out=None):
+            super().__init__()
+            self.conv = nn.Conv2d(in_chans, 4, 3)
+            self.fc = nn.Linear(4, out or num_classes)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    def create_model(name, pretrained, num_classes, in_chans, **kw):
+        calls.append((name, pretrained, num_classes, in_chans, kw))
+        if name == "vit_like":
+            return Net(num_classes, in_chans)
+        if "img_size" in kw:
+            raise TypeError("unexpected keyword argument 'img_size'")
+        return Net(num_classes, in_chans, out=3 if name == "wrong_head" else None)
+
+    fake = types.SimpleNamespace(
+        __version__="9.9",
+        list_models=lambda: ["cnn", "vit_like", "wrong_head"],
+        create_model=create_model,
+    )
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    m = timm_factory("cnn")(num_classes=10, image_size=16, in_chans=1, width=1.0)
+    assert m.training and m(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    assert calls[0] == ("cnn", False, 10, 1, {"img_size": 16}) and calls[1][4] == {}
+    calls.clear()
+    timm_factory("vit_like")(num_classes=5, image_size=32, in_chans=3, width=1.0)
+    assert calls == [("vit_like", False, 5, 3, {"img_size": 32})]
+    with pytest.raises(ValueError, match=r"gives torch.Size\(\[2, 3\]\) for 2 images"):
+        timm_factory("wrong_head")(num_classes=10, image_size=16, in_chans=1, width=1.0)
+    with pytest.raises(ValueError, match="no width multiplier"):
+        timm_factory("cnn")(num_classes=10, image_size=16, in_chans=1, width=0.5)
+    with pytest.raises(ValueError, match="closest: cnn"):
+        timm_factory("cnm")
+    assert study.build_model("timm:cnn", num_classes=4, image_size=8, in_chans=3, width=1.0)
