@@ -79,6 +79,19 @@ def downsample_strides(image_size: int, n_stages: int, min_final: int = 4) -> tu
     return (1,) * (n_stages - k) + (2,) * k
 
 
+def stride_plan(
+    image_size: int, imagenet: tuple[int, ...], small_down: tuple[int, ...], imagenet_strides: bool
+) -> tuple[int, ...]:
+    """``(stem stride, *stage strides)`` of a family adapted from ImageNet: with
+    ``imagenet_strides`` the published layout (stem 2, stage strides ``imagenet``); otherwise
+    the small-image form, stem 1 and only the stages indexed by ``small_down`` down-sampling,
+    as many of them as :func:`downsample_strides` allows for ``image_size``."""
+    if imagenet_strides:
+        return (2, *imagenet)
+    down = iter(downsample_strides(image_size, len(small_down), min_final=4))
+    return (1, *(next(down) if i in small_down else 1 for i in range(len(imagenet))))
+
+
 @torch.fx.wrap
 def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Return ``x`` unchanged if it is a (B, in_chans, H, W) tensor, else raise ValueError.

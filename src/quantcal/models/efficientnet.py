@@ -40,7 +40,7 @@ from quantcal.models._common import (
     SmallImageClassifier,
     SqueezeExcite,
     conv_bn,
-    downsample_strides,
+    stride_plan,
 )
 from quantcal.models.mobilenet import check_flag, divisible_channels
 from quantcal.models.registry import register_model
@@ -116,13 +116,9 @@ class EfficientNetB0(SmallImageClassifier):
         )
         self.config["imagenet_strides"] = check_flag("imagenet_strides", imagenet_strides)
         small = self.width < 1
-        if imagenet_strides:
-            stem_stride, strides = 2, tuple(s for _, _, s, _, _, _ in B0_STAGES)
-        else:
-            down = iter(downsample_strides(image_size, len(B0_CIFAR_DOWN), min_final=4))
-            stem_stride = 1
-            strides = tuple(next(down) if i in B0_CIFAR_DOWN else 1 for i in range(len(B0_STAGES)))
-        self.strides = (stem_stride, *strides)
+        imagenet = tuple(s for _, _, s, _, _, _ in B0_STAGES)
+        self.strides = stride_plan(image_size, imagenet, B0_CIFAR_DOWN, imagenet_strides)
+        stem_stride, strides = self.strides[0], self.strides[1:]
         in_ch = divisible_channels(B0_STEM * self.width, small=small)
         layers: list[nn.Module] = [conv_bn(in_chans, in_ch, 3, stem_stride, act=nn.SiLU)]
         for (ratio, k, _, _, out, n), stride in zip(B0_STAGES, strides):

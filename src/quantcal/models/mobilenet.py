@@ -55,8 +55,8 @@ from quantcal.models._common import (
     SmallImageClassifier,
     SqueezeExcite,
     conv_bn,
-    downsample_strides,
     round_channels,
+    stride_plan,
 )
 from quantcal.models.registry import register_model
 
@@ -182,13 +182,9 @@ class MobileNetV2(SmallImageClassifier):
         )
         self.config["imagenet_strides"] = check_flag("imagenet_strides", imagenet_strides)
         small = self.width < 1
-        if imagenet_strides:
-            stem_stride, strides = 2, tuple(s for _, _, _, s in V2_SETTING)
-        else:
-            down = iter(downsample_strides(image_size, len(V2_CIFAR_DOWN), min_final=4))
-            stem_stride = 1
-            strides = tuple(next(down) if i in V2_CIFAR_DOWN else 1 for i in range(len(V2_SETTING)))
-        self.strides = (stem_stride, *strides)
+        imagenet = tuple(s for _, _, _, s in V2_SETTING)
+        self.strides = stride_plan(image_size, imagenet, V2_CIFAR_DOWN, imagenet_strides)
+        stem_stride, strides = self.strides[0], self.strides[1:]
         in_ch = divisible_channels(V2_STEM * self.width, small=small)
         layers: list[nn.Module] = [conv_bn(in_chans, in_ch, 3, stem_stride, act=nn.ReLU6)]
         for (t, c, n, _), stride in zip(V2_SETTING, strides):
@@ -252,15 +248,9 @@ class MobileNetV3Small(SmallImageClassifier):
         def ch(c: float) -> int:
             return divisible_channels(c * self.width, small=small)
 
-        if imagenet_strides:
-            stem_stride, strides = 2, tuple(cfg[-1] for cfg in V3_SMALL_SETTING)
-        else:
-            down = iter(downsample_strides(image_size, len(V3_CIFAR_DOWN), min_final=4))
-            stem_stride = 1
-            strides = tuple(
-                next(down) if i in V3_CIFAR_DOWN else 1 for i in range(len(V3_SMALL_SETTING))
-            )
-        self.strides = (stem_stride, *strides)
+        imagenet = tuple(cfg[-1] for cfg in V3_SMALL_SETTING)
+        self.strides = stride_plan(image_size, imagenet, V3_CIFAR_DOWN, imagenet_strides)
+        stem_stride, strides = self.strides[0], self.strides[1:]
         stem = ch(V3_SMALL_SETTING[0][0])
         layers: list[nn.Module] = [conv_bn(in_chans, stem, 3, stem_stride, act=nn.Hardswish)]
         for (cin, k, exp, cout, se, hs, _), stride in zip(V3_SMALL_SETTING, strides):

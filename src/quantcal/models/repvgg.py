@@ -39,8 +39,8 @@ from torch import nn
 from quantcal.models._common import (
     SmallImageClassifier,
     classifier_head,
-    downsample_strides,
     round_channels,
+    stride_plan,
 )
 from quantcal.models.mobilenet import check_flag
 from quantcal.models.mobileone import MobileOneBlock
@@ -79,11 +79,8 @@ class RepVGGA0(SmallImageClassifier):
             num_classes=num_classes, image_size=image_size, in_chans=in_chans, width=width
         )
         self.config["imagenet_strides"] = check_flag("imagenet_strides", imagenet_strides)
-        if imagenet_strides:
-            stem_stride, strides = 2, (2, 2, 2, 2)
-        else:
-            stem_stride, strides = 1, (1, *downsample_strides(image_size, 3, min_final=4))
-        self.strides = (stem_stride, *strides)
+        self.strides = stride_plan(image_size, (2, 2, 2, 2), (1, 2, 3), imagenet_strides)
+        stem_stride, strides = self.strides[0], self.strides[1:]
         stem = round_channels(A0_STEM * self.width, divisor=1, minimum=1)
         layers: list[nn.Module] = [repvgg_block(in_chans, stem, stem_stride)]
         in_ch = stem
