@@ -125,3 +125,20 @@ def test_a_failed_attribution_is_recorded_and_the_run_exits_non_zero(tmp_path, m
     recs = _details(tmp_path / "out")["attribution"]
     assert recs and "replay exploded" in recs[0]["error"]
     assert "failed: RuntimeError: replay exploded" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_variant_without_logits_is_named_not_dropped_silently(run):
+    from quantcal import ablation
+
+    said = []
+    runner, plan = study._assembler(run, said.append)
+    real = runner.cached_logits
+
+    def missing_se(cell, tkey):
+        return None if cell.group.model.arch == "ablation_se" else real(cell, tkey)
+
+    runner.cached_logits = missing_se
+    records = ablation.contrasts(runner, plan)
+    assert "ablation_se" not in {r["variant"] for r in records}
+    assert len({r["variant"] for r in records}) == len(ABLATION_VARIANTS) - 2
+    assert any("ablation_se has no fp32 logits" in line for line in said)

@@ -474,3 +474,29 @@ def test_timm_factory_adapts_and_checks_the_model_with_a_stand_in_timm(monkeypat
     with pytest.raises(ValueError, match="closest: cnn"):
         timm_factory("cnm")
     assert study.build_model("timm:cnn", num_classes=4, image_size=8, in_chans=3, width=1.0)
+
+
+def test_attribution_reuses_the_cells_quantized_model(tmp_path, monkeypatch):
+    """The attribution of a cell runs right after its logits, on the model the logits stage
+    quantized: one quantization per quantized cell, not two."""
+    from quantcal import quant
+
+    calls = []
+    real = quant.quantize
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(quant, "quantize", counting)
+    raw = {
+        **MICRO,
+        "model": [MICRO["model"][0]],
+        "quant": {"precisions": ["fp32", "W8A8", "W4A4"], "attribution": {"samples": 60}},
+    }
+    out = study.run_study(raw, tmp_path / "run", quiet=True)
+    assert len(calls) == 2  # W8A8 and W4A4, each quantized once
+    import json
+
+    recs = json.loads((out / "details.json").read_text())["attribution"]
+    assert [r["precision"] for r in recs] == ["W8A8", "W4A4"] and all("groups" in r for r in recs)

@@ -79,12 +79,22 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
                     per[(cell.precision, method)] = z
             logits[arch] = per
             labels[arch] = fp32["test_labels"]
+        where = f"{dataset} width {width:g} seed {seed}"
+        for arch in members:
+            if arch not in logits:  # its fp32 cell failed: its rows are error rows already
+                runner.say(f"note   ablation ({where}): {arch} has no fp32 logits; not compared")
         base = logits.get(ABLATION_BASE)
         if base is None:
             continue
         y = labels[ABLATION_BASE]
         for arch, per in logits.items():
-            if arch == ABLATION_BASE or not bool((labels[arch] == y).all()):
+            if arch == ABLATION_BASE:
+                continue
+            if labels[arch].shape != y.shape or not bool((labels[arch] == y).all()):
+                runner.say(
+                    f"note   ablation ({where}): {arch} was scored on other test images than "
+                    f"{ABLATION_BASE}; no paired contrast"
+                )
                 continue
             prop, value = ABLATION_VARIANTS[arch]
             for (precision, method), zq in per.items():

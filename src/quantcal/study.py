@@ -574,6 +574,8 @@ class _Runner:
         self._data_digests: dict[str, str] = {}
         # (train key, deploy model, its warnings) of the group being evaluated
         self._deployed: tuple[str, Any, list[str]] | None = None
+        #: (logits key, quantized model) of the last cell quantized: its attribution reuses it.
+        self._last_qnet: tuple[str, Any] | None = None
         #: Validation metrics of mixed plans, shared by a group's plan:calib and plan:accuracy.
         self._plan_memo: dict[tuple, dict] = {}
         self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
@@ -917,6 +919,7 @@ class _Runner:
             with _recorded_warnings() as caught:
                 net = quant.quantize(deploy, qc, calib)
             notes.extend(n for n in caught if n not in notes)
+            self._last_qnet = (key, net)
             cov = getattr(net, "quant_coverage", None)
             if cov:
                 meta["quantized_layers"] = f"{cov['quantized']}/{cov['total']}"
@@ -1003,10 +1006,14 @@ class _Runner:
             return cached
         spec = self.config.attribution or {}
         splits = self.splits(cell.group)
-        deploy = self.deployed(model, train_key, cell.group)
-        calib = self.ptq_batches(splits, cell.sample)
-        with _recorded_warnings():  # the logits stage has already named what they say
-            net = quant.quantize(deploy, _quant_config(self.config, cell), calib)
+        lkey = _logits_key(self.config, cell, train_key)
+        if self._last_qnet is not None and self._last_qnet[0] == lkey:
+            net = self._last_qnet[1]  # quantized moments ago by the logits stage
+        else:  # its logits came from the cache: quantize again (deterministic)
+            deploy = self.deployed(model, train_key, cell.group)
+            calib = self.ptq_batches(splits, cell.sample)
+            with _recorded_warnings():  # the logits stage has already named what they say
+                net = quant.quantize(deploy, _quant_config(self.config, cell), calib)
         n = min(int(spec["samples"]), len(splits.val))
         result = quant.attribute_layers(
             net,
@@ -1136,6 +1143,7 @@ class _Runner:
         except Exception as exc:
             self.error_rows(cells, exc)
             return
+        attributed = set(attribution_cells(self.config, cells))
         for cell in cells:
             try:
                 if cell.is_fp32:
@@ -1159,19 +1167,21 @@ class _Runner:
                     f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
                     f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
                 )
-        for cell in attribution_cells(self.config, cells):
-            try:
-                self.attribution(cell, model, tkey)
-            except Exception as exc:  # the cells' rows stand; the failure is recorded and said
-                self.attribution_errors.append(
-                    {
-                        "label": f"{g.label} {cell.precision}",
-                        "error": f"{type(exc).__name__}: {exc}",
-                    }
-                )
-                self.say(
-                    f"error  {g.label} {cell.precision} attribution: {type(exc).__name__}: {exc}"
-                )
+            if cell in attributed:  # right after its logits: the quantized model is reused
+                try:
+                    self.attribution(cell, model, tkey)
+                except Exception as exc:  # the rows stand; the failure is recorded and said
+                    self.attribution_errors.append(
+                        {
+                            "label": f"{g.label} {cell.precision}",
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
+                    self.say(
+                        f"error  {g.label} {cell.precision} attribution: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+        self._last_qnet = None  # the next group's cells are other models
 
 
 def _fmt3(values: tuple[float, ...]) -> str:
