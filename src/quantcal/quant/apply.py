@@ -42,34 +42,53 @@ from quantcal.quant.primitives import (
     activation_qparams,
     activation_qrange,
     bias_overflow,
-    fake_quantize_bias,
-    fake_quantize_per_channel,
+    dequantize_bias,
+    dequantize_per_channel,
     fake_quantize_per_tensor_fast,
+    quantize_bias,
+    quantize_per_channel,
+    weight_int_dtype,
     weight_scale_per_channel,
+    weight_scale_per_tensor,
 )
 
 __all__ = [
+    "LayerTarget",
     "QuantConv",
     "QuantLinear",
     "QuantizedLayer",
     "batch_inputs",
     "fake_quant_disabled",
+    "finish_quantized",
+    "observe_ranges",
     "quantize",
     "quantized_layers",
 ]
 
+#: Weight scale granularities (``QuantConfig.weight_granularity``).
+WEIGHT_GRANULARITIES = ("channel", "tensor")
 _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class QuantizedLayer(nn.Module, abc.ABC):
-    """A conv/linear layer with a fake-quantized input activation and a fixed fake-quant weight.
+    """A conv/linear layer with a fake-quantized input activation and integer weights.
 
-    Buffers (move with ``.to()``): ``weight`` (the dequantized symmetric per-channel weight),
-    ``bias`` (on the int32 accumulator grid ``s_x * s_w[c]`` unless ``bias_bits`` is None),
-    ``weight_fp32``, ``bias_fp32``, ``weight_scale`` (per output channel), ``act_scale`` and
-    ``act_zero_point``. Plain attributes record the bits, the observer's range, the clipping
-    fraction on the range-calibration data and the layer kind.
+    It holds what an integer runtime holds (Jacob et al., CVPR 2018, §2.4; ONNX QDQ):
+    ``weight_int`` (int8, or int16 above 8 bits) with ``weight_scale`` and ``weight_zero_point``
+    (0: symmetric) per output channel (all equal for per-tensor granularity), ``bias_int``
+    (int64 values of a ``bias_bits``-bit integer, None for a float bias) on the accumulator grid
+    ``s_x * s_w[c]``, and the input's asymmetric per-tensor ``act_scale`` and
+    ``act_zero_point``. ``weight`` and ``bias`` are the dequantized values the forward uses,
+    always derived from the stored integers (``weight = weight_int * weight_scale``), so what is
+    measured is what ``export_onnx`` writes. ``weight_fp32`` / ``bias_fp32`` keep the fp32 deploy
+    layer (``fake_quant_disabled``); ``bias_float`` is the float bias the integer bias encodes
+    (``bias_fp32`` plus any correction a method made).
+
+    Methods change a layer only through ``set_weight_int``, ``set_bias`` and
+    ``set_act_qparams``, which keep every derived value consistent. Plain attributes record the
+    bits, the granularity, the observer's range, the clipping fraction on the range-calibration
+    data and the layer kind.
     """
 
     def __init__(
@@ -81,31 +100,43 @@ class QuantizedLayer(nn.Module, abc.ABC):
         act_range: tuple[float, float],
         observer: str,
         bias_bits: int | None = 32,
+        weight_granularity: str = "channel",
     ) -> None:
         super().__init__()
+        if weight_granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(
+                f"weight_granularity must be one of {', '.join(WEIGHT_GRANULARITIES)}, got "
+                f"{weight_granularity!r}"
+            )
         weight = source.weight.detach()
-        scale = weight_scale_per_channel(weight, weight_bits, axis=0)
-        self.register_buffer("weight", fake_quantize_per_channel(weight, scale, weight_bits, 0))
+        scale_fn = (
+            weight_scale_per_channel if weight_granularity == "channel" else weight_scale_per_tensor
+        )
+        scale = scale_fn(weight, weight_bits, axis=0).to(weight.device)
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.weight_granularity = weight_granularity
         self.register_buffer("weight_fp32", weight.clone())
-        self.register_buffer("weight_scale", scale.to(weight.device))
-        act_scale, zero_point = activation_qparams(act_range[0], act_range[1], act_bits)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
+        )
+        q = quantize_per_channel(weight, scale, weight_bits, 0)
+        self.register_buffer("weight_int", q.to(weight_int_dtype(weight_bits)))
+        self.register_buffer("weight", None)
         bias = source.bias.detach().clone() if source.bias is not None else None
         self.register_buffer("bias_fp32", bias)
+        self.register_buffer("bias_float", None if bias is None else bias.clone())
+        self.register_buffer("bias_int", None)
+        self.register_buffer("bias", None)
+        #: The configured integer bias width (None: float biases).
+        self.bias_bits_config = bias_bits
+        self.bias_bits: int | None = None
         #: Bias values beyond the integer grid; the remedy is to keep this layer's bias in float
         #: (``bias_bits`` None) rather than clamp it, and ``quantize`` names the layer.
         self.bias_overflow = 0
-        if bias is not None and bias_bits is not None:
-            self.bias_overflow = bias_overflow(bias, act_scale, scale, bias_bits)
-            if self.bias_overflow:
-                bias_bits = None
-            else:
-                bias = fake_quantize_bias(bias, act_scale, scale, bias_bits)
-        self.register_buffer("bias", bias)
-        self.bias_bits = bias_bits if bias is not None else None
-        self.register_buffer("act_scale", torch.tensor(act_scale, dtype=torch.float32))
-        self.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32))
-        self.weight_bits = weight_bits
-        self.act_bits = act_bits
+        self.register_buffer("act_scale", None)
+        self.register_buffer("act_zero_point", None)
         self.range_min, self.range_max = float(act_range[0]), float(act_range[1])
         self.observer = observer
         self.clip_fraction = math.nan
@@ -115,11 +146,90 @@ class QuantizedLayer(nn.Module, abc.ABC):
         # that nothing else reads (see ``_mark_owned_inputs``): the forward then fake-quantizes
         # the input in place instead of allocating a copy.
         self.owns_input = False
-        # Python copies of the activation constants: the forward needs no device sync.
-        self._scale = act_scale
-        self._inv_scale = float(torch.reciprocal(torch.tensor(act_scale, dtype=torch.float32)))
-        self._zero_point = zero_point
         self._q_min, self._q_max = activation_qrange(act_bits)
+        act_scale, zero_point = activation_qparams(act_range[0], act_range[1], act_bits)
+        self.set_act_qparams(act_scale, zero_point)  # also derives weight and bias
+
+    # -- the only ways a method changes a layer -------------------------------------------
+    def set_act_qparams(self, scale: float, zero_point: int) -> None:
+        """Set the input's per-tensor scale (its float32 value is used) and integer zero-point;
+        the bias is re-quantized on the new accumulator grid."""
+        scale = float(torch.tensor(float(scale), dtype=torch.float32))
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"activation scale must be finite and > 0, got {scale}")
+        zero_point = int(zero_point)
+        if not self._q_min <= zero_point <= self._q_max:
+            raise ValueError(
+                f"zero_point must be in [{self._q_min}, {self._q_max}] for {self.act_bits} "
+                f"bits, got {zero_point}"
+            )
+        device = self.weight_fp32.device
+        self.act_scale = torch.tensor(scale, dtype=torch.float32, device=device)
+        self.act_zero_point = torch.tensor(zero_point, dtype=torch.int32, device=device)
+        # Python copies of the activation constants: the forward needs no device sync.
+        self._scale = scale
+        self._inv_scale = float(torch.reciprocal(torch.tensor(scale, dtype=torch.float32)))
+        self._zero_point = zero_point
+        self._derive()
+
+    def set_weight_int(self, q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Store integer weights ``q`` (same shape as the weight, within the symmetric range
+        ``[-(2^(b-1) - 1), 2^(b-1) - 1]``) and optionally new per-channel scales; the
+        dequantized weight and the bias grid follow."""
+        lo, hi = -(2 ** (self.weight_bits - 1) - 1), 2 ** (self.weight_bits - 1) - 1
+        if q.shape != self.weight_fp32.shape:
+            raise ValueError(
+                f"integer weights must have shape {tuple(self.weight_fp32.shape)}, got "
+                f"{tuple(q.shape)}"
+            )
+        if q.is_floating_point() and not bool((q == q.round()).all()):
+            raise ValueError("integer weights must hold integers")
+        if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+            raise ValueError(
+                f"integer weights must lie in [{lo}, {hi}] for {self.weight_bits} bits, got "
+                f"[{int(q.min())}, {int(q.max())}]"
+            )
+        if scale is not None:
+            scale = scale.detach().to(torch.float32).reshape(-1).to(self.weight_scale.device)
+            if scale.shape != self.weight_scale.shape or not bool((scale > 0).all()):
+                raise ValueError(
+                    f"weight scales must be {self.weight_scale.shape[0]} positive floats, got "
+                    f"shape {tuple(scale.shape)}"
+                )
+            self.weight_scale = scale.clone()
+        self.weight_int = q.detach().to(self.weight_int.dtype).to(self.weight_int.device)
+        self._derive()
+
+    def set_bias(self, bias: torch.Tensor) -> None:
+        """Set the float bias the integer bias encodes (e.g. ``bias_fp32`` minus a correction,
+        Nagel et al. 2019 §4.2); it is re-quantized on the accumulator grid. A layer without a
+        bias gets one (zero-initialised layers of a method)."""
+        shape = (self.weight_fp32.shape[0],)
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"bias must have shape {shape}, got {tuple(bias.shape)}")
+        self.bias_float = bias.detach().to(self.weight_fp32.dtype).to(self.weight_fp32.device)
+        self._derive()
+
+    def _derive(self) -> None:
+        """``weight`` and ``bias`` from the stored integers (and the bias's integers from
+        ``bias_float`` on the current grid)."""
+        if self.weight_int is None or self.act_scale is None:
+            return
+        w = dequantize_per_channel(self.weight_int, self.weight_scale, 0)
+        self.weight = w.to(self.weight_fp32.dtype)
+        bias, bits = self.bias_float, self.bias_bits_config
+        self.bias_overflow = 0
+        if bias is None or bits is None:
+            self.bias_int, self.bias, self.bias_bits = None, bias, None if bias is None else bits
+            return
+        self.bias_overflow = bias_overflow(bias, self._scale, self.weight_scale, bits)
+        if self.bias_overflow:  # named by ``quantize``; clamping would wipe the bias
+            self.bias_int, self.bias, self.bias_bits = None, bias.clone(), None
+            return
+        q = quantize_bias(bias, self._scale, self.weight_scale, bits)
+        self.bias_int = q
+        self.bias = dequantize_bias(q, self._scale, self.weight_scale).to(bias.dtype)
+        self.bias_bits = bits
 
     @property
     def act_zero_point_int(self) -> int:
@@ -400,9 +510,16 @@ def quantize(
     config: QuantConfig | str | None,
     calib_batches: Iterable[Any] | None,
     *,
+    method: str = "ptq",
+    method_options: dict[str, Any] | None = None,
+    train_data: Any = None,
+    train_config: Any = None,
+    work_dir: Any = None,
     reparameterize: Any = None,
+    log: Any = None,
 ) -> nn.Module:
-    """Post-training fake quantization of ``model`` (see the module docstring for the steps).
+    """Quantize ``model`` with a registered method (see the module docstring for the steps of
+    the default, ``"ptq"``; ``quant.available_methods()`` lists the rest).
 
     Args:
         model: any fx-traceable ``nn.Module`` (train or eval form; it is not modified).
@@ -412,16 +529,28 @@ def quantize(
             tuples (the ``ptq_calib`` split, never ``val`` or ``test``); empty -> ValueError.
             Their first 32 images also check that the deploy form computes the model's
             function (``to_deploy(check_input=...)``; a ``UserWarning`` when it does not).
+            Methods that reconstruct or correct (``cle_bc``, ``adaround``) use them too.
+        method: a registered quantization method: "ptq" (min-max post-training quantization,
+            the study's), "cle_bc", "adaround", "qat", ...; an unknown name is a ValueError
+            listing the valid ones.
+        method_options: the method's options (``quant.get_method(name).defaults`` lists them;
+            an unknown key is a ValueError).
+        train_data: the training data of methods that train (``qat``): a ``data.Splits`` or
+            ``data.Split``; ``train_config`` the ``train.TrainConfig`` they start from (default:
+            the method's own) and ``work_dir`` a folder for their resumable checkpoints.
         reparameterize: a ``reparameterize_model``-style helper for the model's deploy form
             (see ``models.deploy.to_deploy``); default: the blocks' own methods.
+        log: a callable taking progress lines (methods that take long say what they do).
 
     Returns:
-        a new frozen eval-mode ``nn.Module`` (an ``fx.GraphModule``) on the model's device.
-        Its logits do not depend on the evaluation batch size, up to float accumulation
-        order: a conv's fp32 output can differ in the last bit between batch sizes, and where
-        that crosses a rounding boundary the element moves by one quantization step.
+        a new frozen eval-mode ``nn.Module`` (an ``fx.GraphModule``) on the model's device,
+        with ``quant_config``, ``precision`` and ``quant_method`` attributes. Its logits do not
+        depend on the evaluation batch size, up to float accumulation order: a conv's fp32
+        output can differ in the last bit between batch sizes, and where that crosses a
+        rounding boundary the element moves by one quantization step.
     """
     from quantcal.models.deploy import to_deploy
+    from quantcal.quant.methods import get_method
 
     if isinstance(config, str):
         config = parse_precision(config)
@@ -432,69 +561,151 @@ def quantize(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs an nn.Module, got {type(model).__name__}")
+    spec = get_method(method)
+    options = spec.resolve(method_options)
     if config is None:
         deploy = to_deploy(model, reparameterize=reparameterize)
         deploy.requires_grad_(False)
         deploy.quant_config = None
         deploy.precision = "fp32"
+        deploy.quant_method = None
         return deploy
     xs = batch_inputs(calib_batches)
     gm = to_deploy(
         model, reparameterize=reparameterize, check_input=xs[0][:32].to(_device_of(model))
     )
-    names = _layer_order(gm)
-    left = unquantized_computations(gm)
-    if left:
-        message = (
-            f"quantize: {len(names)} of {len(names) + len(left)} conv/linear computations "
-            f"quantized; left in fp32: {', '.join(left)}"
+    target = LayerTarget.of(gm, config)
+    from quantcal.quant.methods import MethodContext
+
+    ctx = MethodContext(
+        calib=xs,
+        options=options,
+        train_data=train_data,
+        log=log or (lambda _line: None),
+        train_config=train_config,
+        work_dir=work_dir,
+    )
+    qlayers = spec.fn(gm, target, ctx)
+    return finish_quantized(gm, target, qlayers, xs, method=spec.name, options=options)
+
+
+class LayerTarget:
+    """What a method must quantize in a deploy graph: the quantizable layers in graph order
+    (``names``), their fp32 modules, their (weight, activation) bits under the config's plan
+    and ``first_last_8bit``, and the computations left in fp32 (named in a warning here)."""
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        names: list[str],
+        modules: dict[str, nn.Module],
+        bits: dict[str, tuple[int, int]],
+        left: list[str],
+    ) -> None:
+        self.config, self.names, self.modules, self.bits, self.left = (
+            config,
+            names,
+            modules,
+            bits,
+            left,
         )
-        if config.on_unsupported == "error":
-            raise ValueError(
-                message + ". Rewrite them as nn.Conv*/nn.Linear modules, or pass "
-                "QuantConfig(on_unsupported='warn') to measure the model with them in fp32"
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule, config: QuantConfig) -> LayerTarget:
+        names = _layer_order(gm)
+        left = unquantized_computations(gm)
+        if left:
+            message = (
+                f"quantize: {len(names)} of {len(names) + len(left)} conv/linear computations "
+                f"quantized; left in fp32: {', '.join(left)}"
             )
-        warnings.warn(message, UserWarning, stacklevel=2)
-    modules = {name: gm.get_submodule(name) for name in names}
-    unknown = sorted(set(config.plan()) - set(names))
-    if unknown:
-        raise ValueError(
-            f"QuantConfig.layer_bits names {len(unknown)} layer(s) this model does not quantize: "
-            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; its layers are "
-            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            if config.on_unsupported == "error":
+                raise ValueError(
+                    message + ". Rewrite them as nn.Conv*/nn.Linear modules, or pass "
+                    "QuantConfig(on_unsupported='warn') to measure the model with them in fp32"
+                )
+            warnings.warn(message, UserWarning, stacklevel=3)
+        unknown = sorted(set(config.plan()) - set(names))
+        if unknown:
+            raise ValueError(
+                f"QuantConfig.layer_bits names {len(unknown)} layer(s) this model does not "
+                f"quantize: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; its "
+                f"layers are {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            )
+        modules = {name: gm.get_submodule(name) for name in names}
+        bits = {name: _layer_bits(config, i, len(names), name) for i, name in enumerate(names)}
+        return cls(config, names, modules, bits, left)
+
+    def observer(self, name: str) -> RangeObserver:
+        """A fresh range estimator of the config for layer ``name``'s activation bits."""
+        c = self.config
+        return get_observer(c.observer, bits=self.bits[name][1], **c.observer_options())
+
+    def layer(self, name: str, act_range: tuple[float, float]) -> QuantizedLayer:
+        """Layer ``name`` quantized from its current fp32 module with the given input range."""
+        module = self.modules[name]
+        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv
+        return cls(
+            module,
+            weight_bits=self.bits[name][0],
+            act_bits=self.bits[name][1],
+            act_range=act_range,
+            observer=self.config.observer,
+            bias_bits=self.config.bias_bits,
+            weight_granularity=self.config.weight_granularity,
         )
-    bits = {name: _layer_bits(config, i, len(names), name) for i, name in enumerate(names)}
-    observers: dict[str, RangeObserver] = {
-        name: get_observer(config.observer, bits=bits[name][1], **config.observer_options())
-        for name in names
-    }
-    _run_with_pre_hooks(gm, modules, lambda name, x: observers[name].observe(x), xs)
-    qlayers: dict[str, QuantizedLayer] = {}
-    for name, module in modules.items():
+
+
+def observe_ranges(
+    gm: nn.Module, target: LayerTarget, xs: list[torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """Every layer's input range from one pass of ``xs`` through the **fp32** graph (the
+    study's order-independent range setting)."""
+    observers = {name: target.observer(name) for name in target.names}
+    _run_with_pre_hooks(gm, target.modules, lambda name, x: observers[name].observe(x), xs)
+    for name, module in target.modules.items():
         if observers[name].count == 0:
             raise ValueError(
                 f"layer {name!r} ({type(module).__name__}) saw no input during range calibration; "
                 "is it used in forward()?"
             )
-        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv
-        qlayers[name] = cls(
-            module,
-            weight_bits=bits[name][0],
-            act_bits=bits[name][1],
-            act_range=observers[name].range(),
-            observer=config.observer,
-            bias_bits=config.bias_bits,
-        )
-    _warn_bias_overflow(qlayers, config.bias_bits)
-    _record_clip_fractions(gm, modules, qlayers, xs)
+    return {name: observers[name].range() for name in target.names}
+
+
+def finish_quantized(
+    gm: torch.fx.GraphModule,
+    target: LayerTarget,
+    qlayers: dict[str, QuantizedLayer],
+    xs: list[torch.Tensor],
+    *,
+    method: str = "ptq",
+    options: dict[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Install ``qlayers`` in ``gm`` (a method's result), name overflowing biases, record the
+    clipping fractions a method did not measure itself (on the fp32 inputs), and freeze."""
+    missing = [n for n in target.names if n not in qlayers]
+    if missing:
+        raise RuntimeError(f"quantization method {method!r} left layers unquantized: {missing}")
+    _warn_bias_overflow(qlayers, target.config.bias_bits)
+    unmeasured = {n: q for n, q in qlayers.items() if math.isnan(q.clip_fraction)}
+    if unmeasured:
+        current = {n: gm.get_submodule(n) for n in unmeasured}
+        fp32 = {n: m for n, m in current.items() if not isinstance(m, QuantizedLayer)}
+        if len(fp32) == len(current):
+            _record_clip_fractions(gm, fp32, unmeasured, xs)
     for name, qlayer in qlayers.items():
         _set_submodule(gm, name, qlayer)
     _mark_owned_inputs(gm, qlayers)
     gm.requires_grad_(False)
-    gm.quant_config = config
-    gm.precision = config.name
+    gm.quant_config = target.config
+    gm.precision = target.config.name
+    gm.quant_method = {"name": method, "options": dict(options or {})}
     #: (quantized, total) conv/linear computations and the names of those left in fp32.
-    gm.quant_coverage = {"quantized": len(names), "total": len(names) + len(left), "fp32": left}
+    gm.quant_coverage = {
+        "quantized": len(target.names),
+        "total": len(target.names) + len(target.left),
+        "fp32": target.left,
+    }
     return gm.eval()
 
 

@@ -54,6 +54,13 @@ class QuantConfig:
         ``quantized_layers`` give them; a name the model does not have is a ValueError naming
         the valid ones); a dict ``{name: (w, a)}`` is accepted and stored sorted. Empty (the
         default): every layer at the config's bits. ``quant.plan_mixed_precision`` finds one.
+      weight_granularity: "channel" (default: one symmetric scale per output channel, the
+        study's) or "tensor" (one scale per layer, as in Nagel et al. 2019's headline results,
+        where cross-layer equalization matters most).
+      sequential: range setting in graph order with everything upstream already quantized
+        (each layer's observer sees the input the quantized network gives it; Nagel et al.,
+        "A White Paper on Neural Network Quantization", arXiv 2106.08295, §4.3); default False:
+        every range from the fp32 network (the study's min-max PTQ, order-independent).
       on_unsupported: what ``quantize`` does with a conv or linear computation it cannot
         quantize (a functional ``F.conv2d`` / ``F.linear`` call, e.g. an attention projection or
         a weight-standardized conv traced through, or a transposed conv): "warn" (default) names
@@ -70,6 +77,8 @@ class QuantConfig:
     bias_bits: int | None = 32
     on_unsupported: str = "warn"
     layer_bits: tuple[tuple[str, int, int], ...] = ()
+    weight_granularity: str = "channel"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -102,6 +111,15 @@ class QuantConfig:
             )
 
         object.__setattr__(self, "layer_bits", _check_layer_bits(self.layer_bits))
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise ValueError(
+                "QuantConfig.weight_granularity must be 'channel' or 'tensor', got "
+                f"{self.weight_granularity!r}"
+            )
+        if not isinstance(self.sequential, bool):
+            raise TypeError(
+                f"QuantConfig.sequential must be True or False, got {self.sequential!r}"
+            )
         if self.on_unsupported not in ("warn", "error"):
             raise ValueError(
                 f"QuantConfig.on_unsupported must be 'warn' or 'error', got {self.on_unsupported!r}"
@@ -112,6 +130,8 @@ class QuantConfig:
         """The precision string, e.g. "W4A8"; with a plan, the base bits and how many layers
         the plan sets (``"W4A4+mixed(12)"``)."""
         base = f"W{self.weight_bits}A{self.act_bits}"
+        if self.weight_granularity == "tensor":
+            base += "+pt"
         return f"{base}+mixed({len(self.layer_bits)})" if self.layer_bits else base
 
     def plan(self) -> dict[str, tuple[int, int]]:
@@ -134,6 +154,9 @@ class QuantConfig:
             d["layer_bits"] = [list(t) for t in self.layer_bits]
         else:  # uniform configs keep the dict (and the cache keys made from it) of before
             del d["layer_bits"]
+        for key, default in (("weight_granularity", "channel"), ("sequential", False)):
+            if d[key] == default:  # likewise: the keys of before for the study's scheme
+                del d[key]
         return d
 
     @classmethod

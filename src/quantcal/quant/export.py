@@ -40,7 +40,6 @@ from torch import nn
 
 from quantcal._io import atomic_write_bytes
 from quantcal.quant.apply import QuantizedLayer, quantized_layers
-from quantcal.quant.primitives import quantize_per_channel
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -70,9 +69,9 @@ class _QDQLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.decomposed = decomposed
-        if decomposed:
-            q = quantize_per_channel(layer.weight_fp32, layer.weight_scale, layer.weight_bits, 0)
-            self.register_buffer("weight_int8", q.to(torch.int8))
+        if decomposed:  # the layer's stored integers, as they are
+            self.register_buffer("weight_int8", layer.weight_int.to(torch.int8))
+            q = self.weight_int8
             zero = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
             self.register_buffer("weight_zero_point", zero)
 
@@ -100,9 +99,12 @@ class _QDQLayer(nn.Module):
         xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
         # Symmetric weights use [-q_max, q_max] within int8's [-128, 127]; the stored scales keep
         # |W / s| <= q_max, so the int8 container clamps nothing.
+        # The weight fed in is the layer's dequantized stored integers (q * s), so the fold's
+        # rint(q * s * (1 / s)) gives back exactly q (|q| <= 127: the float error is < 1e-4),
+        # whatever rounding the method chose; ``export_onnx`` checks it.
         zeros = torch.zeros_like(layer.weight_scale, dtype=torch.int32)
         wq = torch.fake_quantize_per_channel_affine(
-            layer.weight_fp32, layer.weight_scale, zeros, 0, -128, 127
+            layer.weight, layer.weight_scale, zeros, 0, -128, 127
         )
         return layer.layer_op(xq, wq, layer.bias)
 
@@ -316,6 +318,24 @@ def _count_int8_weight_dequantizers(model: Any) -> int:
     return sum(n.op_type == "DequantizeLinear" and n.input[0] in int8 for n in model.graph.node)
 
 
+def _check_stored_weights(model: Any, layers: list[QuantizedLayer]) -> None:
+    """Every layer's stored integer weights are one of the graph's int8 weight initializers,
+    exactly (what was measured is what was written)."""
+    numpy_helper = _require("onnx").numpy_helper
+    written: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for init in model.graph.initializer:
+        if init.data_type == 3:  # INT8
+            arr = numpy_helper.to_array(init)
+            written.setdefault(tuple(arr.shape), []).append(arr)
+    for i, layer in enumerate(layers):
+        q = layer.weight_int.detach().cpu().numpy().astype(np.int8)
+        if not any(np.array_equal(q, w) for w in written.get(tuple(q.shape), [])):
+            raise RuntimeError(
+                f"quantized layer {i} ({layer.kind}, weight {tuple(q.shape)}): its stored integer "
+                "weights are not in the ONNX graph; the export would not be the measured model"
+            )
+
+
 def export_onnx(
     qmodel: nn.Module,
     path: str | os.PathLike[str],
@@ -361,6 +381,7 @@ def export_onnx(
             f"{len(names)} quantized layers; the exporter's Q/DQ translation changed "
             "(try exporter='torchscript' or exporter='dynamo')"
         )
+    _check_stored_weights(proto, [layer for _, layer in quantized_layers(qmodel)])
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 

@@ -30,6 +30,7 @@ from quantcal.quant.apply import (
     fake_quant_disabled,
     quantized_layers,
 )
+from quantcal.quant.primitives import quantize_per_channel
 
 __all__ = ["LayerReport", "LayerTable", "inspect", "sqnr_db"]
 
@@ -55,6 +56,12 @@ class LayerReport:
     clip_fraction: float
     #: Bias values beyond the integer accumulator grid (that layer's bias then stays in float).
     bias_overflow: int = 0
+    #: Largest stored |integer weight| (below ``2^(b-1) - 1``: part of the grid unused, e.g.
+    #: a per-tensor scale set by another channel).
+    weight_int_absmax: int = 0
+    #: Fraction of stored integer weights that differ from rounding the fp32 weight to nearest
+    #: on the same scale (0 for ``ptq``; a method's own rounding, e.g. AdaRound, shows here).
+    off_nearest: float = 0.0
     sqnr_db: float = math.nan
     sqnr_isolated_db: float = math.nan
 
@@ -123,7 +130,18 @@ def _record(name: str, layer: QuantizedLayer) -> LayerReport:
         weight_scale_max=float(layer.weight_scale.max()),
         clip_fraction=layer.clip_fraction,
         bias_overflow=int(getattr(layer, "bias_overflow", 0)),
+        weight_int_absmax=int(layer.weight_int.abs().max()) if layer.weight_int.numel() else 0,
+        off_nearest=_off_nearest(layer),
     )
+
+
+def _off_nearest(layer: QuantizedLayer) -> float:
+    """Fraction of the stored integers that are not the nearest rounding of ``weight_fp32``."""
+    q = layer.weight_int.to(torch.int32)
+    if not q.numel():
+        return 0.0
+    nearest = quantize_per_channel(layer.weight_fp32, layer.weight_scale, layer.weight_bits, 0)
+    return float((q != nearest).to(torch.float64).mean())
 
 
 def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> LayerTable:

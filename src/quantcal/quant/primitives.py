@@ -115,6 +115,27 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, axis: int = 0) 
     return q.to(torch.float32) * scale.to(torch.float32).reshape(_channel_shape(q, axis))
 
 
+def weight_scale_per_tensor(weight: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """One symmetric scale ``s = max|W| / (2^(b-1) - 1)`` for the whole tensor, returned
+    repeated per channel (float32, shape ``(C,)``), so per-tensor weights run through the
+    per-channel arithmetic and export unchanged (ONNX per-axis with equal scales). The
+    granularity of Nagel et al. 2019's headline (per-tensor weights, where cross-layer
+    equalization matters most)."""
+    _check_float(weight, "weight")
+    axis = _check_axis(weight, axis)
+    _, q_max = weight_qrange(bits)
+    amax = weight.detach().to(torch.float32).abs().amax()
+    scale = amax / q_max
+    if not bool(scale > torch.finfo(torch.float32).tiny):
+        scale = torch.ones_like(scale)
+    return scale.expand(weight.shape[axis]).clone()
+
+
+def weight_int_dtype(bits: int) -> torch.dtype:
+    """The integer container of ``bits``-bit symmetric weights: int8 up to 8 bits, else int16."""
+    return torch.int8 if check_bits(bits, "weight bits") <= 8 else torch.int16
+
+
 def fake_quantize_per_channel(
     weight: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0
 ) -> torch.Tensor:
@@ -163,13 +184,11 @@ def bias_overflow(
     return int((q.abs() > 2 ** (bits - 1) - 1).sum())
 
 
-def fake_quantize_bias(
+def quantize_bias(
     bias: torch.Tensor, act_scale: float, weight_scale: torch.Tensor, bits: int = 32
 ) -> torch.Tensor:
-    """The bias on the accumulator grid: ``float32(q) * s`` with ``s = bias_scale(...)`` and
-    ``q = clamp(round(b / s), -(2^(b-1) - 1), 2^(b-1) - 1)`` (division in float64, round half
-    to even); the value an integer runtime adds (ONNX ``DequantizeLinear`` of the int32 bias),
-    returned in the dtype of ``bias``."""
+    """The integer bias ``clamp(round(b / s), -(2^(b-1) - 1), 2^(b-1) - 1)`` (int64, division
+    in float64, round half to even) on the accumulator grid ``s = bias_scale(...)``."""
     _check_float(bias, "bias")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 32:
         raise ValueError(f"bias bits must be an int in 8..32, got {bits!r}")
@@ -181,8 +200,23 @@ def fake_quantize_bias(
         )
     q_max = 2 ** (bits - 1) - 1
     q = torch.round(bias.detach().to(torch.float64) / scale.to(torch.float64))
-    q = q.clamp_(-q_max, q_max) + 0.0  # + 0.0: a tiny negative bias rounds to +0, not -0
-    return (q.to(torch.float32) * scale).to(bias.dtype)
+    return q.clamp_(-q_max, q_max).to(torch.int64)
+
+
+def dequantize_bias(q: torch.Tensor, act_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``float32(q) * s`` (float32): the value an integer runtime adds (ONNX
+    ``DequantizeLinear`` of the int32 bias); an integer 0 gives +0.0, never -0.0."""
+    scale = bias_scale(act_scale, weight_scale).to(q.device)
+    return q.to(torch.float32) * scale + 0.0
+
+
+def fake_quantize_bias(
+    bias: torch.Tensor, act_scale: float, weight_scale: torch.Tensor, bits: int = 32
+) -> torch.Tensor:
+    """The bias on the accumulator grid: ``dequantize_bias(quantize_bias(...))``, returned in
+    the dtype of ``bias``."""
+    q = quantize_bias(bias, act_scale, weight_scale, bits)
+    return dequantize_bias(q, act_scale, weight_scale).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------- activations
