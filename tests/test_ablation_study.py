@@ -64,7 +64,7 @@ def test_contrast_is_recomputed_from_the_cached_logits(run):
     rec = next(r for r in _details(run)["ablation"] if r["variant"] == "ablation_separable")
 
     def z(arch: str, precision: str):
-        key = next(k for k in logits if k[1] == arch and k[5] == precision and k[8] == rec["recal"])
+        key = next(k for k in logits if k[1] == arch and k[5] == precision and k[9] == rec["recal"])
         return logits[key]
 
     (vq, y), (vf, _), (bq, _), (bf, _) = (

@@ -125,10 +125,10 @@ def test_failing_cell_becomes_error_row(tmp_path, monkeypatch):
 
     real = quant.quantize
 
-    def fail_w4(model, config, batches):
+    def fail_w4(model, config, batches, **kw):
         if config.act_bits == 4:
             raise RuntimeError("simulated backend failure")
-        return real(model, config, batches)
+        return real(model, config, batches, **kw)
 
     monkeypatch.setattr(quant, "quantize", fail_w4)
     cfg = {**MICRO, "model": MICRO["model"][:1]}

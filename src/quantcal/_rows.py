@@ -51,13 +51,17 @@ def ok(rows: Iterable[dict]) -> list[dict]:
 
 def main_rows(rows: list[dict]) -> list[dict]:
     """One row per (dataset, arch, width, objective, seed, precision, recal): the first range
-    estimator and range-calibration sample (fp32 rows have neither)."""
+    estimator, quantization method and range-calibration sample (fp32 rows have none)."""
     obs = [r.get("observer", "-") for r in rows if r.get("observer", "-") != "-"]
     first_obs = obs[0] if obs else "-"
+    meths = [r.get("method") or "-" for r in rows if (r.get("method") or "-") != "-"]
+    first_meth = meths[0] if meths else "-"
     return [
         r
         for r in ok(rows)
-        if r.get("observer", "-") in ("-", first_obs) and r.get("ptq_sample", -1) in (-1, 0, None)
+        if r.get("observer", "-") in ("-", first_obs)
+        and (r.get("method") or "-") in ("-", first_meth)
+        and r.get("ptq_sample", -1) in (-1, 0, None)
     ]
 
 

@@ -66,7 +66,9 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
             for cell in cells:
                 if cell.precision.startswith("plan:") or cell.sample not in (None, 0):
                     continue
-                if not cell.is_fp32 and cell.observer != cfg.observers[0]:
+                if not cell.is_fp32 and (
+                    cell.observer != cfg.observers[0] or cell.method != cfg.quant_methods[0]
+                ):
                     continue
                 lg = fp32 if cell.is_fp32 else runner.cached_logits(cell, tkey)
                 if lg is None:

@@ -397,8 +397,8 @@ def range_sample_variance(rows: list[dict]) -> Claim:
             ]
             per: dict[tuple, list[dict]] = {}
             for r in rs:
-                per.setdefault((r["observer"], r.get("seed")), []).append(r)
-            for (obs, seed), rr in per.items():
+                per.setdefault((r["observer"], r.get("seed"), r.get("method")), []).append(r)
+            for (obs, seed, _method), rr in per.items():
                 if len(rr) < 2:
                     continue
                 eces = [r["ece"] for r in rr]
@@ -775,3 +775,105 @@ def attribution_layer_types(rows: list[dict], details: dict[str, Any]) -> Claim:
 
 def _nan_low(v: float, default: float = -1.0) -> float:
     return v if v == v else default
+
+
+# Repair by stronger quantization (``details.json["repair"]``, :mod:`quantcal.repair`)
+# ---------------------------------------------------------------------------------------------
+def _restores(gap: dict[str, float], budget: float) -> bool:
+    """What is still lost (vs fp32) is within ``budget``, or not measurably above 0."""
+    return gap["lo"] <= 0 or gap["value"] <= budget
+
+
+@register_claim
+def repair_restores(rows: list[dict], details: dict[str, Any]) -> Claim:
+    """Does better quantization restore calibration, or only accuracy? Per model, range
+    estimator and method other than ``ptq``, at the lowest quantized precision: the accuracy it
+    gains over min-max PTQ and what is still lost against fp32, as is and after temperature
+    scaling, each with a paired interval over the test images (:mod:`quantcal.repair`).
+
+    A method *restores accuracy* when its accuracy gain over ptq lies above 0; it *restores
+    calibration* when its ECE gap to fp32 is not measurably above 0 or at most 1 point (a
+    collapsed model's low ECE is not counted: only with the accuracy restored too). The
+    verdict is *accuracy and calibration*, *accuracy only*, *calibration only* (ECE close to
+    fp32 at a lost accuracy) or *neither*, per method, as is (recal none)."""
+    statement = (
+        "Better quantization (CLE + bias correction, AdaRound, QAT) restores calibration as "
+        "well as accuracy, not accuracy alone."
+    )
+    recs = [r for r in details.get("repair", []) if "accuracy_vs_ptq" in r]
+    if not recs:
+        return Claim(
+            "repair_restores",
+            statement,
+            "not tested",
+            ('needs quant.methods with "ptq" and another method (the repair preset)',),
+            tested=False,
+        )
+    evidence, verdicts, numbers = [], [], []
+    keyf = lambda r: (r["dataset"], r["arch"], r["width"], r["objective"], r["seed"])  # noqa: E731
+    for key in dict.fromkeys(keyf(r) for r in recs):
+        sel = [r for r in recs if keyf(r) == key]
+        low = sorted({r["precision"] for r in sel}, key=prec_key)[-1]
+        for observer in dict.fromkeys(r["observer"] for r in sel):
+            for method in dict.fromkeys(r["method"] for r in sel):
+                by = {
+                    r["recal"]: r
+                    for r in sel
+                    if (r["precision"], r["observer"], r["method"]) == (low, observer, method)
+                }
+                r = by.get("none")
+                if r is None:
+                    continue
+                acc_ok = r["accuracy_vs_ptq"]["lo"] > 0
+                cal_ok = _restores(r["ece_gap"], 0.01)
+                verdict = (
+                    "accuracy and calibration"
+                    if acc_ok and cal_ok
+                    else "accuracy only"
+                    if acc_ok
+                    else "calibration only"
+                    if cal_ok and r["accuracy_gap"]["value"] > 0.05
+                    else "neither"
+                    if not cal_ok
+                    else "no loss to restore"
+                )
+                verdicts.append(verdict)
+                ts = by.get("temperature")
+                after = (
+                    f"; after temperature scaling ECE gap {_pts(ts['ece_gap'])} points"
+                    if ts
+                    else ""
+                )
+                evidence.append(
+                    f"{key[0]} {key[1]}@{key[2]:g} {low} ({observer}), {method}: accuracy "
+                    f"{100 * r['accuracy']:.1f} % (fp32 {100 * r['fp32_accuracy']:.1f} %), "
+                    f"{_pts(r['accuracy_vs_ptq'])} points over ptq; ECE gap to fp32 "
+                    f"{_pts(r['ece_gap'])} points{after}: {verdict}."
+                )
+                for quantity in ("accuracy_vs_ptq", "ece_gap"):
+                    numbers.append(
+                        {
+                            "dataset": key[0],
+                            "model": f"{key[1]}@{key[2]:g} {method} ({observer})",
+                            "precision": low,
+                            "quantity": quantity,
+                            **r[quantity],
+                            "n_seeds": 1,
+                        }
+                    )
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v] = counts.get(v, 0) + 1
+    verdict = (
+        f"{verdicts[0]}"
+        if len(counts) == 1
+        else "mixed: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+    )
+    return Claim(
+        "repair_restores",
+        statement,
+        verdict,
+        tuple(evidence),
+        tuple(numbers),
+        source="Kuang & Wong, arXiv 2309.13866 (their next check)",
+    )

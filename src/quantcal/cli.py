@@ -376,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cell_label(r: dict) -> str:
     n = lambda v: f"{float(v):g}"  # noqa: E731 - numeric columns arrive as float or str
     where = "" if r.get("observer") in (None, "-") else f" {r['observer']} #{n(r['ptq_sample'])}"
+    if (r.get("method") or "-") not in ("-", "ptq"):
+        where += f" {r['method']}"
     obj = "" if (r.get("objective") or "ce") == "ce" else f" {r['objective']}"
     return (
         f"{r['dataset']} {r['arch']}@{n(r['width'])}{obj} seed {n(r['seed'])} "

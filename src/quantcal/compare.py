@@ -103,6 +103,8 @@ def _label(r: dict[str, Any]) -> str:
     cell = f"{dataset_label(r['dataset'])} / {model_label(r)} {r['precision']}"
     if r["observer"] != "-":
         cell += f" {r['observer']}"
+    if r.get("method") not in (None, "-", "ptq"):
+        cell += f" {r['method']}"
     return cell + (f" seed {r['seed']}" if r["seed"] else "")
 
 

@@ -31,6 +31,7 @@ from quantcal._rows import (
 )
 from quantcal.report_layers import ablation_section, attribution_section
 from quantcal.report_plans import plans_section
+from quantcal.report_repair import repair_section, repair_summary
 from quantcal.report_why import why_section
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
@@ -41,6 +42,7 @@ _TEXT_COLUMNS = {
     "objective",
     "precision",
     "observer",
+    "method",
     "recal",
     "recal_fit",
     "status",
@@ -360,6 +362,7 @@ def _worst_inspect(rows: list[dict], details: dict) -> tuple[dict | None, dict |
                 ins["seed"],
                 ins["precision"],
                 ins["observer"],
+                ins.get("method") or "ptq",
                 ins["ptq_sample"],
             ) == (
                 r["dataset"],
@@ -369,6 +372,7 @@ def _worst_inspect(rows: list[dict], details: dict) -> tuple[dict | None, dict |
                 r["seed"],
                 r["precision"],
                 r["observer"],
+                r.get("method") or "ptq",
                 r["ptq_sample"],
             ):
                 return r, ins
@@ -447,6 +451,9 @@ def summary_table(rows: list[dict]) -> str:
                 f"{_pct(f32[0]['ece']) if f32 else '–':>6} "
                 f"{_temp(ts):>6}"
             )
+    repair = repair_summary(rows)
+    if repair:
+        lines.append(repair)
     errors = [r for r in rows if r.get("status") != "ok"]
     if errors:
         lines.append(f"{len(errors)} result rows failed; see the 'error' column of results.csv")
@@ -852,7 +859,7 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(plans_html)
             for name, _, png in plan_figs:
                 atomic_write_bytes(run / "figures" / f"{name}.png", png)
-        for section in (ablation_section, attribution_section):
+        for section in (repair_section, ablation_section, attribution_section):
             section_html, section_figs = section(details)
             if section_html:
                 parts.append(section_html)

@@ -76,7 +76,7 @@ _ROW_VERSION = 3
 _ATTRIBUTION_VERSION = 1
 
 #: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
-#: precision, observer, range-calibration sample and recalibration method).
+#: precision, observer, quantization method, range-calibration sample and recalibration method).
 RESULT_COLUMNS = (
     "dataset",
     "arch",
@@ -85,6 +85,7 @@ RESULT_COLUMNS = (
     "seed",
     "precision",
     "observer",
+    "method",
     "ptq_sample",
     "recal",
     "recal_fit",
@@ -142,12 +143,22 @@ class Group:
 
 @dataclass(frozen=True)
 class QuantCell:
-    """One evaluated network: a group at a precision, range estimator and range-calib sample."""
+    """One evaluated network: a group at a precision, range estimator, range-calib sample and
+    quantization method (``quant.available_methods()``; "ptq" for fp32 too, where it is moot)."""
 
     group: Group
     precision: str
     observer: str | None  # None for fp32
     sample: int | None  # None for fp32
+    method: str = "ptq"
+
+    @property
+    def where(self) -> str:
+        """ " minmax sample 0" (and the method when not ptq); "" for fp32."""
+        if self.is_fp32:
+            return ""
+        how = "" if self.method == "ptq" else f" {self.method}"
+        return f" {self.observer} sample {self.sample}{how}"
 
     @property
     def is_fp32(self) -> bool:
@@ -181,7 +192,8 @@ def expand_cells(config: StudyConfig) -> list[tuple[Group, list[QuantCell]]]:
                             continue
                         for obs in config.observers:
                             for s in range(config.ptq_calib_samples):
-                                cells.append(QuantCell(g, p, obs, s))
+                                for m in config.quant_methods:
+                                    cells.append(QuantCell(g, p, obs, s, m))
                     if config.plans is not None:
                         for kind in PLAN_KINDS:
                             cells.append(QuantCell(g, f"plan:{kind}", config.observers[0], 0))
@@ -449,6 +461,11 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     plan = _plan_spec(config, cell)
     if plan is not None:  # the plan is found from these and the data, deterministically
         spec["plan"] = {**plan, "seed": cell.group.seed}
+    if qc is not None and cell.method != "ptq":  # ptq cells keep the keys of before
+        from quantcal.quant.methods import get_method
+
+        options = get_method(cell.method).resolve(config.method_options.get(cell.method))
+        spec["method"] = {"name": cell.method, "options": options}
     return content_hash(spec)
 
 
@@ -467,6 +484,7 @@ def attribution_cells(config: StudyConfig, cells: list[QuantCell]) -> list[Quant
         and (wanted is None or c.precision in wanted)
         and c.observer == config.observers[0]
         and c.sample == 0
+        and c.method == config.quant_methods[0]
     ]
 
 
@@ -578,6 +596,9 @@ class _Runner:
         self._last_qnet: tuple[str, Any] | None = None
         #: Validation metrics of mixed plans, shared by a group's plan:calib and plan:accuracy.
         self._plan_memo: dict[tuple, dict] = {}
+        #: Under torchrun: quantized models (or the exception) of cells whose method trains,
+        #: made by every rank together before the rank-0-only stages (``train_methods``).
+        self._pretrained: dict[str, Any] = {}
         self._fp32_fits: dict[tuple[str, str], tuple[tuple[Any, float | None], list[str]]] = {}
 
     def say(self, message: str) -> None:
@@ -791,6 +812,14 @@ class _Runner:
         return [x for x, _ in part.batches(256, device=self.device)]
 
     # -- train stage -----------------------------------------------------------------------
+    def train_config(self, g: Group):
+        """The group's training recipe (``train.TrainConfig``)."""
+        from quantcal import train
+
+        return train.TrainConfig.from_dict(
+            {**self.config.train, "objective": _objective_spec(self.config, g), "seed": g.seed}
+        )
+
     def trained_model(self, g: Group):
         from quantcal import train
 
@@ -814,9 +843,7 @@ class _Runner:
                 train.load_checkpoint(last)
             except ValueError as exc:
                 self.store.heal(last, str(exc).split(". ")[0])
-        cfg = train.TrainConfig.from_dict(
-            {**self.config.train, "objective": _objective_spec(self.config, g), "seed": g.seed}
-        )
+        cfg = self.train_config(g)
         self.say(f"train  {g.label}  ({cfg.epochs} epochs)")
 
         def epoch_line(epoch: int, _model, rec: dict[str, float]) -> None:
@@ -905,6 +932,7 @@ class _Runner:
             "precision": cell.precision,
             "observer": cell.observer,
             "sample": cell.sample,
+            "method": None if qc is None else cell.method,
         }
         deploy = self.deployed(model, train_key, cell.group)
         notes = list(self._deployed[2]) if self._deployed else []
@@ -916,8 +944,14 @@ class _Runner:
             if plan is not None:
                 qc, meta["plan"] = self.plan_config(plan, qc, deploy, calib, splits, cell)
                 notes.extend(plan_notes(meta["plan"], cell.precision))
-            with _recorded_warnings() as caught:
-                net = quant.quantize(deploy, qc, calib)
+            pre = self._pretrained.pop(key, None)
+            if isinstance(pre, BaseException):
+                raise pre
+            if pre is not None:
+                net, caught = pre
+            else:
+                with _recorded_warnings() as caught:
+                    net = self.quantize(cell, deploy, qc, calib, splits, key)
             notes.extend(n for n in caught if n not in notes)
             self._last_qnet = (key, net)
             cov = getattr(net, "quant_coverage", None)
@@ -952,9 +986,64 @@ class _Runner:
         meta["sha256"] = hashlib.sha256(raw).hexdigest()
         atomic_write_bytes(path, raw)
         atomic_write_json(meta_path, meta)  # last: it marks the entry complete
-        where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
-        self.say(f"eval   {cell.group.label}  {cell.precision}{where}  ({meta['seconds']:.1f} s)")
+        self.say(
+            f"eval   {cell.group.label}  {cell.precision}{cell.where}  ({meta['seconds']:.1f} s)"
+        )
         return out, meta, key
+
+    def train_methods(self, g: Group, cells: list[QuantCell], model, tkey: str) -> None:
+        """Under torchrun (``WORLD_SIZE`` > 1), the cells whose method trains (``qat``) are
+        quantized here by every rank together (``train.train`` runs them with DDP); rank 0
+        keeps each result for its logits stage, the other ranks drop theirs. A single process
+        quantizes them in the logits stage instead."""
+        from quantcal.quant.methods import get_method
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        for cell in cells:
+            if cell.is_fp32 or not get_method(cell.method).needs_train_data:
+                continue
+            if self.cached_logits(cell, tkey) is not None:
+                continue
+            key = _logits_key(self.config, cell, tkey)
+            try:
+                splits = self.splits(g)
+                deploy = self.deployed(model, tkey, g)
+                calib = self.ptq_batches(splits, cell.sample)
+                with _recorded_warnings() as caught:
+                    qc = _quant_config(self.config, cell)
+                    net = self.quantize(cell, deploy, qc, calib, splits, key)
+                result: Any = (net, caught)
+            except Exception as exc:  # rank 0 records it as the cell's error in its turn
+                result = exc
+            if _rank() == 0:
+                self._pretrained[key] = result
+
+    def quantize(self, cell: QuantCell, deploy, qc, calib, splits, key: str):
+        """The cell's quantized model by its method (``quant.quantize``); a method that
+        trains (``qat``) fine-tunes on the group's training split with the study's recipe,
+        resumable from ``cache/qat/KEY``."""
+        from quantcal import quant
+        from quantcal.quant.methods import get_method
+
+        spec = get_method(cell.method)
+        extra: dict[str, Any] = {}
+        if spec.needs_train_data:
+            extra = {
+                "train_data": splits,
+                "train_config": self.train_config(cell.group),
+                "work_dir": self.cache / "qat" / key,
+            }
+        label = f"{cell.group.label}  {cell.precision}{cell.where}"
+        return quant.quantize(
+            deploy,
+            qc,
+            calib,
+            method=cell.method,
+            method_options=self.config.method_options.get(cell.method),
+            log=lambda line: self.say(f"quant  {label}: {line}"),
+            **extra,
+        )
 
     def plan_config(self, spec: dict, top, deploy, calib, splits, cell: QuantCell):
         """The mixed-precision QuantConfig of a ``plan:KIND`` cell, searched on the group's
@@ -1013,7 +1102,8 @@ class _Runner:
             deploy = self.deployed(model, train_key, cell.group)
             calib = self.ptq_batches(splits, cell.sample)
             with _recorded_warnings():  # the logits stage has already named what they say
-                net = quant.quantize(deploy, _quant_config(self.config, cell), calib)
+                qc = _quant_config(self.config, cell)
+                net = self.quantize(cell, deploy, qc, calib, splits, lkey)
         n = min(int(spec["samples"]), len(splits.val))
         result = quant.attribute_layers(
             net,
@@ -1135,6 +1225,7 @@ class _Runner:
         except Exception as exc:
             self.error_rows(cells, exc)
             return
+        self.train_methods(g, cells, model, tkey)
         if _rank() != 0:
             return  # under torchrun, ranks > 0 only help to train
         fp32_cell = cells[0]
@@ -1162,9 +1253,8 @@ class _Runner:
                     self.error_row(cell, m, rk, exc)
                     self.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
             if self.scored > scored:
-                where = "" if cell.is_fp32 else f" {cell.observer} sample {cell.sample}"
                 self.say(
-                    f"score  {g.label}  {cell.precision}{where}: {self.scored - scored} rows "
+                    f"score  {g.label}  {cell.precision}{cell.where}: {self.scored - scored} rows "
                     f"recalibrated and measured ({time.perf_counter() - t0:.1f} s)"
                 )
             if cell in attributed:  # right after its logits: the quantized model is reused
@@ -1252,6 +1342,7 @@ def _pending_key(cell: QuantCell, method: str) -> str:
                 cell.observer,
                 cell.sample,
                 method,
+                *([] if cell.method == "ptq" else [cell.method]),
             ]
         }
     )
@@ -1267,6 +1358,7 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
         seed=cell.group.seed,
         precision=cell.precision,
         observer=cell.observer or "-",
+        method="-" if cell.is_fp32 else cell.method,
         ptq_sample=-1 if cell.sample is None else cell.sample,
         recal=method,
         recal_fit=config.recal_fit,
@@ -1502,6 +1594,7 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                         **group,
                         "precision": cell.precision,
                         "observer": cell.observer,
+                        "method": cell.method,
                         "ptq_sample": cell.sample,
                         "layers": lm["inspect"],
                     }
@@ -1509,6 +1602,7 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
     details["diagnostics"] = _diagnostics(runner, plan)
     details["attribution"] = _attributions(runner, plan)
     details["ablation"] = _ablation_contrasts(runner, plan)
+    details["repair"] = _repair_contrasts(runner, plan)
     atomic_write_json(out_dir / "details.json", details)
     return path
 
@@ -1530,7 +1624,11 @@ def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
         fit = runner.recal_fit(g)[0]
         split = "test" if fit == "test_crossfit" else "val"
         for cell in cells[1:]:
-            if cell.observer != first_observer or cell.sample != 0:
+            if (
+                cell.observer != first_observer
+                or cell.sample != 0
+                or cell.method != cfg.quant_methods[0]
+            ):
                 continue
             q = runner.cached_logits(cell, tkey)
             if q is None:
@@ -1585,6 +1683,14 @@ def _ablation_contrasts(runner: _Runner, plan) -> list[dict[str, Any]]:
     from quantcal import ablation
 
     return ablation.contrasts(runner, plan)
+
+
+def _repair_contrasts(runner: _Runner, plan) -> list[dict[str, Any]]:
+    """Paired contrasts of the quantization methods (:mod:`quantcal.repair`) from cached
+    logits."""
+    from quantcal import repair
+
+    return repair.contrasts(runner, plan)
 
 
 def _stderr_log(message: str) -> None:
@@ -1701,8 +1807,9 @@ def recalibrated_test_logits(
     out_dir: str | Path, *, first_sample_only: bool = True
 ) -> dict[tuple, tuple[Any, Any]]:
     """Every cell's recalibrated test logits of a finished run, from its cache: ``{(dataset,
-    arch, width, objective, seed, precision, observer, ptq_sample, recal): (logits, labels)}``
-    with the identity as results.csv writes it (fp32: observer ``"-"``, sample -1). Each
+    arch, width, objective, seed, precision, observer, method, ptq_sample, recal): (logits,
+    labels)}`` with the identity as results.csv writes it (fp32: observer and method ``"-"``,
+    sample -1). Each
     recalibrator is refitted exactly as the row was scored (on val, or cross-fitted on test).
     ``first_sample_only`` keeps range-calibration sample 0. A cell whose logits are not cached
     is left out."""
@@ -1736,6 +1843,7 @@ def recalibrated_test_logits(
                     g.seed,
                     cell.precision,
                     cell.observer or "-",
+                    "-" if cell.is_fp32 else cell.method,
                     -1 if cell.sample is None else cell.sample,
                     method,
                 )

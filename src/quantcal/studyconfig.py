@@ -36,6 +36,8 @@ listed method and scored on the test split. File layout (every key optional but 
     attribution = false            # true, or a table: which layers decide calibration
                                    # (granularity = "layer"|"block", samples = 1000,
                                    # precisions = ["W4A4"]; default every quantized one)
+    methods = ["ptq"]              # quantization methods: "ptq", "cle_bc", "adaround", "qat"
+    method_options = {}            # per method, e.g. {adaround = {iterations = 500}}
 
     [recal]
     methods = ["none", "temperature", "temperature_fp32", "vector", "histogram", "isotonic"]
@@ -171,6 +173,12 @@ class StudyConfig:
     #: quantized precision: None (off), or a dict with granularity ("layer" or "block") and
     #: samples (validation images used; the cost is 2 x groups partial passes over them).
     attribution: Mapping[str, Any] | None = None
+    #: Quantization methods (``quant.available_methods()``), an axis: every quantized
+    #: precision x range estimator x sample is quantized by each; the first is the study's main
+    #: one (tables and findings of the other axes read its rows).
+    quant_methods: tuple[str, ...] = ("ptq",)
+    #: Options per method, e.g. ``{"adaround": {"iterations": 500}, "qat": {"epochs": 2}}``.
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recal: tuple[str, ...] = DEFAULT_RECAL
     recal_fit: str = "auto"
     n_bins: int = 15
@@ -228,6 +236,8 @@ class StudyConfig:
                 raise ValueError(
                     f"quant.observers: unknown range estimator {o!r}; choose from {available_obs}"
                 )
+        set_("quant_methods", _tuple_of("quant.methods", self.quant_methods, str))
+        set_("method_options", self._check_method_options(self.method_options))
         set_("recal", _tuple_of("recal.methods", self.recal, str))
         allowed = [*recal.available(), REUSE_FP32_TEMPERATURE]
         for m in self.recal:
@@ -341,6 +351,34 @@ class StudyConfig:
         out["levels"] = [canonical_precision(p) for p in levels]
         return out
 
+    def _check_method_options(self, value: Any) -> dict[str, dict[str, Any]]:
+        """Each method known (an unknown one lists the valid ones), listed once, and its
+        options valid (``QuantMethod.resolve``)."""
+        from quantcal.quant.methods import get_method
+
+        for name in self.quant_methods:
+            try:
+                get_method(name)
+            except ValueError as err:
+                raise ValueError(f"quant.methods: {err}") from None
+        if len(set(self.quant_methods)) != len(self.quant_methods):
+            raise ValueError(f"quant.methods lists a method twice: {list(self.quant_methods)}")
+        if not isinstance(value, Mapping):
+            raise ValueError(f"quant.method_options must be a table, got {value!r}")
+        out: dict[str, dict[str, Any]] = {}
+        for name, options in value.items():
+            if name not in self.quant_methods:
+                raise ValueError(
+                    f"quant.method_options.{name}: {name!r} is not in quant.methods "
+                    f"{list(self.quant_methods)}"
+                )
+            try:
+                get_method(name).resolve(dict(options) if isinstance(options, Mapping) else options)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"quant.method_options.{name}: {err}") from None
+            out[name] = dict(options)
+        return out
+
     def _check_attribution(self, value: Any) -> dict[str, Any] | None:
         from quantcal.quant.attribution import GRANULARITIES
 
@@ -434,6 +472,14 @@ class StudyConfig:
                 "first_last_8bit": self.first_last_8bit,
                 "plans": None if self.plans is None else dict(self.plans),
                 "attribution": None if self.attribution is None else dict(self.attribution),
+                **(
+                    {}
+                    if self.quant_methods == ("ptq",) and not self.method_options
+                    else {
+                        "methods": list(self.quant_methods),
+                        "method_options": {k: dict(v) for k, v in self.method_options.items()},
+                    }
+                ),
             },
             "recal": {"methods": list(self.recal), "fit_on": self.recal_fit},
             "metrics": {
@@ -471,6 +517,8 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "first_last_8bit": "first_last_8bit",
         "plans": "plans",
         "attribution": "attribution",
+        "methods": "quant_methods",
+        "method_options": "method_options",
     },
     "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {
