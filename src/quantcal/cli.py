@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,W8A8,W4A8,W4A4")
     p.add_argument("--observers", default="minmax", help="comma-separated range estimators")
     p.add_argument(
+        "--methods",
+        default="ptq",
+        help="comma-separated quantization methods (ptq, cle_bc, adaround, qat; qat fine-tunes "
+        "on the dataset's training split with the default recipe)",
+    )
+    p.add_argument(
         "--recal",
         default="none,temperature,temperature_fp32",
         help="comma-separated recalibration methods",
@@ -363,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "list",
-        help="list models, datasets, precisions, range estimators, "
+        help="list models, datasets, precisions, range estimators, quantization methods, "
         "recalibrators and built-in studies",
         description="List what can be named in a study.",
         epilog="example:\n  quantcal list",
@@ -629,6 +635,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "quant": {
             "precisions": precisions,
             "observers": split(args.observers),
+            "methods": split(args.methods),
             "plans": bool(args.plans),
         },
         "recal": {"methods": split(args.recal), "fit_on": args.recal_fit},
@@ -717,6 +724,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("datasets:        " + ", ".join(data.list_datasets()) + ", npz:PATH")
     print("precisions:      " + ", ".join(quant.PRECISIONS) + " (any wXaY with 2 <= X, Y <= 16)")
     print("range estimators:" + " " + ", ".join(quant.available_observers()))
+    print("quant methods:   " + ", ".join(quant.available_methods()) + " ([quant] methods)")
     print("recalibrators:   " + ", ".join([*recal.available(), REUSE_FP32_TEMPERATURE]))
     print("objectives:      " + ", ".join(objectives.available()) + " ([train] objectives)")
     print("studies:         " + ", ".join(builtin_studies()))

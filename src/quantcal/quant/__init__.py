@@ -8,6 +8,7 @@ form (``models.to_deploy``).
 >>> qmodel = quant.quantize(model, quant.parse_precision("W4A8"), splits.ptq_calib.batches(256))
 >>> quant.inspect(qmodel, some_batches)            # per-layer scales, clipping, SQNR
 >>> quant.export_onnx(qmodel, "model.onnx", x)     # W8A8 as ONNX QDQ (optional extra [onnx])
+>>> quant.quantize(model, "W4A4", calib, method="adaround")   # quant.available_methods()
 
 Importing this package loads only torch-based code; onnx/onnxruntime load on first export.
 """
@@ -22,6 +23,7 @@ from quantcal.quant.attribution import AttributionResult, LayerAttribution, attr
 from quantcal.quant.config import PRECISIONS, QuantConfig, parse_precision
 from quantcal.quant.export import export_onnx, run_onnx
 from quantcal.quant.inspect import LayerReport, LayerTable, inspect
+from quantcal.quant.methods import available_methods, get_method, register_method
 from quantcal.quant.observers import (
     RangeObserver,
     available_observers,
@@ -47,9 +49,11 @@ __all__ = [
     "QuantConfig",
     "RangeObserver",
     "attribute_layers",
+    "available_methods",
     "available_observers",
     "export_onnx",
     "fake_quant_disabled",
+    "get_method",
     "get_observer",
     "inspect",
     "layer_costs",
@@ -58,6 +62,7 @@ __all__ = [
     "plan_mixed_precision",
     "quantize",
     "quantized_layers",
+    "register_method",
     "register_observer",
     "run_onnx",
 ]
