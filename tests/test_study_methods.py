@@ -146,3 +146,23 @@ def test_a_method_that_cannot_apply_is_an_error_row_not_a_crash(tmp_path, monkey
     assert all("no equalizable layer pair" in r["error"] for r in bad)
     good = [r for r in rows if r["status"] == "ok" and r["precision"] == "W4A4"]
     assert {r["method"] for r in good} == {"ptq"}
+
+
+def test_sequential_ranges_and_per_tensor_weights_reach_the_cells(tmp_path):
+    plain = from_toml_dict(_study(tmp_path, methods=["ptq"], method_options={}))
+    seq = from_toml_dict(
+        _study(
+            tmp_path,
+            methods=["ptq"],
+            method_options={},
+            sequential=True,
+            weight_granularity="tensor",
+        )
+    )
+    c = study.expand_cells(seq)[0][1][1]
+    qc = study._quant_config(seq, c)
+    assert qc.sequential and qc.weight_granularity == "tensor" and qc.name == "W4A4+pt"
+    assert study._logits_key(seq, c, "t") != study._logits_key(plain, c, "t")
+    assert "sequential = true" in seq.to_toml()
+    with pytest.raises(ValueError, match="weight_granularity"):
+        from_toml_dict(_study(tmp_path, weight_granularity="row"))

@@ -447,7 +447,13 @@ def _quant_config(config: StudyConfig, cell: QuantCell):
     qc = quant.parse_precision(spec["levels"][0] if spec else cell.precision)
     if qc is None:
         return None
-    return dataclasses.replace(qc, observer=cell.observer, first_last_8bit=config.first_last_8bit)
+    return dataclasses.replace(
+        qc,
+        observer=cell.observer,
+        first_last_8bit=config.first_last_8bit,
+        sequential=config.sequential,
+        weight_granularity=config.weight_granularity,
+    )
 
 
 def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:

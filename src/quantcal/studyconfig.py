@@ -37,6 +37,8 @@ listed method and scored on the test split. File layout (every key optional but 
                                    # (granularity = "layer"|"block", samples = 1000,
                                    # precisions = ["W4A4"]; default every quantized one)
     methods = ["ptq"]              # quantization methods: "ptq", "cle_bc", "adaround", "qat"
+    sequential = false             # activation ranges set in graph order on the quantized net
+    weight_granularity = "channel" # or "tensor": one weight scale per layer
     method_options = {}            # per method, e.g. {adaround = {iterations = 500}}
 
     [recal]
@@ -177,6 +179,9 @@ class StudyConfig:
     #: precision x range estimator x sample is quantized by each; the first is the study's main
     #: one (tables and findings of the other axes read its rows).
     quant_methods: tuple[str, ...] = ("ptq",)
+    #: ``QuantConfig.sequential`` and ``QuantConfig.weight_granularity`` of every cell.
+    sequential: bool = False
+    weight_granularity: str = "channel"
     #: Options per method, e.g. ``{"adaround": {"iterations": 500}, "qat": {"epochs": 2}}``.
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recal: tuple[str, ...] = DEFAULT_RECAL
@@ -237,6 +242,13 @@ class StudyConfig:
                     f"quant.observers: unknown range estimator {o!r}; choose from {available_obs}"
                 )
         set_("quant_methods", _tuple_of("quant.methods", self.quant_methods, str))
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"quant.sequential must be true or false, got {self.sequential!r}")
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise ValueError(
+                "quant.weight_granularity must be 'channel' or 'tensor', got "
+                f"{self.weight_granularity!r}"
+            )
         set_("method_options", self._check_method_options(self.method_options))
         set_("recal", _tuple_of("recal.methods", self.recal, str))
         allowed = [*recal.available(), REUSE_FP32_TEMPERATURE]
@@ -472,6 +484,12 @@ class StudyConfig:
                 "first_last_8bit": self.first_last_8bit,
                 "plans": None if self.plans is None else dict(self.plans),
                 "attribution": None if self.attribution is None else dict(self.attribution),
+                **({"sequential": True} if self.sequential else {}),
+                **(
+                    {}
+                    if self.weight_granularity == "channel"
+                    else {"weight_granularity": self.weight_granularity}
+                ),
                 **(
                     {}
                     if self.quant_methods == ("ptq",) and not self.method_options
@@ -519,6 +537,8 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "attribution": "attribution",
         "methods": "quant_methods",
         "method_options": "method_options",
+        "sequential": "sequential",
+        "weight_granularity": "weight_granularity",
     },
     "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {
