@@ -7,15 +7,17 @@ Steps (Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.
    modified), checked to compute the model's function on the first range-calibration images;
 2. every ``Conv1d/2d/3d`` and ``Linear`` leaf module in the graph is a quantized layer; with
    ``first_last_8bit`` the first and last of them in graph order use ``max(bits, 8)``;
-3. range calibration, one pass: the range-calibration batches run through the **fp32** deploy
-   graph and each quantized layer's observer sees that layer's fp32 input (observation is not
-   sequential: upstream layers are not quantized yet; this is the simple, order-independent
-   min-max PTQ of the study); a second fp32 pass counts, per layer, the fraction of inputs that
-   saturate the chosen range (the "clipping fraction");
-4. each layer is replaced by a ``QuantConv``/``QuantLinear`` holding its fake-quantized weight,
-   computed once (symmetric per-channel), its bias on the int32 accumulator grid
-   ``s_x * s_w[c]`` (``QuantConfig.bias_bits``), and the input's asymmetric per-tensor scale and
-   zero-point; its forward is one fake-quant of the input plus the ordinary conv/linear;
+3. the quantization method (``method="ptq"`` by default; ``quant.available_methods()``) sets
+   each layer from the deploy graph and the range-calibration batches. ``ptq``: the batches run
+   through the **fp32** deploy graph and each layer's observer sees that layer's fp32 input (the
+   simple, order-independent min-max PTQ of the study; ``QuantConfig(sequential=True)``
+   observes in graph order on the network quantized so far); a second fp32 pass counts, per
+   layer, the fraction of inputs that saturate the chosen range (the "clipping fraction");
+4. each layer is replaced by a ``QuantConv``/``QuantLinear`` holding integer weights
+   (symmetric per channel, or per tensor) with their scales, the integer bias on the int32
+   accumulator grid ``s_x * s_w[c]`` (``QuantConfig.bias_bits``), and the input's asymmetric
+   per-tensor scale and zero-point; its forward is one fake-quant of the input plus the
+   ordinary conv/linear with the weight dequantized from the stored integers;
 5. the result is frozen (no gradients) and in eval mode, with ``quant_config`` (the
    ``QuantConfig``) and ``precision`` attributes; every layer keeps a record of its parameters
    (``quant.inspect`` reads them) and its fp32 weight, so ``fake_quant_disabled(qmodel)`` runs the
