@@ -101,8 +101,13 @@ def _second_ok(module: nn.Module) -> bool:
 
 def equalization_pairs(gm: fx.GraphModule) -> list[EqualizationPair]:
     """Every ``layer -> [ReLU / LeakyReLU / nothing] -> layer`` pair in ``gm`` where the first
-    layer's output feeds only that path and the channels correspond one to one."""
+    layer's output feeds only that path, the channels correspond one to one and neither layer
+    is called more than once (a shared layer's other call would change)."""
     pairs = []
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for node in gm.graph.nodes:
         if not _is_layer(gm, node) or len(node.users) != 1:
             continue
@@ -126,6 +131,8 @@ def equalization_pairs(gm: fx.GraphModule) -> list[EqualizationPair]:
             continue
         if str(node.target) == str(nxt.target):
             continue
+        if calls[str(node.target)] > 1 or calls[str(nxt.target)] > 1:
+            continue  # a layer called twice: rescaling it would change its other call too
         pairs.append(EqualizationPair(str(node.target), str(nxt.target), relu, act))
     return pairs
 
@@ -187,7 +194,11 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
     chosen = []
     for p in pairs:
         first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
-        padded = not isinstance(second, nn.Linear) and any(int(v) != 0 for v in second.padding)
+        padded = not isinstance(second, nn.Linear) and (
+            second.padding != "valid"
+            if isinstance(second.padding, str)
+            else any(int(v) != 0 for v in second.padding)
+        )
         if p.relu and not padded and first.bias is not None:
             chosen.append(p)
     if not chosen:
@@ -241,7 +252,7 @@ def correct_bias(
         ref, n = channel_sums([module(x) for x in xf], dim)
         out, _ = channel_sums([layer(x) for x in xq], dim)
     error = (out - ref) / n
-    base = layer.bias_float
+    base = layer.bias  # the bias in effect (on its grid) is what the error was measured with
     if base is None:
         base = torch.zeros(error.shape, dtype=layer.weight_fp32.dtype, device=error.device)
     layer.set_bias(base - error.to(base.dtype).to(base.device))

@@ -46,7 +46,10 @@ def lsq_quantize(
     ``round`` inside the range, and ``dL/ds`` scaled by ``g``. ``step`` of one element is per
     tensor, of ``C`` elements per channel along axis 0 (``zero_point`` likewise, float, not
     trained). PyTorch's fused kernels (``torch._fake_quantize_learnable_per_*_affine``, those of
-    ``torch.ao``'s ``_LearnableFakeQuantize``); the tests check them against the formula."""
+    ``torch.ao``'s ``_LearnableFakeQuantize``); the tests check them against the formula. An
+    element is inside the range when its *rounded* value is (``round(x / s) + z`` in ``[q_min,
+    q_max]``), as those kernels judge it; the paper's unrounded bound differs only within half
+    a step of the range's ends."""
     s = step.abs().clamp_min(1e-8)
     xf = x.float()
     if s.numel() == 1:
