@@ -13,44 +13,33 @@ from quantcal.report_layers import _figure_html, _png, _pts
 __all__ = ["fig_repair", "repair_section", "repair_summary"]
 
 
-def _pairs(records: list[dict[str, Any]]) -> list[tuple[dict, dict | None]]:
-    """(as-is record, after-temperature record or None) per cell, in report order."""
-    ts = {
-        (
-            r["dataset"],
-            r["arch"],
-            r["width"],
-            r["seed"],
-            r["precision"],
-            r["observer"],
-            r["method"],
-        ): r
-        for r in records
-        if r["recal"] == "temperature"
-    }
-    raw = [r for r in records if r["recal"] == "none"]
-    methods = list(dict.fromkeys(r["method"] for r in raw))
-    raw.sort(
-        key=lambda r: (
-            r["dataset"],
-            r["arch"],
-            r["width"],
-            r["seed"],
-            prec_key(r["precision"]),
-            r["observer"],
-            methods.index(r["method"]),
-        )
-    )
-    key = lambda r: (  # noqa: E731
+_CELL = ("dataset", "arch", "width", "seed", "precision", "observer", "method")
+
+
+def _cell(r: dict[str, Any]) -> tuple:
+    """The quantized cell a record or row belongs to (everything but the recalibrator)."""
+    return tuple(r[k] for k in _CELL)
+
+
+def _order(methods: list[str]):
+    """Sort key: dataset, model, seed, precision (most bits first), range, method order."""
+    return lambda r: (
         r["dataset"],
         r["arch"],
         r["width"],
         r["seed"],
-        r["precision"],
+        prec_key(r["precision"]),
         r["observer"],
-        r["method"],
+        methods.index(r["method"]),
     )
-    return [(r, ts.get(key(r))) for r in raw]
+
+
+def _pairs(records: list[dict[str, Any]]) -> list[tuple[dict, dict | None]]:
+    """(as-is record, after-temperature record or None) per cell, in report order."""
+    ts = {_cell(r): r for r in records if r["recal"] == "temperature"}
+    raw = [r for r in records if r["recal"] == "none"]
+    raw.sort(key=_order(list(dict.fromkeys(r["method"] for r in raw))))
+    return [(r, ts.get(_cell(r))) for r in raw]
 
 
 def fig_repair(records: list[dict[str, Any]]) -> bytes:
@@ -181,31 +170,13 @@ def repair_summary(rows: list[dict]) -> str:
         f"{'model':<22} {'prec':<6} {'range':<10} {'method':<10} {'acc%':>6} {'ECE%':>6} {'+TS':>6}"
     )
     lines = ["", "quantization methods (range-calibration sample 0):", head, "-" * len(head)]
-    raw = [r for r in good if r["recal"] == "none"]
-    raw.sort(
-        key=lambda r: (
-            r["dataset"],
-            r["arch"],
-            r["width"],
-            prec_key(r["precision"]),
-            r["observer"],
-            methods.index(r["method"]),
-        )
-    )
-    for r in raw:
-        ts = [
-            t
-            for t in good
-            if t["recal"] == "temperature"
-            and all(
-                t[k] == r[k]
-                for k in ("dataset", "arch", "width", "seed", "precision", "observer", "method")
-            )
-        ]
+    ts = {_cell(t): t for t in good if t["recal"] == "temperature"}
+    for r in sorted((r for r in good if r["recal"] == "none"), key=_order(methods)):
+        t = ts.get(_cell(r))
         model = f"{r['arch']}@{float(r['width']):g}"
         lines.append(
             f"{model:<22} {r['precision']:<6} {r['observer']:<10} {r['method']:<10} "
             f"{100 * r['accuracy']:>6.1f} {100 * r['ece']:>6.1f} "
-            f"{(format(100 * ts[0]['ece'], '6.1f') if ts else '–'):>6}"
+            f"{(format(100 * t['ece'], '6.1f') if t else '–'):>6}"
         )
     return "\n".join(lines)

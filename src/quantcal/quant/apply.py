@@ -475,11 +475,20 @@ def _layer_order(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def _run_with_pre_hooks(
-    gm: nn.Module, modules: dict[str, nn.Module], hook_fn: Any, xs: list[torch.Tensor]
+    gm: nn.Module,
+    modules: dict[str, nn.Module],
+    hook_fn: Any,
+    xs: list[torch.Tensor],
+    *,
+    outputs: bool = False,
 ) -> None:
+    """Run ``xs`` through ``gm`` (no grad) calling ``hook_fn(name, tensor)`` with each named
+    module's input, or with its output when ``outputs``."""
     device = _device_of(gm)
     handles = [
-        module.register_forward_pre_hook(lambda _m, args, name=name: hook_fn(name, args[0]))
+        module.register_forward_hook(lambda _m, _a, out, name=name: hook_fn(name, out))
+        if outputs
+        else module.register_forward_pre_hook(lambda _m, args, name=name: hook_fn(name, args[0]))
         for name, module in modules.items()
     ]
     try:

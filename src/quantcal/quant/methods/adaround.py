@@ -35,8 +35,8 @@ from torch import fx, nn
 
 from quantcal.quant.apply import LayerTarget, QuantizedLayer, observe_ranges
 from quantcal.quant.methods import MethodContext, register_method
-from quantcal.quant.methods._sequential import clip_fraction, run_sequential
-from quantcal.quant.methods.ptq import sequential_layer
+from quantcal.quant.methods._sequential import run_sequential
+from quantcal.quant.methods.ptq import layer_from
 
 __all__ = ["GAMMA", "ZETA", "adaround_layer", "rectified_sigmoid"]
 
@@ -161,11 +161,7 @@ def adaround(
     steps.update(beta_start=opts["beta_start"], beta_end=opts["beta_end"], seed=opts["seed"])
 
     def on_layer(name: str, module: nn.Module, xq: list, xf: list | None) -> QuantizedLayer:
-        if ranges is None:
-            layer = sequential_layer(target, name, xq)
-        else:
-            layer = target.layer(name, ranges[name])
-            layer.clip_fraction = clip_fraction(layer, xq)
+        layer = layer_from(target, name, xq, ranges)
         assert xf is not None
         with torch.enable_grad():
             rec = adaround_layer(layer, module, xq, xf, **steps)

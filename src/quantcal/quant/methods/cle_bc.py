@@ -38,10 +38,9 @@ from quantcal.quant.methods import MethodContext, register_method
 from quantcal.quant.methods._sequential import (
     channel_dim,
     channel_sums,
-    clip_fraction,
     run_sequential,
 )
-from quantcal.quant.methods.ptq import sequential_layer
+from quantcal.quant.methods.ptq import layer_from
 
 __all__ = ["EqualizationPair", "absorb_biases", "cross_layer_equalize", "equalization_pairs"]
 
@@ -189,7 +188,7 @@ def cross_layer_equalize(
 def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[torch.Tensor]) -> int:
     """Bias absorption over the ReLU pairs whose second layer has no zero padding (exact for
     pre-activations above ``c``); returns how many pairs absorbed a nonzero ``c``."""
-    from quantcal.quant.apply import _device_of
+    from quantcal.quant.apply import _run_with_pre_hooks
 
     chosen = []
     for p in pairs:
@@ -204,20 +203,10 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
     if not chosen:
         return 0
     stats: dict[str, list[torch.Tensor]] = {p.first: [] for p in chosen}
-    handles = [
-        gm.get_submodule(p.first).register_forward_hook(
-            lambda m, a, out, name=p.first: stats[name].append(out.detach())
-        )
-        for p in chosen
-    ]
-    device = _device_of(gm)
-    try:
-        with torch.no_grad():
-            for x in xs:
-                gm(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    firsts = {p.first: gm.get_submodule(p.first) for p in chosen}
+    _run_with_pre_hooks(
+        gm, firsts, lambda name, out: stats[name].append(out.detach()), xs, outputs=True
+    )
     absorbed = 0
     for p in chosen:
         first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
@@ -282,11 +271,7 @@ def cle_bc(
     ranges = None if target.config.sequential else observe_ranges(gm, target, ctx.calib)
 
     def on_layer(name: str, module: nn.Module, xq: list, xf: list | None) -> QuantizedLayer:
-        if ranges is None:
-            layer = sequential_layer(target, name, xq)
-        else:
-            layer = target.layer(name, ranges[name])
-            layer.clip_fraction = clip_fraction(layer, xq)
+        layer = layer_from(target, name, xq, ranges)
         if opts["bias_correction"]:
             assert xf is not None
             correct_bias(layer, module, xq, xf)

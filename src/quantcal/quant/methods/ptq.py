@@ -29,6 +29,19 @@ def sequential_layer(target: LayerTarget, name: str, xq: list[Any]) -> Quantized
     return layer
 
 
+def layer_from(
+    target: LayerTarget, name: str, xq: list[Any], ranges: dict[str, tuple[float, float]] | None
+) -> QuantizedLayer:
+    """Layer ``name`` with the range from ``ranges`` (observed on the fp32 network), or, when
+    ``ranges`` is None (``QuantConfig.sequential``), observed on ``xq``; its clipping fraction
+    measured on ``xq``, what the quantized network feeds it."""
+    if ranges is None:
+        return sequential_layer(target, name, xq)
+    layer = target.layer(name, ranges[name])
+    layer.clip_fraction = clip_fraction(layer, xq)
+    return layer
+
+
 def layers_with_ranges(
     gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext
 ) -> dict[str, QuantizedLayer]:
