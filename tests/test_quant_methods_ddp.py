@@ -3,12 +3,11 @@ together and end with the same integers, as ``train.train`` does for fp32 traini
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
+
+from _torchrun import run_two_processes
 
 _WORKER = textwrap.dedent(
     """
@@ -45,23 +44,7 @@ _WORKER = textwrap.dedent(
 def test_qat_under_torchrun_two_processes_agree(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # gloo's C++ teardown abort (an infrastructure flake; see test_train): one retry
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(script, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0.keys() == r1.keys() and len(r0) == 6

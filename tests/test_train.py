@@ -7,16 +7,14 @@ processes with torchrun and gloo).
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from torch import nn
 
+from _torchrun import run_two_processes
 from quantcal import train as tr
 from quantcal.data import Split, Splits
 from quantcal.train import TrainConfig, load_checkpoint, lr_multiplier, predict_logits
@@ -307,26 +305,7 @@ _WORKER = textwrap.dedent(
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, objective):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-        objective,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # gloo's C++ teardown aborted (seen once, on a two-core machine running two other
-        # trainings): an infrastructure flake, not a result. One retry; every check below
-        # still has to hold.
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(script, str(tmp_path), objective)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["state"].keys() == r1["state"].keys()
