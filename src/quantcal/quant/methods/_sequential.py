@@ -19,7 +19,9 @@ from torch import fx, nn
 
 from quantcal.quant.apply import LayerTarget, QuantizedLayer, _device_of, _set_submodule
 
-#: ``on_layer(name, fp32_module, quantized_path_inputs, fp32_path_inputs_or_None) -> layer``
+#: ``on_layer(name, fp32_module, quantized_path_inputs, fp32_path_inputs_or_None) -> layer``, or
+#: ``(layer, fp32_outputs)`` when it has already run the fp32 module on the fp32 inputs (the
+#: pass then uses those outputs instead of running it again).
 OnLayer = Callable[[str, nn.Module, list[torch.Tensor], "list[torch.Tensor] | None"], nn.Module]
 
 
@@ -71,6 +73,7 @@ def run_sequential(
     layers = set(target.names)
     originals = dict(target.modules)
     done: dict[str, QuantizedLayer] = {}
+    given: dict[str, list[Any]] = {}  # fp32 outputs on_layer computed already
     envs: list[dict[fx.Node, list[Any]]] = [{}, {}] if keep_fp32 else [{}]
 
     def args_of(env: dict, node: fx.Node, b: int) -> tuple[tuple, dict]:
@@ -99,8 +102,13 @@ def run_sequential(
                         else None
                     )
                     layer = on_layer(name, originals[name], xq, xf)
+                    if isinstance(layer, tuple):
+                        layer, given[name] = layer
                     done[name] = layer
                     _set_submodule(gm, name, layer)
+                if path == 1 and name in given:
+                    env[node] = given.pop(name)
+                    continue
                 module = done[name] if path == 0 else originals[name]
                 with torch.no_grad():
                     env[node] = [module(*args_of(env, node, b)[0]) for b in range(len(xs))]

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer, observe_ranges
+from quantcal.quant.apply import LayerTarget, QuantizedLayer
 from quantcal.quant.methods import MethodContext, register_method
 from quantcal.quant.methods._sequential import run_sequential
-from quantcal.quant.methods.ptq import layer_from
+from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
 
 __all__ = ["GAMMA", "ZETA", "adaround_layer", "rectified_sigmoid"]
 
@@ -155,13 +155,13 @@ def adaround(
         if take.numel():
             xs.append(take)
             kept += take.shape[0]
-    ranges = None if target.config.sequential else observe_ranges(gm, target, xs)
+    ranges = fp32_ranges_if_shared(gm, target, xs)
     gains: list[float] = []
     steps = {k: opts[k] for k in ("iterations", "batch_size", "lr", "reg_weight", "warmup")}
     steps.update(beta_start=opts["beta_start"], beta_end=opts["beta_end"], seed=opts["seed"])
 
     def on_layer(name: str, module: nn.Module, xq: list, xf: list | None) -> QuantizedLayer:
-        layer = layer_from(target, name, xq, ranges)
+        layer = layer_from(target, name, xq, xf, ranges)
         assert xf is not None
         with torch.enable_grad():
             rec = adaround_layer(layer, module, xq, xf, **steps)

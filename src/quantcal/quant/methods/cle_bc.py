@@ -40,7 +40,7 @@ from quantcal.quant.methods._sequential import (
     channel_sums,
     run_sequential,
 )
-from quantcal.quant.methods.ptq import layer_from
+from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
 
 __all__ = ["EqualizationPair", "absorb_biases", "cross_layer_equalize", "equalization_pairs"]
 
@@ -233,18 +233,21 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
 
 def correct_bias(
     layer: QuantizedLayer, module: nn.Module, xq: list[torch.Tensor], xf: list[torch.Tensor]
-) -> None:
+) -> list[torch.Tensor]:
     """Empirical bias correction of one layer: subtract the mean per-channel output error of
-    ``layer`` on the quantized path's inputs ``xq`` against the fp32 ``module`` on ``xf``."""
+    ``layer`` on the quantized path's inputs ``xq`` against the fp32 ``module`` on ``xf``.
+    Returns the fp32 outputs (the sequential pass reuses them)."""
     dim = channel_dim(module)
     with torch.no_grad():
-        ref, n = channel_sums([module(x) for x in xf], dim)
+        fp32 = [module(x) for x in xf]
+        ref, n = channel_sums(fp32, dim)
         out, _ = channel_sums([layer(x) for x in xq], dim)
     error = (out - ref) / n
     base = layer.bias  # the bias in effect (on its grid) is what the error was measured with
     if base is None:
         base = torch.zeros(error.shape, dtype=layer.weight_fp32.dtype, device=error.device)
     layer.set_bias(base - error.to(base.dtype).to(base.device))
+    return fp32
 
 
 @register_method(
@@ -268,13 +271,15 @@ def cle_bc(
         cross_layer_equalize(gm, pairs, iterations=int(opts["iterations"]))
         absorbed = absorb_biases(gm, pairs, ctx.calib) if opts["absorb"] else 0
         ctx.log(f"cle_bc: equalized {len(pairs)} layer pairs, absorbed biases in {absorbed}")
-    ranges = None if target.config.sequential else observe_ranges(gm, target, ctx.calib)
+    ranges = fp32_ranges_if_shared(gm, target, ctx.calib)
+    if ranges is None and not target.config.sequential and not opts["bias_correction"]:
+        ranges = observe_ranges(gm, target, ctx.calib)  # no fp32 path in the pass
 
-    def on_layer(name: str, module: nn.Module, xq: list, xf: list | None) -> QuantizedLayer:
-        layer = layer_from(target, name, xq, ranges)
+    def on_layer(name: str, module: nn.Module, xq: list, xf: list | None) -> Any:
+        layer = layer_from(target, name, xq, xf, ranges)
         if opts["bias_correction"]:
             assert xf is not None
-            correct_bias(layer, module, xq, xf)
+            return layer, correct_bias(layer, module, xq, xf)
         return layer
 
     layers = run_sequential(gm, target, ctx.calib, on_layer, keep_fp32=opts["bias_correction"])

@@ -30,16 +30,41 @@ def sequential_layer(target: LayerTarget, name: str, xq: list[Any]) -> Quantized
 
 
 def layer_from(
-    target: LayerTarget, name: str, xq: list[Any], ranges: dict[str, tuple[float, float]] | None
+    target: LayerTarget,
+    name: str,
+    xq: list[Any],
+    xf: list[Any] | None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> QuantizedLayer:
-    """Layer ``name`` with the range from ``ranges`` (observed on the fp32 network), or, when
-    ``ranges`` is None (``QuantConfig.sequential``), observed on ``xq``; its clipping fraction
-    measured on ``xq``, what the quantized network feeds it."""
-    if ranges is None:
+    """Layer ``name`` for a sequential pass (``run_sequential``): its range from ``ranges``
+    when given, else observed on the fp32 network's inputs ``xf`` (the study's range setting,
+    read off the pass's fp32 path instead of a pass of its own) or, with
+    ``QuantConfig.sequential`` (or no fp32 path), on the quantized path's ``xq``; its clipping
+    fraction measured on ``xq``, what the quantized network feeds it."""
+    if ranges is not None:
+        layer = target.layer(name, ranges[name])
+    elif target.config.sequential or xf is None:
         return sequential_layer(target, name, xq)
-    layer = target.layer(name, ranges[name])
+    else:
+        observer = target.observer(name)
+        for x in xf:
+            observer.observe(x)
+        layer = target.layer(name, observer.range())
     layer.clip_fraction = clip_fraction(layer, xq)
     return layer
+
+
+def fp32_ranges_if_shared(
+    gm: fx.GraphModule, target: LayerTarget, xs: list[Any]
+) -> dict[str, tuple[float, float]] | None:
+    """The fp32 ranges from a pass of their own when a layer is called more than once (its
+    range must see every call, and a sequential pass builds it at the first), else None."""
+    calls = [
+        n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in target.modules
+    ]
+    if target.config.sequential or len(calls) == len(set(calls)):
+        return None
+    return observe_ranges(gm, target, xs)
 
 
 def layers_with_ranges(
