@@ -39,23 +39,61 @@ from quantcal.quant.methods.ptq import layers_with_ranges
 __all__ = ["LSQLayer", "lsq_quantize"]
 
 
+class _LSQPerTensor(torch.autograd.Function):
+    """Per-tensor LSQ in few passes over memory: the forward is quantcal's inference arithmetic
+    (``x * float32(1 / s)``, round half to even, clamp, ``* s``: the trained and the final
+    quantized model compute alike) and keeps only ``x``; the backward recomputes ``r =
+    round(x / s)`` and gives ``dL/dx`` (1 where ``r + z`` lies in ``[q_min, q_max]``, else 0)
+    and ``dL/ds = g * sum(dL/dy * d)``, ``d = r - x / s`` inside, ``clamp(r) `` outside."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        step: torch.Tensor,
+        zero_point: float,
+        q_min: int,
+        q_max: int,
+        g: float,
+    ) -> torch.Tensor:
+        s = float(step)
+        inv = float(torch.reciprocal(torch.tensor(s, dtype=torch.float32)))
+        lo, hi = q_min - zero_point, q_max - zero_point
+        ctx.save_for_backward(x)
+        ctx.consts = (inv, lo, hi, g)
+        return (x * inv).round_().clamp_(lo, hi).mul_(s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        inv, lo, hi, g = ctx.consts
+        v = x * inv
+        r = torch.round(v)
+        rc = r.clamp(lo, hi)
+        inside = rc == r
+        d = torch.where(inside, r.sub_(v), rc)
+        gs = torch.dot(grad.reshape(-1), d.reshape(-1)) * g
+        return grad * inside, gs.reshape(1), None, None, None, None
+
+
 def lsq_quantize(
     x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int, g: float
 ) -> torch.Tensor:
     """``(clamp(round(x / s) + z, q_min, q_max) - z) * s`` with LSQ gradients: straight through
     ``round`` inside the range, and ``dL/ds`` scaled by ``g``. ``step`` of one element is per
-    tensor, of ``C`` elements per channel along axis 0 (``zero_point`` likewise, float, not
-    trained). PyTorch's fused kernels (``torch._fake_quantize_learnable_per_*_affine``, those of
-    ``torch.ao``'s ``_LearnableFakeQuantize``); the tests check them against the formula. An
+    tensor (:class:`_LSQPerTensor`: PyTorch's fused learnable kernel took as long as a conv's
+    backward on a CPU), of ``C`` elements per channel along axis 0 (PyTorch's
+    ``torch._fake_quantize_learnable_per_channel_affine``, the kernel of ``torch.ao``'s
+    ``_LearnableFakeQuantize``: weights are small); ``zero_point`` (float) is not trained. The
+    tests check both against the formula. An
     element is inside the range when its *rounded* value is (``round(x / s) + z`` in ``[q_min,
     q_max]``), as those kernels judge it; the paper's unrounded bound differs only within half
     a step of the range's ends."""
     s = step.abs().clamp_min(1e-8)
-    xf = x.float()
+    xf = x.float().contiguous()
     if s.numel() == 1:
-        out = torch._fake_quantize_learnable_per_tensor_affine(
-            xf, s.reshape(1), zero_point.reshape(1), q_min, q_max, g
-        )
+        z = float(zero_point.reshape(()))
+        out = _LSQPerTensor.apply(xf, s.reshape(1), z, q_min, q_max, g)
     else:
         out = torch._fake_quantize_learnable_per_channel_affine(
             xf, s, zero_point, 0, q_min, q_max, g
