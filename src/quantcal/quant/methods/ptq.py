@@ -19,14 +19,16 @@ from quantcal.quant.methods import MethodContext, register_method
 from quantcal.quant.methods._sequential import clip_fraction, run_sequential
 
 
+def _observed(target: LayerTarget, name: str, xs: list[Any]) -> tuple[float, float]:
+    observer = target.observer(name)
+    for x in xs:
+        observer.observe(x)
+    return observer.range()
+
+
 def sequential_layer(target: LayerTarget, name: str, xq: list[Any]) -> QuantizedLayer:
     """Layer ``name`` with its input range observed on ``xq`` (the quantized path's inputs)."""
-    observer = target.observer(name)
-    for x in xq:
-        observer.observe(x)
-    layer = target.layer(name, observer.range())
-    layer.clip_fraction = clip_fraction(layer, xq)
-    return layer
+    return layer_from(target, name, xq, None)
 
 
 def layer_from(
@@ -43,13 +45,9 @@ def layer_from(
     fraction measured on ``xq``, what the quantized network feeds it."""
     if ranges is not None:
         layer = target.layer(name, ranges[name])
-    elif target.config.sequential or xf is None:
-        return sequential_layer(target, name, xq)
     else:
-        observer = target.observer(name)
-        for x in xf:
-            observer.observe(x)
-        layer = target.layer(name, observer.range())
+        seen = xq if target.config.sequential or xf is None else xf
+        layer = target.layer(name, _observed(target, name, seen))
     layer.clip_fraction = clip_fraction(layer, xq)
     return layer
 
