@@ -766,3 +766,40 @@ def test_lsq_quantize_matches_the_formula_and_its_gradients(per_channel):
     ds = torch.where(inside, torch.round(v) - v, q - zv) * w.double() * gs
     ds = ds.sum() if not per_channel else ds.sum((1, 2, 3))
     assert torch.allclose(s.grad.double().reshape(-1), ds.reshape(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_qat_keeps_per_tensor_weights_per_tensor():
+    """With QuantConfig(weight_granularity="tensor") QAT learns one weight step per layer, and
+    the quantized model it returns has one scale repeated per channel."""
+    from quantcal.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 4
+    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (64, 3, 8, 8), generator=g)
+    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(64))
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    from quantcal.train import TrainConfig
+
+    cfg = quant.QuantConfig(weight_bits=4, act_bits=8, weight_granularity="tensor")
+    calib = [x for x, _ in split.batches(32)]
+    q = quant.quantize(
+        net,
+        cfg,
+        calib,
+        method="qat",
+        train_data=split,
+        train_config=TrainConfig(epochs=1, batch_size=16, schedule="cosine", augment=False),
+        method_options={"epochs": 1, "lr": 0.01},
+    )
+    for _, layer in quantized_layers(q):
+        assert torch.all(layer.weight_scale == layer.weight_scale[0])
+        assert torch.equal(layer.weight, layer.weight_int.float() * layer.weight_scale[0])

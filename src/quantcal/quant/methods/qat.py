@@ -110,14 +110,17 @@ class LSQLayer(nn.Module):
         self.weight = nn.Parameter(layer.weight_fp32.detach().clone())
         bias = layer.bias_float if layer.bias_float is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.weight_step = nn.Parameter(layer.weight_scale.detach().clone())
+        steps = layer.weight_scale.detach().clone()
+        per_tensor = layer.weight_granularity == "tensor"  # one learned step, not C
+        self.weight_step = nn.Parameter(steps[:1].clone() if per_tensor else steps)
         self.act_step = nn.Parameter(layer.act_scale.detach().clone().reshape(()))
         self.zero_point = int(layer.act_zero_point_int)
         self.register_buffer("_z_act", torch.tensor([float(self.zero_point)]))
         self.register_buffer("_z_w", torch.zeros(self.weight_step.shape))
         self.q_min, self.q_max = layer._q_min, layer._q_max
         self.w_max = 2 ** (layer.weight_bits - 1) - 1
-        self._g_w = 1.0 / math.sqrt(self.weight[0].numel() * self.w_max)
+        per_step = self.weight.numel() if per_tensor else self.weight[0].numel()
+        self._g_w = 1.0 / math.sqrt(per_step * self.w_max)
         self._g_a: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ class LSQLayer(nn.Module):
             w = self.weight.detach().float()
             inv = torch.reciprocal(step).reshape([-1] + [1] * (w.dim() - 1))
             q = torch.round(w * inv).clamp(-self.w_max, self.w_max)
-            layer.set_weight_int(q, step)
+            layer.set_weight_int(q, step.expand(w.shape[0]))
             scale = float(self.act_step.detach().abs().clamp_min(1e-8))
             layer.set_act_qparams(scale, self.zero_point)
             lo = (self.q_min - self.zero_point) * scale
