@@ -768,10 +768,10 @@ def test_lsq_quantize_matches_the_formula_and_its_gradients(per_channel):
     assert torch.allclose(s.grad.double().reshape(-1), ds.reshape(-1), rtol=1e-4, atol=1e-4)
 
 
-def test_qat_keeps_per_tensor_weights_per_tensor():
-    """With QuantConfig(weight_granularity="tensor") QAT learns one weight step per layer, and
-    the quantized model it returns has one scale repeated per channel."""
+def _tiny_qat(config):
+    """QAT for one epoch on 64 synthetic 8x8 images of 4 brightness classes."""
     from quantcal.data import Split
+    from quantcal.train import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 4
@@ -787,19 +787,40 @@ def test_qat_keeps_per_tensor_weights_per_tensor():
         nn.Flatten(),
         nn.Linear(8, 4),
     ).eval()
-    from quantcal.train import TrainConfig
-
-    cfg = quant.QuantConfig(weight_bits=4, act_bits=8, weight_granularity="tensor")
     calib = [x for x, _ in split.batches(32)]
     q = quant.quantize(
         net,
-        cfg,
+        config,
         calib,
         method="qat",
         train_data=split,
         train_config=TrainConfig(epochs=1, batch_size=16, schedule="cosine", augment=False),
         method_options={"epochs": 1, "lr": 0.01},
     )
+    return q, calib[0]
+
+
+def test_qat_keeps_per_tensor_weights_per_tensor():
+    """With QuantConfig(weight_granularity="tensor") QAT learns one weight step per layer, and
+    the quantized model it returns has one scale repeated per channel."""
+    q, _ = _tiny_qat(quant.QuantConfig(weight_bits=4, act_bits=8, weight_granularity="tensor"))
     for _, layer in quantized_layers(q):
         assert torch.all(layer.weight_scale == layer.weight_scale[0])
         assert torch.equal(layer.weight, layer.weight_int.float() * layer.weight_scale[0])
+
+
+def test_a_qat_model_exports_its_learned_integers_and_steps(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    q, x = _tiny_qat("W8A8")
+    path = quant.export_onnx(q, tmp_path / "qat.onnx", x[:2])
+    model = onnx.load(str(path))
+    ints = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == 3]
+    for _, layer in quantized_layers(q):
+        w = layer.weight_int.numpy()
+        assert any(a.shape == w.shape and (a == w).all() for a in ints)
+    with torch.no_grad():
+        ref = q(x)
+    out = quant.run_onnx(path, x)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
