@@ -27,6 +27,7 @@ with no equalizable pair is a ValueError when ``equalize`` is on.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -190,7 +191,7 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
     pre-activations above ``c``); returns how many pairs absorbed a nonzero ``c``."""
     from quantcal.quant.apply import _run_with_pre_hooks
 
-    chosen = []
+    chosen, skipped = [], []
     for p in pairs:
         first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
         padded = not isinstance(second, nn.Linear) and (
@@ -198,8 +199,17 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
             if isinstance(second.padding, str)
             else any(int(v) != 0 for v in second.padding)
         )
-        if p.relu and not padded and first.bias is not None:
-            chosen.append(p)
+        if p.relu and first.bias is not None:
+            (skipped if padded else chosen).append(p)
+    if skipped:  # asked for, not done: said where the rows are read (the notes column)
+        warnings.warn(
+            f"cle_bc: bias absorption skipped for {len(skipped)} of "
+            f"{len(skipped) + len(chosen)} ReLU pairs whose second conv zero-pads its input "
+            f"(absorption is exact only without padding), e.g. {skipped[0].first} -> "
+            f"{skipped[0].second}",
+            UserWarning,
+            stacklevel=2,
+        )
     if not chosen:
         return 0
     stats: dict[str, list[torch.Tensor]] = {p.first: [] for p in chosen}
