@@ -27,6 +27,7 @@ _EPILOG_RUN = """examples:
   quantcal run cifar100_small --dataset npz:/data/cifar100.npz --out runs/c100
   quantcal run my_study.toml --set train.epochs=5 --set quant.observers='["minmax","mse"]'
   quantcal run paper_cifar100 --shard 0/4 --out /shared/paper   # shard 0 of 4 machines
+  quantcal run repair --dataset npz:/data/cifar100.npz   # PTQ, CLE+BC, AdaRound, QAT
 
 Re-running the same command resumes: finished stages are read from OUT/cache.
 OUT must be new, empty or made by quantcal (--force adopts another folder)."""
