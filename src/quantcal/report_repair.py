@@ -142,9 +142,11 @@ def repair_section(details: dict[str, Any]) -> tuple[str, list]:
             + "</tr>"
         )
     first = records[0]
+    ts = next((r for r in records if r["recal"] == "temperature"), None)
+    after = f", {100 * ts['fp32_ece']:.1f} % after temperature scaling" if ts else ""
     parts.append(
         f"<p>fp32: accuracy {100 * first['fp32_accuracy']:.1f} %, ECE "
-        f"{100 * first['fp32_ece']:.1f} % (as is).</p>"
+        f"{100 * first['fp32_ece']:.1f} % as is{after}.</p>"
         f"<table><tr>{head}</tr>{''.join(body)}</table>"
     )
     caption = "Accuracy against ECE per quantization method (filled: as is; hollow: after TS)"
