@@ -18,25 +18,54 @@ Built in (one file each; the papers are cited in each file):
 * ``adaround``: learned up/down rounding of the weights, layer by layer (Nagel et al., ICML 2020);
 * ``qat``: quantization-aware fine-tuning with learned step sizes (Esser et al., ICLR 2020).
 
-A new method registers with ``@register_method("name", defaults={...})``.
+A new method registers with ``@register_method("name", defaults={...}, checks={...})``:
+``defaults`` are the options it takes (a value of another type is refused), ``checks`` the
+allowed values of each (:func:`integer_option`, :func:`number_option`, or any
+``check(value, what) -> value`` raising ValueError). :meth:`QuantMethod.resolve` applies both,
+so a study file, ``quant.quantize`` and ``quantcal eval`` refuse a bad value the same way,
+before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantcal._inputs import check_number
 from quantcal._registry import Registry, unknown_name_message
 
 __all__ = [
     "MethodContext",
+    "OptionCheck",
     "QuantMethod",
     "available_methods",
     "get_method",
+    "integer_option",
+    "number_option",
     "register_method",
 ]
+
+#: ``check(value, what) -> value``: the value (possibly normalised) if allowed, else a
+#: ValueError whose message starts with ``what``.
+OptionCheck = Callable[[Any, str], Any]
+
+
+def integer_option(minimum: int | None = None, maximum: int | None = None) -> OptionCheck:
+    """A check that an option is an integer in ``[minimum, maximum]``."""
+    return functools.partial(check_number, integer=True, minimum=minimum, maximum=maximum)
+
+
+def number_option(
+    minimum: float | None = None, maximum: float | None = None, *, exclusive_minimum: bool = False
+) -> OptionCheck:
+    """A check that an option is a finite number in ``[minimum, maximum]`` (``(minimum, ...``
+    with ``exclusive_minimum``)."""
+    return functools.partial(
+        check_number, minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum
+    )
 
 
 @dataclass(frozen=True)
@@ -55,34 +84,51 @@ class MethodContext:
     train_config: Any = None
     work_dir: Any = None
     progress: bool = False
+    #: ``heal(path, reason)`` removes a damaged file of ``work_dir`` and records it (a study's
+    #: ``_cache.Cache.heal``); None: ``_cache.heal_work_file`` (recorded in the enclosing run's
+    #: ``cache/healed.json`` when there is one, else a warning).
+    heal: Callable[[Any, str], None] | None = None
 
 
 @dataclass(frozen=True)
 class QuantMethod:
-    """A registered method: its ``name``, function, option ``defaults`` (the options it takes)
-    and whether it needs training data."""
+    """A registered method: its ``name``, function, option ``defaults`` (the options it takes),
+    whether it needs training data, and ``checks``: per option, the allowed values
+    (:data:`OptionCheck`)."""
 
     name: str
     fn: Callable[..., dict[str, Any]]
     defaults: dict[str, Any]
     needs_train_data: bool = False
+    checks: dict[str, OptionCheck] = field(default_factory=dict)
 
-    def resolve(self, options: dict[str, Any] | None) -> dict[str, Any]:
-        """The defaults updated with ``options``; an unknown key is a ValueError naming the
-        method's options, a value of another type than its default a TypeError."""
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.checks) - set(self.defaults))
+        if stray:
+            raise ValueError(
+                f"method {self.name!r}: checks for options it does not take: {', '.join(stray)}"
+            )
+
+    def resolve(
+        self, options: dict[str, Any] | None, *, where: str | None = None
+    ) -> dict[str, Any]:
+        """The defaults updated with ``options``, each value checked: an unknown key is a
+        ValueError naming the method's options, a value of another type than its default a
+        TypeError, a value outside its check's range a ValueError (``"{where}: option 'lr'
+        must be a number > 0, got nan"``). ``where`` says where the options came from (a study
+        passes ``quant.method_options.NAME``); default ``method 'NAME'``."""
+        prefix = where or f"method {self.name!r}"
         if options is None:
             return dict(self.defaults)
         if not isinstance(options, dict):
             raise TypeError(
-                f"options of method {self.name!r} must be a dict, got {type(options).__name__}"
+                f"{prefix}: the options must be a table (dict), got {type(options).__name__}"
             )
         out = dict(self.defaults)
         for key, value in options.items():
             if key not in self.defaults:
                 known = ", ".join(sorted(self.defaults)) or "none"
-                raise ValueError(
-                    f"method {self.name!r} has no option {key!r}; its options: {known}"
-                )
+                raise ValueError(f"{prefix}: no option {key!r}; its options: {known}")
             default = self.defaults[key]
             ok = (
                 default is None
@@ -91,9 +137,11 @@ class QuantMethod:
             ) and not (isinstance(value, bool) and not isinstance(default, bool))
             if not ok:
                 raise TypeError(
-                    f"option {key!r} of method {self.name!r} must be a "
-                    f"{type(default).__name__} like its default {default!r}, got {value!r}"
+                    f"{prefix}: option {key!r} must be a {type(default).__name__} like its "
+                    f"default {default!r}, got {value!r}"
                 )
+            if key in self.checks:
+                value = self.checks[key](value, f"{prefix}: option {key!r}")
             out[key] = float(value) if isinstance(default, float) else value
         return out
 
@@ -103,13 +151,21 @@ _LOADED = False
 
 
 def register_method(
-    name: str, *, defaults: dict[str, Any] | None = None, needs_train_data: bool = False
+    name: str,
+    *,
+    defaults: dict[str, Any] | None = None,
+    needs_train_data: bool = False,
+    checks: dict[str, OptionCheck] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(gm, target, ctx) -> {name: QuantizedLayer}`` as ``name``."""
+    """Decorator registering ``fn(gm, target, ctx) -> {name: QuantizedLayer}`` as ``name``,
+    taking the options ``defaults`` with the allowed values ``checks`` (see the module
+    docstring)."""
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         METHODS.register(name)(
-            QuantMethod(name.lower(), fn, dict(defaults or {}), needs_train_data)
+            QuantMethod(
+                name.lower(), fn, dict(defaults or {}), needs_train_data, dict(checks or {})
+            )
         )
         return fn
 

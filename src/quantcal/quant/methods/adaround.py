@@ -34,7 +34,12 @@ import torch
 from torch import fx, nn
 
 from quantcal.quant.apply import LayerTarget, QuantizedLayer
-from quantcal.quant.methods import MethodContext, register_method
+from quantcal.quant.methods import (
+    MethodContext,
+    integer_option,
+    number_option,
+    register_method,
+)
 from quantcal.quant.methods._sequential import run_sequential
 from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
 
@@ -141,14 +146,25 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-@register_method("adaround", defaults=_DEFAULTS)
+_CHECKS = {
+    "iterations": integer_option(1),
+    "batch_size": integer_option(1),
+    "lr": number_option(0, exclusive_minimum=True),
+    "reg_weight": number_option(0),
+    "warmup": number_option(0, 1),
+    "beta_start": number_option(0, exclusive_minimum=True),
+    "beta_end": number_option(0, exclusive_minimum=True),
+    "max_images": integer_option(1),
+    "seed": integer_option(0),
+}
+
+
+@register_method("adaround", defaults=_DEFAULTS, checks=_CHECKS)
 def adaround(
     gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext
 ) -> dict[str, QuantizedLayer]:
     """AdaRound every layer in graph order on the range-calibration images."""
-    opts = dict(ctx.options)
-    if int(opts["iterations"]) < 0 or int(opts["batch_size"]) < 1:
-        raise ValueError("adaround: iterations must be >= 0 and batch_size >= 1")
+    opts = dict(ctx.options)  # resolved and checked (``_CHECKS``) by ``QuantMethod.resolve``
     xs, kept = [], 0
     for x in ctx.calib:  # the first max_images images
         take = x[: max(0, int(opts["max_images"]) - kept)]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantcal.quant.apply import LayerTarget, QuantizedLayer, observe_ranges
-from quantcal.quant.methods import MethodContext, register_method
+from quantcal.quant.methods import MethodContext, integer_option, register_method
 from quantcal.quant.methods._sequential import (
     channel_dim,
     channel_sums,
@@ -263,6 +263,7 @@ def correct_bias(
 @register_method(
     "cle_bc",
     defaults={"equalize": True, "absorb": True, "bias_correction": True, "iterations": 20},
+    checks={"iterations": integer_option(1)},
 )
 def cle_bc(
     gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext
