@@ -386,6 +386,38 @@ def export_onnx(
     return atomic_write_bytes(path, proto.SerializeToString())
 
 
+#: The element types of an ONNX model's input that quantcal feeds, as numpy dtypes.
+ONNX_FLOAT_INPUTS = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def onnx_fixed_batch(shape: Any) -> int | None:
+    """The batch size an ONNX input of ``shape`` (onnxruntime's ``NodeArg.shape``: ints, names,
+    None) was exported with, or None when the batch dimension is symbolic (any size)."""
+    first = shape[0] if len(shape) else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def run_onnx_session(session: Any, x: torch.Tensor, *, batch_size: int = 256) -> np.ndarray:
+    """The session's first output on ``x`` fed in chunks, in the element type its input
+    declares. A model exported with a fixed batch N gets chunks of exactly N: the last is padded
+    with copies of its last image and the padded rows are dropped."""
+    inp = session.get_inputs()[0]
+    dtype = ONNX_FLOAT_INPUTS.get(inp.type, np.float32)
+    fixed = onnx_fixed_batch(inp.shape)
+    outs = []
+    for chunk in x.split(fixed or batch_size):
+        a = chunk.detach().cpu().contiguous().numpy().astype(dtype, copy=False)
+        n = a.shape[0]
+        if fixed is not None and n < fixed:
+            a = np.concatenate([a, np.repeat(a[-1:], fixed - n, axis=0)])
+        outs.append(np.asarray(session.run(None, {inp.name: a})[0])[:n])
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
 def run_onnx(
     path: str | os.PathLike[str],
     x: torch.Tensor,
@@ -400,6 +432,10 @@ def run_onnx(
     independent execution of the integer grid. ``optimize=True`` lets onnxruntime rewrite the
     graph (graph optimisation level "all", QDQ fusion into its integer kernels), which is what a
     deployment would run but adds the runtime's own approximations.
+
+    ``x`` is fed in the element type the model's input declares (float32, float16 or float64),
+    ``batch_size`` images at a time, or in chunks of N for a model exported with a fixed batch
+    size N (the last chunk padded, the padded rows dropped).
     """
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
@@ -409,9 +445,4 @@ def run_onnx(
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    outs = [
-        session.run(None, {name: chunk.detach().cpu().contiguous().numpy()})[0]
-        for chunk in x.split(batch_size)
-    ]
-    return torch.from_numpy(np.concatenate(outs))
+    return torch.from_numpy(run_onnx_session(session, x, batch_size=batch_size))
