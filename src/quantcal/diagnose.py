@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "flips_by_confidence",
     "gap_decomposition",
     "nll_vs_temperature",
+    "prediction_notes",
 ]
 
 #: Edges of the fp32-confidence groups of :func:`flips_by_confidence`.
@@ -171,3 +173,108 @@ def diagnose(
         "nll_star": nll[best],
         "nll_rise_at_1.5x": max(at) - nll[best],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Sanity notes on a model's predictions (every path that scores a given model)
+# --------------------------------------------------------------------------------------------
+#: A fitted temperature outside this range suggests inputs the model did not expect.
+PLAUSIBLE_TEMPERATURE = (0.2, 5.0)
+#: Recalibrators with parameters per class, and the fewest images of each class they should be
+#: fitted on: vector scaling fits 2 numbers per class, matrix scaling C + 1; below ~20 images of a
+#: class its parameters follow those few images (Guo et al. 2017 fit them on 5,000 images).
+PER_CLASS_RECALIBRATORS = ("vector", "matrix")
+MIN_PER_CLASS = 20
+
+
+def prediction_notes(
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    test_logits: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+    *,
+    temperature: float | None = None,
+    methods: Sequence[str] = (),
+    recal_fit: str = "val",
+    subject: str = "the model",
+    preprocessing: str = "--mean/--std or --transform",
+) -> list[str]:
+    """Notes a person should read beside a model's scores, from its logits (never an error):
+
+    - near chance on val (accuracy below 1.5 / K): usually inputs the model did not expect;
+    - a temperature ``temperature`` (fitted on val when None) outside
+      ``PLAUSIBLE_TEMPERATURE``: the same suspicion;
+    - a per-class recalibrator of ``methods`` (``PER_CLASS_RECALIBRATORS``) fitted on fewer than
+      ``MIN_PER_CLASS`` images of some class in the recalibration split (val, or half of test
+      when ``recal_fit`` is ``"test_crossfit"``);
+    - the same logits given as val and test (with ``recal_fit="val"``): recalibration fitted on
+      the test set, so its ECE is optimistic.
+
+    ``subject`` names the model in the notes; ``preprocessing`` says where its inputs are set."""
+    import warnings
+
+    from quantcal import recal
+
+    notes: list[str] = []
+    k = int(val_logits.shape[1]) if val_logits.dim() == 2 else 0
+    if not len(val_labels) or k < 2:
+        return notes
+    acc = float((val_logits.argmax(1) == val_labels).double().mean())
+    if acc < 1.5 / k:
+        notes.append(
+            f"{subject} is near chance on validation (accuracy {100 * acc:.1f} %, chance "
+            f"{100 / k:.1f} %): check the preprocessing ({preprocessing}) and that the model "
+            "fits this data"
+        )
+    if temperature is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bound is itself extreme and said below
+            temperature = float(recal.get("temperature")().fit(val_logits, val_labels).temperature)
+    lo, hi = PLAUSIBLE_TEMPERATURE
+    if not lo <= temperature <= hi:
+        notes.append(
+            f"{subject}'s validation temperature T = {temperature:.3g} is extreme (outside "
+            f"[{lo:g}, {hi:g}]): check the preprocessing ({preprocessing})"
+        )
+    notes.extend(_few_per_class(val_labels, test_labels, k, methods, recal_fit))
+    if (
+        recal_fit == "val"
+        and test_logits is not None
+        and test_logits.shape == val_logits.shape
+        and torch.equal(test_logits, val_logits)
+    ):
+        notes.append(
+            "the val and test logits are identical: the recalibrators were fitted on the test "
+            "set itself, so their ECE is optimistic; give logits of held-out validation images "
+            "(or recalibrate with cross-fitting on test)"
+        )
+    return notes
+
+
+def _few_per_class(
+    val_labels: torch.Tensor,
+    test_labels: torch.Tensor | None,
+    k: int,
+    methods: Sequence[str],
+    recal_fit: str,
+) -> list[str]:
+    """The note of :func:`prediction_notes` on per-class recalibrators fitted on few images."""
+    per_class = [m for m in methods if m in PER_CLASS_RECALIBRATORS]
+    if not per_class:
+        return []
+    if recal_fit == "test_crossfit" and test_labels is not None:
+        counts = torch.bincount(test_labels.long().cpu(), minlength=k) // 2
+        where = "each half of test (cross-fitted)"
+    else:
+        counts = torch.bincount(val_labels.long().cpu(), minlength=k)
+        where = "val"
+    fewest = int(counts.min())
+    if fewest >= MIN_PER_CLASS:
+        return []
+    few = int((counts < MIN_PER_CLASS).sum())
+    return [
+        f"{', '.join(per_class)} fit parameters per class, but {few} of {k} classes have fewer "
+        f"than {MIN_PER_CLASS} images in {where} (the fewest: {fewest}, class "
+        f"{int(counts.argmin())}): their fit follows those few images; prefer temperature "
+        "scaling or a larger recalibration split"
+    ]
