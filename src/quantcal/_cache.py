@@ -5,6 +5,10 @@ a cached tensor file whose SHA-256 differs from the one recorded in its JSON bes
 removed with a message naming the file; the stage that wrote them then computes them again, so
 a rerun heals the cache and gives the same results as a clean run. Every heal is also recorded in
 ``cache/healed.json`` for the report.
+
+Work folders of stages that train (``cache/train/KEY``, a method's ``cache/qat/KEY``) hold a
+resumable ``last.pt``: ``train.train(..., heal=...)`` hands a damaged one to :meth:`Cache.heal`
+(or :func:`heal_work_file`, which finds the run's cache itself) and starts over.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_json
+from quantcal._runfolder import MARKER
 
 
 class Cache:
@@ -84,6 +90,30 @@ class Cache:
         except Exception as exc:  # verified bytes that still fail to load: a torch change
             self.heal(path, f"cannot be loaded: {type(exc).__name__}: {exc}")
             return None
+
+
+def run_cache_of(path: Path) -> Path | None:
+    """The ``cache/`` folder of the quantcal run folder (one holding the run marker) that
+    ``path`` lies in, or None."""
+    for parent in Path(path).absolute().parents:
+        if parent.name == "cache" and (parent.parent / MARKER).is_file():
+            return parent
+    return None
+
+
+def heal_work_file(path: Path, reason: str, log: Callable[[str], None]) -> None:
+    """Remove a damaged file of a work folder and name it: inside a run's cache through
+    :meth:`Cache.heal` (``log`` and ``healed.json``), elsewhere in a UserWarning."""
+    root = run_cache_of(path)
+    if root is not None:
+        Cache(root, log).heal(Path(path).absolute(), reason)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()
+    warnings.warn(
+        f"{path} was damaged ({reason}): removed, it will be computed again",
+        stacklevel=2,
+    )
 
 
 def healed_entries(cache_root: Path) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "TrainConfig",
     "TrainResult",
+    "checkpoint_damage",
     "crop_padding",
     "load_checkpoint",
     "lr_multiplier",
@@ -260,6 +261,33 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ck
 
 
+def checkpoint_damage(error: ValueError) -> str:
+    """The first sentence of :func:`load_checkpoint`'s error: what is wrong with the file,
+    without the advice to delete it (for a message saying it was removed)."""
+    text = str(error)
+    return text.split(". ")[0] if ". " in text else text.rstrip(".")
+
+
+def _resumable(
+    path: Path, heal: Callable[[Path, str], None] | None, rank: int
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path``; None when there is none, or when it is damaged and ``heal``
+    is given (rank 0 calls it; the file is gone afterwards on every rank's view)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path)
+    except FileNotFoundError:  # removed meanwhile (by rank 0's heal)
+        return None
+    except ValueError as exc:
+        if heal is None:
+            raise
+        if rank == 0:
+            heal(path, checkpoint_damage(exc))
+            path.unlink(missing_ok=True)
+        return None
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -400,6 +428,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     on_epoch_end: Callable[[int, nn.Module, dict[str, float]], None] | None = None,
+    heal: Callable[[Path, str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``splits.train`` with ``config``; return a :class:`TrainResult`.
 
@@ -410,6 +439,13 @@ def train(
     after the checkpoint of epoch ``epoch`` (1-based) is written. The scheduler steps per
     iteration. The returned model is in eval mode on the CPU; its global RNG is left as it was.
     Under DDP the ranks' BatchNorm buffers are made rank 0's at the end.
+
+    ``heal(path, reason)``: what to do with an ``out_dir/last.pt`` that cannot be read
+    (truncated, corrupt, not a quantcal checkpoint, another version; see
+    :func:`checkpoint_damage`): it is called on rank 0 to name and remove the file (a study
+    passes ``_cache.Cache.heal``, which records it in ``healed.json``), and training starts
+    over. None: such a file is a ValueError saying to delete it. A sound checkpoint written
+    with another recipe is a ValueError either way (it is not damage).
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -424,7 +460,7 @@ def train(
         fork = [dev.index] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork), _determinism(config.deterministic, dev):
             return _run(
-                model, split, config, dev, dist_info, out_dir, resume, progress, on_epoch_end
+                model, split, config, dev, dist_info, out_dir, resume, progress, on_epoch_end, heal
             )
     finally:
         if dist_info.created:
@@ -459,6 +495,7 @@ def _run(
     resume: bool,
     progress: bool,
     on_epoch_end: Callable[[int, nn.Module, dict[str, float]], None] | None,
+    heal: Callable[[Path, str], None] | None = None,
 ) -> TrainResult:
     t_start = time.perf_counter()
     world, rank = dist_info.world_size, dist_info.rank
@@ -479,8 +516,8 @@ def _run(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_multiplier(k, spe, config))
     ckpt = Path(out_dir) / "last.pt" if out_dir is not None else None
     start, history = 0, []
-    if resume and ckpt is not None and ckpt.is_file():
-        ck = load_checkpoint(ckpt)
+    ck = _resumable(ckpt, heal, rank) if resume and ckpt is not None else None
+    if ck is not None and ckpt is not None:
         _check_resumable(ck, config, ckpt)
         try:
             model.load_state_dict(ck["model"])

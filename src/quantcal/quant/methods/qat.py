@@ -14,8 +14,10 @@ step size quantizes per sample, ``Q_P`` the largest positive level). Steps and z
 start from min-max ``ptq`` (the config's range estimator); zero-points stay fixed. Training is
 ``train.train`` (the study's recipe with the method's ``epochs``, ``lr``, ``weight_decay``,
 ``batch_size``): resumable from ``ctx.work_dir`` and DDP-capable under torchrun like any
-training. At the end the learned steps and the rounded weights become an ordinary quantized
-model (``QuantizedLayer.set_weight_int`` / ``set_act_qparams``); its ``weight_fp32`` is the
+training; a damaged ``last.pt`` there is removed and named (``ctx.heal``, default
+``_cache.heal_work_file``: the run's log and ``healed.json``) and the fine-tuning starts
+over. At the end the learned steps and the rounded weights become an ordinary quantized model
+(``QuantizedLayer.set_weight_int`` / ``set_act_qparams``); its ``weight_fp32`` is the
 fine-tuned fp32 weight.
 
 Options: ``epochs`` (default 2), ``lr`` (SGD, 0.001, cosine to 0: folded networks without
@@ -32,8 +34,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from quantcal._cache import heal_work_file
 from quantcal.quant.apply import LayerTarget, QuantizedLayer, _set_submodule
-from quantcal.quant.methods import MethodContext, register_method
+from quantcal.quant.methods import (
+    MethodContext,
+    integer_option,
+    number_option,
+    register_method,
+)
 from quantcal.quant.methods.ptq import layers_with_ranges
 
 __all__ = ["LSQLayer", "lsq_quantize"]
@@ -162,7 +170,16 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-@register_method("qat", defaults=_DEFAULTS, needs_train_data=True)
+_CHECKS = {
+    "epochs": integer_option(1),
+    "lr": number_option(0, exclusive_minimum=True),
+    "weight_decay": number_option(0),
+    "batch_size": integer_option(0),  # 0: the study's (or TrainConfig's) batch size
+    "log_every": integer_option(1),
+}
+
+
+@register_method("qat", defaults=_DEFAULTS, needs_train_data=True, checks=_CHECKS)
 def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str, QuantizedLayer]:
     """Initialise with ``ptq``, fine-tune with LSQ fake quantization, return the layers."""
     from quantcal import train
@@ -172,9 +189,7 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
             "method 'qat' fine-tunes the model and needs training data: pass "
             "quantize(..., train_data=splits) (a study passes its training split)"
         )
-    opts = ctx.options
-    if int(opts["epochs"]) < 1 or not float(opts["lr"]) > 0:
-        raise ValueError("qat: epochs must be >= 1 and lr > 0")
+    opts = ctx.options  # resolved and checked (``_CHECKS``) by ``QuantMethod.resolve``
     init = layers_with_ranges(gm, target, ctx)
     wrapped = {name: LSQLayer(layer) for name, layer in init.items()}
     for name, w in wrapped.items():
@@ -198,7 +213,14 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
         f"lr {recipe.lr:g}, batch {recipe.batch_size}"
     )
     device = next(iter(gm.parameters())).device
-    train.train(gm, ctx.train_data, recipe, out_dir=ctx.work_dir, progress=ctx.progress)
+    train.train(
+        gm,
+        ctx.train_data,
+        recipe,
+        out_dir=ctx.work_dir,
+        progress=ctx.progress,
+        heal=ctx.heal or (lambda path, reason: heal_work_file(path, reason, ctx.log)),
+    )
     gm.to(device).eval()  # train.train returns the model on the CPU
     layers = {}
     for name, w in wrapped.items():
