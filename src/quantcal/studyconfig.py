@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcal import _toml
+from quantcal._inputs import check_input_file, check_number
 from quantcal._registry import closest, unknown_name_message
 
 #: Recalibration pseudo-method: apply the temperature fitted on the fp32 model's validation
@@ -91,6 +92,8 @@ DEFAULT_RECAL = ("none", "temperature", REUSE_FP32_TEMPERATURE, "vector", "histo
 #: elsewhere when ``val`` was held out of the train split, which such a model has probably seen
 #: (temperatures fitted on its own training images come out too low): then ``test_crossfit``.
 RECAL_FIT = ("auto", "val", "test_crossfit")
+#: The largest seed: NumPy and PyTorch generators take any 32-bit unsigned integer.
+MAX_SEED = 2**32 - 1
 
 
 def canonical_json(obj: Any) -> str:
@@ -221,9 +224,16 @@ class StudyConfig:
                     + (f" (did you mean {hint!r}?)" if hint else "")
                     + f"; choose from {known} or give 'module:factory'"
                 )
-            if m.checkpoint is not None and not Path(m.checkpoint).is_file():
-                raise ValueError(f"model.checkpoint: no file at {m.checkpoint!r}")
+            if m.checkpoint is not None:
+                try:
+                    check_input_file(m.checkpoint, "model.checkpoint")
+                except FileNotFoundError as exc:
+                    raise ValueError(str(exc)) from None
         set_("seeds", _tuple_of("seeds", self.seeds, int))
+        for seed in self.seeds:
+            check_number(seed, "seeds", integer=True, minimum=0)
+            if seed > MAX_SEED:
+                raise ValueError(f"seeds must be integers in [0, 2**32 - 1], got {seed!r}")
         set_("datasets", _tuple_of("data.datasets", self.datasets, str))
         _check_datasets(self.datasets)
         precisions = [
@@ -315,9 +325,12 @@ class StudyConfig:
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
         for name in ("max_accuracy_drop", "max_ece_rise"):
             v = getattr(self, name)
+            what = "top-1 accuracy lost" if name == "max_accuracy_drop" else "rise in ECE"
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(
-                    f"report.{name} must be a fraction in [0, 1] (0.01 = 1 point), got {v!r}"
+                    f"report.{name} must be a number in [0, 1], the {what} vs fp32 that a "
+                    f"deployer accepts (0.01 = 1 point; 0 = none), got {v!r}; every verdict "
+                    "needs it, so it has no 'none' (leave the key out for the default 0.01)"
                 )
             set_(name, float(v))
         set_("plans", self._check_plans(self.plans))
@@ -337,7 +350,10 @@ class StudyConfig:
         set_("train", recipe)
 
     def _check_plans(self, plans: Any) -> dict[str, Any] | None:
-        from quantcal.quant.plan import COSTS
+        """The ``[quant] plans`` table checked by the functions ``quant.PlanBudget``,
+        ``plan_mixed_precision`` and ``quantcal plan`` use (``quant.plan.check_*``), so a bad
+        budget, recalibrator, cost or level list is refused here, before any training."""
+        from quantcal.quant import plan as qplan
 
         if plans is None or plans is False:
             return None
@@ -352,15 +368,39 @@ class StudyConfig:
                     "quant.plans: " + unknown_name_message("key", str(key), list(allowed))
                 )
         out = dict(plans)
-        if out.get("cost", "bops") not in COSTS:
-            raise ValueError(f"quant.plans.cost must be one of {', '.join(COSTS)}")
-        levels = out.get("levels") or [p for p in self.precisions if p.lower() != "fp32"]
-        if len(levels) < 2:
+
+        def label(key: str) -> str:
+            return f"quant.plans.{key}"
+
+        ece = out.get("max_ece_rise", self.max_ece_rise)
+        if ece is None or isinstance(ece, (str, bool)):
             raise ValueError(
-                "quant.plans needs at least two quantized precisions to choose between (the "
-                "study's precisions, or quant.plans.levels)"
+                f"quant.plans.max_ece_rise must be a fraction in [0, 1] (0.01 = 1 point), got "
+                f"{ece!r}; a study always searches the accuracy-only plan too (the "
+                "plan:accuracy cells), so leave it out or give the calibration budget"
             )
-        out["levels"] = [canonical_precision(p) for p in levels]
+        qplan.check_budget(
+            out.get("max_accuracy_drop", self.max_accuracy_drop),
+            ece,
+            out.get("recal", "temperature"),
+            label=label,
+        )
+        qplan.check_cost(out.get("cost", "bops"), label=label)
+        if "levels" in out:
+            levels = out["levels"]
+        else:  # the study's quantized precisions, most bits first
+            levels = sorted(
+                (p for p in self.precisions if p.lower() != "fp32"),
+                key=lambda p: [-b for b in _bits(p)],
+            )
+            if len(levels) < 2:
+                raise ValueError(
+                    "quant.plans needs at least two quantized precisions to choose between: "
+                    f"the study's precisions hold {len(levels)} ({', '.join(levels) or 'none'}); "
+                    "add one to quant.precisions or give quant.plans.levels"
+                )
+        configs = qplan.check_levels(levels, label=label)
+        out["levels"] = [f"W{c.weight_bits}A{c.act_bits}" for c in configs]
         return out
 
     def _check_method_options(self, value: Any) -> dict[str, dict[str, Any]]:
@@ -385,9 +425,12 @@ class StudyConfig:
                     f"{list(self.quant_methods)}"
                 )
             try:
-                get_method(name).resolve(dict(options) if isinstance(options, Mapping) else options)
+                get_method(name).resolve(
+                    dict(options) if isinstance(options, Mapping) else options,
+                    where=f"quant.method_options.{name}",
+                )
             except (TypeError, ValueError) as err:
-                raise ValueError(f"quant.method_options.{name}: {err}") from None
+                raise ValueError(str(err)) from None
             out[name] = dict(options)
         return out
 
@@ -550,6 +593,12 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
     "report": {"max_accuracy_drop": "max_accuracy_drop", "max_ece_rise": "max_ece_rise"},
 }
 _TOP_TABLES = ("data", "model", "train", "quant", "recal", "metrics")
+
+
+def _bits(precision: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of a canonical quantized precision ("W4A8")."""
+    w, a = precision[1:].split("A")
+    return int(w), int(a)
 
 
 def canonical_precision(text: str) -> str:

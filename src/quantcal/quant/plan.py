@@ -40,7 +40,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ __all__ = [
     "LayerCost",
     "PlanBudget",
     "PlanResult",
+    "check_budget",
+    "check_cost",
+    "check_levels",
     "compose_plan",
     "layer_costs",
     "plan_cost",
@@ -61,6 +64,87 @@ __all__ = [
 ]
 
 COSTS = ("weight_bytes", "bops")
+
+
+# ----------------------------------------------------------------------------- settings
+# One check per setting, shared by PlanBudget / plan_mixed_precision, the `quantcal plan`
+# command and a study's [quant] plans: ``label(key)`` names the setting as the user wrote it
+# ("PlanBudget.max_ece_rise", "quant.plans.max_ece_rise", "--max-ece-rise").
+Label = Callable[[str], str]
+
+
+def _budget_label(key: str) -> str:
+    return f"PlanBudget.{key}"
+
+
+def check_budget(
+    max_accuracy_drop: Any, max_ece_rise: Any, recal: Any, *, label: Label = _budget_label
+) -> None:
+    """ValueError naming the setting unless both budgets are fractions in [0, 1]
+    (``max_ece_rise`` may be None: accuracy only) and ``recal`` a registered recalibrator."""
+    from quantcal import recal as recalibrators
+
+    for name, v in (("max_accuracy_drop", max_accuracy_drop), ("max_ece_rise", max_ece_rise)):
+        if v is None and name == "max_ece_rise":
+            continue
+        bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        if bad or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(
+                f"{label(name)} must be a fraction in [0, 1] (0.01 = 1 point)"
+                + (" or None (accuracy only)" if name == "max_ece_rise" else "")
+                + f", got {v!r}"
+            )
+    if not isinstance(recal, str) or recal not in recalibrators.available():
+        raise ValueError(
+            f"{label('recal')}: unknown recalibrator {recal!r}; choose one of "
+            f"{', '.join(recalibrators.available())}"
+        )
+
+
+def check_cost(cost: Any, *, label: Label = _budget_label) -> str:
+    """``cost`` if it is one of :data:`COSTS`, else a ValueError naming the setting."""
+    if cost not in COSTS:
+        raise ValueError(
+            f"{label('cost')}: unknown cost {cost!r}; choose one of {', '.join(COSTS)}"
+        )
+    return cost
+
+
+def check_levels(levels: Any, *, label: Label = _budget_label) -> list[QuantConfig]:
+    """The plan levels as QuantConfigs: at least two quantized precisions ("W8A8", ...), going
+    from most to fewest bits (neither weight nor activation bits rising), none twice; else a
+    ValueError naming the setting and what was given."""
+    given = [levels] if isinstance(levels, str) else levels
+    if not isinstance(given, (list, tuple)):
+        raise ValueError(
+            f"{label('levels')} must be a list of precisions like ['W8A8', 'W4A4'], got {levels!r}"
+        )
+    configs = []
+    for p in given:
+        try:
+            qc = parse_precision(p) if isinstance(p, str) else None
+        except ValueError:
+            qc = None
+        if qc is None:
+            raise ValueError(
+                f"{label('levels')}: plan levels must be quantized precisions like 'W4A8', "
+                f"got {p!r}"
+            )
+        configs.append(qc)
+    if len(configs) < 2:
+        raise ValueError(
+            f"{label('levels')}: plan levels need at least two precisions, e.g. "
+            f"['W8A8', 'W4A4'], got {list(given)!r}"
+        )
+    keys = [(c.weight_bits, c.act_bits) for c in configs]
+    if any(b[0] > a[0] or b[1] > a[1] for a, b in itertools.pairwise(keys)) or len(set(keys)) < len(
+        keys
+    ):
+        raise ValueError(
+            f"{label('levels')}: plan levels must go from most to fewest bits (neither weight "
+            f"nor activation bits rising, none twice), got {list(given)!r}"
+        )
+    return configs
 
 
 @dataclass(frozen=True)
@@ -74,23 +158,7 @@ class PlanBudget:
     recal: str = "temperature"
 
     def __post_init__(self) -> None:
-        from quantcal import recal
-
-        for name in ("max_accuracy_drop", "max_ece_rise"):
-            v = getattr(self, name)
-            if v is None and name == "max_ece_rise":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(
-                    f"PlanBudget.{name} must be a fraction in [0, 1] (0.01 = 1 point)"
-                    + (" or None (accuracy only)" if name == "max_ece_rise" else "")
-                    + f", got {v!r}"
-                )
-        if self.recal not in recal.available():
-            raise ValueError(
-                f"PlanBudget.recal: unknown recalibrator {self.recal!r}; choose one of "
-                f"{', '.join(recal.available())}"
-            )
+        check_budget(self.max_accuracy_drop, self.max_ece_rise, self.recal)
 
     @property
     def calibration(self) -> bool:
@@ -333,15 +401,13 @@ def plan_mixed_precision(
     from quantcal.quant.apply import batch_inputs, quantize, quantized_layers
 
     budget = budget or PlanBudget()
-    if cost not in COSTS:
-        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
-    configs = []
-    for p in levels:
-        qc = parse_precision(p) if isinstance(p, str) else None
-        if qc is None:
-            raise ValueError(f"plan levels must be quantized precisions like 'W4A8', got {p!r}")
-        if base_config is not None:
-            qc = QuantConfig.from_dict(
+    check_cost(cost, label=lambda k: k)
+    configs = check_levels(
+        levels if isinstance(levels, (str, list, tuple)) else list(levels), label=lambda k: k
+    )
+    if base_config is not None:
+        configs = [
+            QuantConfig.from_dict(
                 {
                     **base_config.to_dict(),
                     "weight_bits": qc.weight_bits,
@@ -349,14 +415,8 @@ def plan_mixed_precision(
                     "layer_bits": (),
                 }
             )
-        configs.append(qc)
-    if len(configs) < 2:
-        raise ValueError("plan levels need at least two precisions, e.g. ('W8A8', 'W4A4')")
-    keys = [(c.weight_bits, c.act_bits) for c in configs]
-    if any(b[0] > a[0] or b[1] > a[1] for a, b in itertools.pairwise(keys)) or len(set(keys)) < len(
-        keys
-    ):
-        raise ValueError(f"plan levels must go from most to fewest bits, got {list(levels)}")
+            for qc in configs
+        ]
     t0 = time.perf_counter()
     calib = batch_inputs(calib_batches)
     xs, ys = [], []
