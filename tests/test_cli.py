@@ -390,7 +390,7 @@ def test_plan_command_writes_a_plan_the_quantizer_takes(plain_digits_model, tmp_
         n: tuple(b) for n, b in plan["plan"].items()
     }
     assert cli.main([*common, "--max-ece-rise", "-1"]) == 2
-    assert "max_ece_rise must be a fraction" in capsys.readouterr().err
+    assert "--max-ece-rise must be a fraction" in capsys.readouterr().err
     assert cli.main([*common, "--max-ece-rise", "none", "--cost", "weight_bytes"]) in (0, 1)
     assert json.loads(out.read_text())["budget"]["max_ece_rise"] is None
 
@@ -410,6 +410,4 @@ def test_eval_attributes_a_users_checkpoint_to_its_layers(plain_digits_model, tm
     assert recs[0]["granularity"] == "layer" and recs[0]["n_samples"] == 180  # all of val
     assert "Which layers decide calibration" in (out / "report.html").read_text()
     with pytest.raises(ValueError, match="--attribution quantizes the model itself"):
-        cli._cmd_eval(
-            cli.build_parser().parse_args(["eval", "--logits", "a", "b", "--attribution"])
-        )
+        cli.resolve(["eval", "--logits", "a", "b", "--attribution"])

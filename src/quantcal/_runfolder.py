@@ -13,7 +13,9 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from quantcal._io import atomic_write_json
 
@@ -23,6 +25,8 @@ _STAGES = ("train", "logits", "rows", "errors")
 _ENTRY = re.compile(r"^(err-)?[0-9a-f]{16}(\.(pt|json|log))?$")
 _TMP = re.compile(r"^\..+\.tmp$")
 _MEMOS = ("digests.json", "healed.json")
+#: What a run writes at the top of its folder (named when another run would replace them).
+_REPLACED = ("results.csv", "report.html", "details.json", "config.toml")
 
 
 class ForeignFolderError(ValueError):
@@ -38,11 +42,31 @@ def _is_legacy_run(out: Path) -> bool:
     return isinstance(env, dict) and "quantcal" in env and (out / "config.toml").is_file()
 
 
-def claim(out: str | Path, *, force: bool = False) -> Path:
-    """Make ``out`` a quantcal run folder, or raise :class:`ForeignFolderError` saying why not.
+def _describe(identity: Mapping[str, Any]) -> str:
+    """``identity`` in words: "study 'demo'", "eval of checkpoint /m.pt (resnet20@1)"."""
+    ident = dict(identity)
+    command = ident.pop("command", "run")
+    if command == "run" and set(ident) == {"study"}:
+        return f"study {ident['study']!r}"
+    return f"{command} of " + ", ".join(f"{k} {v}" for k, v in ident.items())
 
-    New, empty, marked or legacy run folders are accepted (and marked); a non-empty folder
-    without the marker only with ``force``; a path that is a file never."""
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def check(
+    out: str | Path, *, force: bool = False, identity: Mapping[str, Any] | None = None
+) -> Path:
+    """Raise :class:`ForeignFolderError` unless ``out`` may take this run; write nothing.
+
+    Accepted: a new or empty folder, a legacy run folder, a marked folder whose recorded
+    ``identity`` (what made it: a study's name, an eval's source) is absent or equals
+    ``identity``; with ``force``, any folder. A path that is a file never."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ForeignFolderError(
@@ -63,10 +87,65 @@ def claim(out: str | Path, *, force: bool = False) -> Path:
                 "env.json, details.json, figures/ and cache/ there, replacing files of those "
                 "names)"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        atomic_write_json(marker, {"created_by": "quantcal", "time": time.time()})
+    elif marker.exists() and identity is not None and not force:
+        held = _read_marker(marker).get("identity")
+        if held is not None and held != dict(identity):
+            replaced = [n for n in _REPLACED if (out / n).exists()]
+            raise ForeignFolderError(
+                f"--out {out} holds the results of {_describe(held)}; this is "
+                f"{_describe(identity)}. Nothing was written. Choose another --out, or pass "
+                "--force to replace "
+                + (", ".join(replaced) if replaced else "its results")
+                + " there (cached stages are kept and reused where they match)"
+            )
     return out
+
+
+def claim(
+    out: str | Path, *, force: bool = False, identity: Mapping[str, Any] | None = None
+) -> Path:
+    """Make ``out`` a quantcal run folder, or raise :class:`ForeignFolderError` saying why not
+    (the rules of :func:`check`). The marker records ``identity`` when given, so that another
+    study or evaluation into the same folder is refused."""
+    out = check(out, force=force, identity=identity)
+    marker = out / MARKER
+    out.mkdir(parents=True, exist_ok=True)
+    record = _read_marker(marker) if marker.exists() else {}
+    if not record or (identity is not None and record.get("identity") != dict(identity)):
+        record = {
+            "created_by": "quantcal",
+            "time": record.get("time", time.time()),
+            **({"identity": dict(identity)} if identity is not None else {}),
+        }
+        atomic_write_json(marker, record)
+    return out
+
+
+def check_owned(out: str | Path, *, force: bool = False, action: str = "write into") -> Path:
+    """``out`` is a folder quantcal made (marked, or a legacy run folder), or ``force``; else a
+    :class:`ForeignFolderError` naming the folder and what would be written."""
+    out = Path(out)
+    if not force and not (out / MARKER).exists() and not _is_legacy_run(out):
+        raise ForeignFolderError(
+            f"{out} was not made by quantcal (no {MARKER} marker): quantcal will not {action} "
+            "a folder it does not own. Nothing was written. Pass --force to write report.html "
+            "and figures/ there anyway"
+        )
+    return out
+
+
+def empty(out: str | Path, *, remove_folder: bool) -> None:
+    """Remove what a refused run wrote into a folder that was new (``remove_folder``: the
+    folder too) or empty before it."""
+    out = Path(out)
+    if remove_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir() if out.is_dir() else ():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def clear_cache(out: str | Path) -> int:

@@ -65,6 +65,26 @@ def _num(v: str) -> float | None:
         return None
 
 
+def check_results_columns(path: str | Path) -> None:
+    """A ValueError unless ``path`` is a results.csv with the columns quantcal writes (the
+    identity of a cell, its recalibrator and status), naming the missing ones."""
+    from quantcal.study import RESULT_COLUMNS
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path} cannot be read as a CSV file ({exc})") from None
+    need = [*RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1], "status"]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path} is not a results.csv that quantcal wrote: it lacks the columns "
+            f"{', '.join(missing)}. Give the folder of a quantcal run (or re-run it)"
+        )
+
+
 def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """results.csv as dicts, numeric columns as float (None where empty)."""
     path = Path(run_dir) / "results.csv"
@@ -73,6 +93,7 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
             f"{path} does not exist: run `quantcal run --out {run_dir}` first (or, for a sharded "
             "run, wait until every shard has finished)"
         )
+    check_results_columns(path)
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:

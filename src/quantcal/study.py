@@ -545,7 +545,9 @@ def environment_record(device: str) -> dict[str, Any]:
     return rec
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
+    """``device`` as torch names it ("auto" or None: cuda when available, else cpu); a
+    ValueError naming --device when it does not exist here."""
     import torch
 
     if device in (None, "", "auto"):
@@ -557,6 +559,9 @@ def _resolve_device(device: str | None) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     return str(dev)
+
+
+_resolve_device = resolve_device
 
 
 def _rank() -> int:
@@ -1731,15 +1736,20 @@ def run_study(
     log: Callable[[str], None] | None = None,
     report: bool = True,
     force: bool = False,
+    identity: dict[str, Any] | None = None,
 ) -> Path:
     """Run (or finish) a study into ``out_dir``; returns the folder.
 
     ``out_dir`` must be new, empty or a quantcal run folder (``force=True`` adopts another
-    non-empty folder). ``resume=False`` first removes the cache entries quantcal wrote. Bad input
-    (a dataset that does not load, a factory that does not import, a checkpoint that does not
-    fit) raises ``ValueError`` before anything is computed; cells that fail later become error
-    rows (see :func:`failed_rows`). With ``shard=(i, n)`` only every n-th training group is
-    computed here; whichever shard completes the last cell writes results.csv and the report.
+    non-empty folder); with ``identity`` (what this run is: ``{"command": "run", "study":
+    name}``, an eval's source) a folder that records another identity is refused too (the CLI
+    passes one; ``force`` replaces). A folder this call created is removed again when its input
+    is refused, so bad input leaves nothing behind. ``resume=False`` first removes the cache
+    entries quantcal wrote. Bad input (a dataset that does not load, a factory that does not
+    import, a checkpoint that does not fit) raises ``ValueError`` before anything is computed;
+    cells that fail later become error rows (see :func:`failed_rows`). With ``shard=(i, n)``
+    only every n-th training group is computed here; whichever shard completes the last cell
+    writes results.csv and the report.
     Progress and stage lines go to ``log`` (default stderr; none with ``quiet``).
     """
     from tqdm.auto import tqdm
@@ -1749,7 +1759,10 @@ def run_study(
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     out = Path(out_dir) if out_dir is not None else Path("runs") / config.name
-    _runfolder.claim(out, force=force)
+    _runfolder.check(out, force=force, identity=identity)
+    existed = out.exists()
+    made_here = not existed or not any(out.iterdir())
+    _runfolder.claim(out, force=force, identity=identity)
     if log is None:
         log = (lambda s: None) if quiet else _stderr_log
     if not resume:
@@ -1764,7 +1777,12 @@ def run_study(
         runner = _Runner(config, out, dev, quiet, log)
         plan = expand_cells(config)
         mine = [(g, cells) for k, (g, cells) in enumerate(plan) if k % n == i]
-        runner.preflight([g for g, _ in mine])
+        try:
+            runner.preflight([g for g, _ in mine])
+        except ValueError:
+            if made_here and _rank() == 0:  # leave no empty marked folder behind
+                _runfolder.empty(out, remove_folder=not existed)
+            raise
         atomic_write_text(out / "config.toml", config.to_toml())
         atomic_write_json(out / "env.json", environment_record(dev))
         bar = tqdm(mine, desc=f"study {config.name}", unit="model", disable=quiet or None)

@@ -1,0 +1,449 @@
+"""``quantcal eval``: bring your own model (a checkpoint, an ONNX file) or its logits.
+
+Three sources, each with the options that apply to it (any other option is refused, exit 2):
+
+* ``--checkpoint`` (with ``--model``, ``--dataset``): quantized and measured as a study cell;
+* ``--onnx`` (with ``--dataset``): run as given by onnxruntime and scored, nothing quantized;
+* ``--logits VAL TEST``: scored as given; no model, no dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantcal.cli._common import (
+    EXIT_STUDY,
+    Common,
+    absolute_factory,
+    add_common,
+    add_force,
+    common,
+    finish,
+    refuse,
+    split_list,
+)
+
+_DEFAULT_PRECISIONS = "fp32,W8A8,W4A8,W4A4"
+_DEFAULT_RECAL = "none,temperature,temperature_fp32"
+_DEFAULT_RECAL_GIVEN = "none,temperature"
+
+
+@dataclass(frozen=True)
+class StudyEvalRequest:
+    """``eval --checkpoint``: a one-model study."""
+
+    config: Any  # studyconfig.StudyConfig
+    out: Path
+    force: bool
+    identity: dict
+    common: Common
+
+
+@dataclass(frozen=True)
+class GivenEvalRequest:
+    """``eval --onnx`` / ``eval --logits``: predictions scored as given."""
+
+    onnx: Path | None
+    logits: tuple[Path, Path] | None
+    dataset: str | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    transform: str | None
+    recal: tuple[str, ...]
+    recal_fit: str
+    seed: int
+    out: Path
+    force: bool
+    identity: dict
+    common: Common
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="quantize and evaluate your own checkpoint, or score an ONNX model or logits",
+        description="Bring your own trained model: quantize it at each precision, recalibrate "
+        "and measure, exactly as `run` does, and write the same results and report. Or score, "
+        "as given, an ONNX model (an int8 one included) or logits computed anywhere. Options "
+        "that do not apply to the chosen source are refused (exit 2), never ignored.",
+        epilog="examples:\n  quantcal eval --checkpoint model.pt --model shufflenetv2 --width 0.5 "
+        "--dataset cifar100\n  quantcal eval --checkpoint net.pt --model mypkg.nets:build "
+        "--dataset npz:data.npz --precisions fp32,W8A8,W6A6\n  quantcal eval --checkpoint "
+        "net.pt --model nets/mine.py:build --dataset digits --mean 0 --std 1\n  quantcal eval "
+        "--onnx model_int8.onnx --dataset cifar100 --mean 0.507,0.487,0.441 --std "
+        "0.267,0.256,0.276\n  quantcal eval --logits val.npz test.npz --recal "
+        "none,temperature,isotonic\n\nwhat applies to which source:\n"
+        "  --checkpoint  --model --width --dataset --mean/--std or --transform --precisions\n"
+        "                --observers --methods --plans --attribution --device\n"
+        "  --onnx        --dataset --mean/--std or --transform\n"
+        "  --logits      (the two files only)\n"
+        "  all three     --recal --recal-fit --seed --out --force --quiet --threads\n\n"
+        "OUT must be new, empty or an earlier eval of the same source (--force replaces "
+        "another).\n\n" + EXIT_STUDY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="state dict saved with torch.save (with --model)")
+    source.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="an ONNX image classifier (fp32, or int8 QDQ/QOperator as onnxruntime's "
+        "quantize_static writes it), run by onnxruntime on --dataset; scored as given",
+    )
+    source.add_argument(
+        "--logits",
+        nargs=2,
+        metavar=("VAL.npz", "TEST.npz"),
+        help="logits computed anywhere: two npz files with arrays 'logits' (N, C) and 'labels' "
+        "(N,), the first for recalibration, the second for measurement; no model, no dataset",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="registry name, module:factory (the module on PYTHONPATH or in the current folder) "
+        "or path/to/file.py:factory; the factory is called with whichever of num_classes, "
+        "image_size, in_chans, width it accepts, and may declare its input normalisation as "
+        "factory.mean and factory.std",
+    )
+    p.add_argument(
+        "--mean",
+        default=None,
+        help="the model's input normalisation: per-channel means on the [0, 1] pixel scale, "
+        "comma-separated (as timm gives them), with --std; '--mean 0 --std 1' feeds x / 255. "
+        "Default: what the factory declares, else the dataset's statistics",
+    )
+    p.add_argument("--std", default=None, help="per-channel standard deviations, with --mean")
+    p.add_argument(
+        "--transform",
+        metavar="MODULE:FUNCTION",
+        default=None,
+        help="the model's own preprocessing instead of --mean/--std: a function (found as "
+        "--model's factory is) called with each uint8 batch (B, C, H, W) that returns the "
+        "model's float input batch (resize, scale, normalise); a factory may declare it as "
+        "factory.transform",
+    )
+    p.add_argument("--width", type=float, default=None, help="width multiplier (default 1)")
+    p.add_argument("--dataset", default=None, help="required with --checkpoint and --onnx")
+    p.add_argument("--precisions", default=None, help=f"default {_DEFAULT_PRECISIONS}")
+    p.add_argument(
+        "--observers", default=None, help="comma-separated range estimators (default minmax)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated quantization methods (default ptq; cle_bc, adaround, qat; qat "
+        "fine-tunes on the dataset's training split with the default recipe)",
+    )
+    p.add_argument(
+        "--recal",
+        default=None,
+        help=f"comma-separated recalibration methods (default {_DEFAULT_RECAL}; with --onnx "
+        f"or --logits {_DEFAULT_RECAL_GIVEN}, since there is no fp32 model whose temperature "
+        "temperature_fp32 would reuse)",
+    )
+    p.add_argument(
+        "--recal-fit",
+        default=None,
+        choices=("auto", "val", "test_crossfit"),
+        help="where recalibrators are fitted: val; test_crossfit (two stratified halves of the "
+        "test split, each recalibrated by a fit on the other); auto (default): val when the "
+        "dataset has its own val split, else test_crossfit, since a checkpoint trained "
+        "elsewhere has probably seen a val held out of the train split (with --logits: val)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the data split, halves and bootstrap"
+    )
+    p.add_argument(
+        "--plans",
+        action="store_true",
+        help="also search mixed-precision plans (plan:calib, plan:accuracy; see `quantcal "
+        "plan`) on val and measure them on test beside the uniform precisions",
+    )
+    p.add_argument(
+        "--attribution",
+        nargs="?",
+        const="layer",
+        choices=["layer", "block"],
+        default=None,
+        help="also attribute the calibration loss of each quantized precision to layers (or "
+        "blocks): each alone quantized, and each alone kept in fp32, measured on val images "
+        "(cost: 2 x layers partial passes over --attribution-samples images)",
+    )
+    p.add_argument(
+        "--attribution-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validation images the attribution uses (default 1000; with --attribution)",
+    )
+    p.add_argument("--out", default="runs/eval")
+    add_force(p)
+    add_common(p)
+
+
+def _normalisation(args: argparse.Namespace) -> tuple[Any, Any]:
+    from quantcal._inputs import parse_float_list
+
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together: give both or neither")
+    if args.transform is not None and args.mean is not None:
+        raise ValueError("--transform replaces --mean/--std: give one or the other")
+    if args.mean is None:
+        return None, None
+    mean = tuple(parse_float_list(args.mean, "--mean"))
+    std = tuple(parse_float_list(args.std, "--std"))
+    if any(s <= 0 for s in std):
+        raise ValueError(f"--std must be > 0, got {args.std!r}")
+    return mean, std
+
+
+def _recal(args: argparse.Namespace, default: str) -> tuple[str, ...]:
+    from quantcal import recal
+    from quantcal._registry import unknown_name_message
+    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+
+    names = split_list(args.recal if args.recal is not None else default)
+    if not names:
+        raise ValueError("--recal needs at least one recalibration method, e.g. none,temperature")
+    known = [*recal.available(), REUSE_FP32_TEMPERATURE]
+    for n in names:
+        if n not in known:
+            raise ValueError("--recal: " + unknown_name_message("recalibrator", n, known))
+    if len(set(names)) != len(names):
+        raise ValueError(f"--recal lists a method twice: {args.recal!r}")
+    return tuple(names)
+
+
+def resolve(args: argparse.Namespace) -> StudyEvalRequest | GivenEvalRequest:
+    from quantcal._inputs import check_number
+
+    check_number(args.seed, "--seed", integer=True, minimum=0)
+    if args.onnx or args.logits:
+        return _resolve_given(args)
+    return _resolve_checkpoint(args)
+
+
+def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
+    from quantcal._inputs import check_dataset_name, check_input_file
+    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+
+    what = "--onnx" if args.onnx else "--logits"
+    refuse(
+        {
+            "--model": args.model is not None,
+            "--width": args.width is not None,
+            "--precisions": args.precisions is not None,
+            "--observers": args.observers is not None,
+            "--methods": args.methods is not None,
+        },
+        f"{what} scores a model as given; nothing is quantized (quantize a checkpoint with "
+        "--checkpoint, or export each precision to ONNX and score each)",
+    )
+    refuse(
+        {
+            "--plans": bool(args.plans),
+            "--attribution": args.attribution is not None,
+            "--attribution-samples": args.attribution_samples is not None,
+        },
+        f"{'--plans' if args.plans else '--attribution'} quantizes the model itself: it needs "
+        "--checkpoint",
+    )
+    refuse(
+        {"--device": args.device not in (None, "auto", "cpu")},
+        f"{what} runs on the CPU ({'onnxruntime' if args.onnx else 'no model is run'})",
+    )
+    recal = _recal(args, _DEFAULT_RECAL_GIVEN)
+    if REUSE_FP32_TEMPERATURE in recal:
+        raise ValueError(
+            f"--recal {REUSE_FP32_TEMPERATURE} reuses the temperature of the fp32 model of the "
+            f"same checkpoint; {what} scores one set of predictions with no fp32 reference. "
+            "Use temperature (fitted on these predictions), or --checkpoint"
+        )
+    if args.logits:
+        refuse(
+            {
+                "--dataset": args.dataset is not None,
+                "--mean": args.mean is not None,
+                "--std": args.std is not None,
+                "--transform": args.transform is not None,
+            },
+            "--logits are scored as given: no images are read or fed to a model",
+        )
+        val = check_input_file(args.logits[0], "--logits (VAL.npz)")
+        test = check_input_file(args.logits[1], "--logits (TEST.npz)")
+        fit = "val" if args.recal_fit in (None, "auto") else args.recal_fit
+        identity = {"command": "eval", "logits": [str(val.resolve()), str(test.resolve())]}
+        return GivenEvalRequest(
+            None,
+            (val, test),
+            None,
+            None,
+            None,
+            None,
+            recal,
+            fit,
+            args.seed,
+            Path(args.out),
+            bool(args.force),
+            identity,
+            common(args),
+        )
+    if args.dataset is None:
+        raise ValueError("--onnx needs --dataset (the images to run the model on)")
+    check_dataset_name(args.dataset, "--dataset")
+    onnx = check_input_file(args.onnx, "--onnx")
+    mean, std = _normalisation(args)
+    identity = {"command": "eval", "onnx": str(onnx.resolve())}
+    return GivenEvalRequest(
+        onnx,
+        None,
+        args.dataset,
+        mean,
+        std,
+        absolute_factory(args.transform) if args.transform else None,
+        recal,
+        args.recal_fit or "auto",
+        args.seed,
+        Path(args.out),
+        bool(args.force),
+        identity,
+        common(args),
+    )
+
+
+def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
+    from quantcal import study
+    from quantcal._inputs import check_input_file, check_number
+
+    if args.model is None or args.dataset is None:
+        raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
+    refuse(
+        {
+            "--attribution-samples": args.attribution_samples is not None
+            and args.attribution is None
+        },
+        "it sets the images of --attribution, which was not given",
+    )
+    checkpoint = check_input_file(args.checkpoint, "--checkpoint")
+    mean, std = _normalisation(args)
+    precisions = split_list(args.precisions or _DEFAULT_PRECISIONS)
+    if "fp32" not in [p.lower() for p in precisions]:
+        precisions = ["fp32", *precisions]
+    arch = absolute_factory(args.model)
+    raw: dict[str, Any] = {
+        "name": "eval",
+        "seeds": [args.seed],
+        "data": {"datasets": [args.dataset]},
+        "model": [
+            {
+                "arch": arch,
+                "width": 1.0 if args.width is None else args.width,
+                "checkpoint": str(checkpoint.resolve()),
+            }
+        ],
+        "quant": {
+            "precisions": precisions,
+            "observers": split_list(args.observers or "minmax"),
+            "methods": split_list(args.methods or "ptq"),
+            "plans": bool(args.plans),
+        },
+        "recal": {
+            "methods": list(_recal(args, _DEFAULT_RECAL)),
+            "fit_on": args.recal_fit or "auto",
+        },
+    }
+    if args.attribution is not None:
+        samples = 1000 if args.attribution_samples is None else args.attribution_samples
+        check_number(samples, "--attribution-samples", integer=True, minimum=1)
+        raw["quant"]["attribution"] = {"granularity": args.attribution, "samples": samples}
+    if args.threads is not None:
+        raw["threads"] = args.threads
+    if args.transform is not None:
+        raw["data"]["transform"] = absolute_factory(args.transform)
+    if mean is not None:
+        raw["data"]["mean"], raw["data"]["std"] = list(mean), list(std)
+    config = study.load_study(raw)
+    identity = {
+        "command": "eval",
+        "checkpoint": str(checkpoint.resolve()),
+        "model": f"{arch}@{raw['model'][0]['width']:g}",
+    }
+    return StudyEvalRequest(config, Path(args.out), bool(args.force), identity, common(args))
+
+
+def execute(req: StudyEvalRequest | GivenEvalRequest) -> int:
+    from quantcal import study
+
+    t0 = time.perf_counter()
+    if isinstance(req, GivenEvalRequest):
+        _execute_given(req)
+    else:
+        study.run_study(
+            req.config,
+            req.out,
+            device=req.common.device,
+            quiet=req.common.quiet,
+            force=req.force,
+            identity=req.identity,
+        )
+    return finish(req.out, t0, req.common.quiet)
+
+
+def _execute_given(req: GivenEvalRequest) -> None:
+    """Score ``--onnx`` or ``--logits`` predictions into ``req.out``."""
+    from quantcal import _runfolder, data, evaluate
+
+    _runfolder.check(req.out, force=req.force, identity=req.identity)
+    notes: list[str] = []
+    if req.logits is not None:
+        val = evaluate.load_logits_npz(req.logits[0])
+        test = evaluate.load_logits_npz(req.logits[1])
+        dataset, model = f"logits:{req.logits[1].name}", "given logits"
+        fit = req.recal_fit
+    else:
+        assert req.onnx is not None and req.dataset is not None
+        splits = data.load_dataset(req.dataset, seed=req.seed)
+        if req.transform is not None:
+            from quantcal.study import import_factory
+
+            try:
+                splits = data.with_transform(splits, import_factory(req.transform), req.transform)
+            except TypeError as exc:
+                raise ValueError(f"--transform: {exc}") from exc
+            print(f"inputs: {req.transform}(uint8 images)", file=sys.stderr)
+        else:
+            if req.mean is not None:
+                splits = data.with_normalization(splits, list(req.mean), list(req.std or ()))
+            print(
+                f"inputs: (x / 255 - mean) / std with mean {splits.mean}, std {splits.std}",
+                file=sys.stderr,
+            )
+        val = (evaluate.onnx_logits(req.onnx, splits.val), splits.val.labels)
+        test = (evaluate.onnx_logits(req.onnx, splits.test), splits.test.labels)
+        dataset, model = req.dataset, f"onnx:{req.onnx.name}"
+        fit = req.recal_fit
+        if fit == "auto":
+            fit = "test_crossfit" if data.val_held_out_of_train(req.dataset) else "val"
+            if fit == "test_crossfit":
+                notes.append(
+                    "the ONNX model was trained elsewhere and val is held out of the train split "
+                    "it has probably seen: recalibrators are cross-fitted on the test split"
+                )
+    _runfolder.claim(req.out, force=req.force, identity=req.identity)
+    evaluate.evaluate_logits(
+        val,
+        test,
+        req.out,
+        dataset=dataset,
+        model=model,
+        methods=req.recal,
+        recal_fit=fit,
+        seed=req.seed,
+        notes=notes,
+        force=req.force,
+    )

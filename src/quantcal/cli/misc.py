@@ -1,0 +1,90 @@
+"""``quantcal data download`` and ``quantcal list``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantcal.cli._common import EXIT_SIMPLE
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    name: str
+    root: Path | None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    pass
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "data",
+        help="dataset utilities",
+        description="Download a dataset into the data folder (checksum-verified).",
+        epilog="example:\n  quantcal data download cifar100 --root ~/data\n\n"
+        + EXIT_SIMPLE.replace(
+            "  0    done", "  0    the file is there and its checksum matches"
+        ).replace("(disk full, permission)", "(disk full, permission, no network)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("download", help="download and verify a dataset file")
+    d.add_argument("name", help="cifar100 or pathmnist")
+    d.add_argument(
+        "--root", default=None, help="data folder (default: $QUANTCAL_DATA or the per-user cache)"
+    )
+    sub.add_parser(
+        "list",
+        help="list models, datasets, precisions, range estimators, quantization methods, "
+        "recalibrators and built-in studies",
+        description="List what can be named in a study.",
+        epilog="example:\n  quantcal list\n\nexit status: 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def resolve_data(args: argparse.Namespace) -> DownloadRequest:
+    from quantcal import data
+
+    if args.name not in data.SOURCES:
+        raise ValueError(
+            f"dataset {args.name!r} has nothing to download: downloadable datasets are "
+            f"{', '.join(sorted(data.SOURCES))} ('digits' ships with scikit-learn, 'npz:PATH' is "
+            "a file you have)"
+        )
+    root = None if args.root is None else Path(args.root).expanduser()
+    if root is not None and root.exists() and not root.is_dir():
+        raise ValueError(f"--root {root} is a file; give the folder datasets are kept in")
+    return DownloadRequest(args.name, root)
+
+
+def execute_data(req: DownloadRequest) -> int:
+    from quantcal import data
+
+    path = data.download(req.name, root=req.root)
+    print(f"verified: {path}")
+    return 0
+
+
+def resolve_list(args: argparse.Namespace) -> ListRequest:
+    return ListRequest()
+
+
+def execute_list(req: ListRequest) -> int:
+    from quantcal import data, models, objectives, quant, recal
+    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE, builtin_studies
+
+    print("models:          " + ", ".join(models.list_models()))
+    print("datasets:        " + ", ".join(data.list_datasets()) + ", npz:PATH")
+    print("precisions:      " + ", ".join(quant.PRECISIONS) + " (any wXaY with 2 <= X, Y <= 16)")
+    print("range estimators:" + " " + ", ".join(quant.available_observers()))
+    print("quant methods:   " + ", ".join(quant.available_methods()) + " ([quant] methods)")
+    print("recalibrators:   " + ", ".join([*recal.available(), REUSE_FP32_TEMPERATURE]))
+    print("objectives:      " + ", ".join(objectives.available()) + " ([train] objectives)")
+    print("studies:         " + ", ".join(builtin_studies()))
+    return 0

@@ -1,0 +1,225 @@
+"""``quantcal plan``: the cheapest per-layer bit plan within an accuracy and calibration budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantcal.cli._common import Common, absolute_factory, add_common, common, split_list
+
+#: The key a plan file carries, so that ``--out`` replaces only quantcal's own plans.
+PLAN_MARK = "quantcal plan"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    checkpoint: Path
+    model: str
+    width: float
+    dataset: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    levels: tuple[str, ...]
+    budget: Any  # quant.PlanBudget
+    cost: str
+    seed: int
+    out: Path
+    force: bool
+    common: Common
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="find the cheapest per-layer bit plan that keeps accuracy and calibration",
+        description="Mixed precision under a calibration budget: search the per-layer weight "
+        "and activation bits (from --levels) of a trained checkpoint so that, on the dataset's "
+        "validation split, top-1 accuracy and the ECE after --recal stay within the budget of "
+        "fp32 (recalibrators fitted on one half, the budget checked on the other), at the "
+        'lowest --cost. Writes the plan as JSON; quant.QuantConfig.from_dict(its "quant_config") '
+        "quantizes with it.",
+        epilog="examples:\n  quantcal plan --checkpoint model.pt --model shufflenetv2 --width 0.5 "
+        "--dataset cifar100\n  quantcal plan --checkpoint net.pt --model nets.py:build "
+        "--dataset npz:data.npz --max-ece-rise none --cost weight_bytes --out acc_plan.json"
+        "\n\n--out must be a new file or a plan quantcal wrote (--force replaces another file)."
+        "\n\nexit status: 0 a plan within the budget, 1 even the top level breaks it (the "
+        "all-top plan is written), 2 bad input (checked before the search; nothing written), "
+        "130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="state dict saved with torch.save")
+    p.add_argument("--model", required=True, help="as for `quantcal eval --model`")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--mean", default=None, help="as for `quantcal eval`")
+    p.add_argument("--std", default=None, help="as for `quantcal eval`")
+    p.add_argument("--levels", default="W8A8,W4A8,W4A4", help="precisions, most bits first")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="0.01 = 1 point")
+    p.add_argument(
+        "--max-ece-rise", default="0.01", help="0.01 = 1 point; 'none' budgets accuracy only"
+    )
+    p.add_argument("--recal", default="temperature", help="the recalibrator of the ECE budget")
+    p.add_argument("--cost", default="bops", choices=("bops", "weight_bytes"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and halves")
+    p.add_argument("--out", default="plan.json", help="where the plan is written (JSON)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an --out file that is not a quantcal plan"
+    )
+    add_common(p)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """``out`` may be written: not a folder, its folder writable, and not a file of the user's
+    (a plan quantcal wrote is replaced; anything else only with ``force``)."""
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder; give the plan's file name, e.g. {out}/plan.json"
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create a file in {existing} (not a writable folder)")
+    if out.exists() and not force:
+        try:
+            mine = json.loads(out.read_text(encoding="utf-8")).get("created_by") == PLAN_MARK
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if not mine:
+            raise ValueError(
+                f"--out {out} exists and is not a plan quantcal wrote. Nothing was computed. "
+                "Choose another --out, or pass --force to replace it"
+            )
+
+
+def resolve(args: argparse.Namespace) -> PlanRequest:
+    from quantcal import quant
+    from quantcal._inputs import (
+        check_dataset_name,
+        check_input_file,
+        check_number,
+        parse_float_list,
+    )
+    from quantcal.studyconfig import canonical_precision
+
+    checkpoint = check_input_file(args.checkpoint, "--checkpoint")
+    check_dataset_name(args.dataset, "--dataset")
+    check_number(args.width, "--width", minimum=0, exclusive_minimum=True)
+    check_number(args.seed, "--seed", integer=True, minimum=0)
+    levels = split_list(args.levels)
+    try:
+        levels = [canonical_precision(v) for v in levels]
+    except ValueError as exc:
+        raise ValueError(f"--levels: {exc}") from None
+    if len(levels) < 2 or "fp32" in levels:
+        raise ValueError(
+            "--levels needs at least two quantized precisions, most bits first, got "
+            f"{args.levels!r}"
+        )
+    text = args.max_ece_rise.strip().lower()
+    try:
+        ece = None if text == "none" else float(text)
+    except ValueError:
+        raise ValueError(
+            f"--max-ece-rise must be a fraction (0.01 = 1 point) or 'none', got "
+            f"{args.max_ece_rise!r}"
+        ) from None
+    try:
+        budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal)
+    except ValueError as exc:
+        msg = str(exc).replace("PlanBudget.max_accuracy_drop", "--max-accuracy-drop")
+        msg = msg.replace("PlanBudget.max_ece_rise", "--max-ece-rise")
+        raise ValueError(msg.replace("PlanBudget.recal", "--recal")) from None
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together: give both or neither")
+    mean = std = None
+    if args.mean is not None:
+        mean = tuple(parse_float_list(args.mean, "--mean"))
+        std = tuple(parse_float_list(args.std, "--std"))
+    out = Path(args.out)
+    _check_out(out, bool(args.force))
+    return PlanRequest(
+        checkpoint,
+        absolute_factory(args.model),
+        args.width,
+        args.dataset,
+        mean,
+        std,
+        tuple(levels),
+        budget,
+        args.cost,
+        args.seed,
+        out,
+        bool(args.force),
+        common(args),
+    )
+
+
+def execute(req: PlanRequest) -> int:
+    from quantcal import data, quant, study
+    from quantcal._io import atomic_write_json
+
+    splits = data.load_dataset(req.dataset, seed=req.seed)
+    if req.mean is not None:
+        splits = data.with_normalization(splits, list(req.mean), list(req.std or ()))
+    model = study.build_model(
+        req.model,
+        num_classes=splits.num_classes,
+        image_size=splits.image_size,
+        in_chans=splits.channels,
+        width=req.width,
+        seed=req.seed,
+    )
+    study.load_weights(model, req.checkpoint)
+    device = study.resolve_device(req.common.device)
+    model.to(device)
+    t0 = time.perf_counter()
+    result = quant.plan_mixed_precision(
+        model,
+        list(splits.ptq_calib.batches(256, device=device)),
+        splits.val.batches(256, device=device),
+        budget=req.budget,
+        levels=list(req.levels),
+        cost=req.cost,
+        seed=req.seed,
+        log=None if req.common.quiet else (lambda line: print(f"plan: {line}", file=sys.stderr)),
+    )
+    record = {
+        "created_by": PLAN_MARK,
+        **result.as_dict(),
+        "checkpoint": str(req.checkpoint.resolve()),
+    }
+    atomic_write_json(req.out, record)
+    per_level: dict[str, int] = {}
+    for w, a in result.plan.values():
+        per_level[f"W{w}A{a}"] = per_level.get(f"W{w}A{a}", 0) + 1
+    m, f = result.metrics, result.fp32
+    print(
+        f"plan: {', '.join(f'{k} x{v}' for k, v in per_level.items())}; cost "
+        f"{result.cost:.4g} {req.cost} ("
+        + ", ".join(f"{k} {v:.4g}" for k, v in result.uniform_costs.items())
+        + ")"
+    )
+    print(
+        f"validation check half: accuracy {100 * m['accuracy']:.1f} % (fp32 "
+        f"{100 * f['accuracy']:.1f} %)"
+        + (
+            f", ECE after {req.budget.recal} {100 * m['ece']:.1f} % (fp32 {100 * f['ece']:.1f} %)"
+            if "ece" in m
+            else ""
+        )
+        + f"; {result.evaluations} evaluations, {time.perf_counter() - t0:.0f} s"
+    )
+    print(f"written: {req.out}")
+    if not result.within_budget:
+        print(
+            "quantcal plan: even the top level breaks the budget: the all-top plan was written",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
