@@ -1062,16 +1062,102 @@ def with_train_size(splits: Splits, size: int, *, seed: int = 0) -> Splits:
     return dataclasses.replace(splits, train=train, notes=(*splits.notes, note))
 
 
+class TransformError(ValueError, TypeError):
+    """A ``transform`` (a model's own preprocessing) that cannot be used: it raised, or returned
+    something other than a float batch (B, C, H, W). A ValueError (bad input: exit 2); also a
+    TypeError, which callers caught before it existed."""
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"{out.dtype} {tuple(out.shape)}"
+    if isinstance(out, np.ndarray):
+        return f"numpy {out.dtype} {tuple(out.shape)}"
+    return f"a {type(out).__name__}"
+
+
+def _check_transform(transform: Callable[..., Any], name: str, images: torch.Tensor) -> Any:
+    """``transform(images)`` on a few uint8 images, checked: a TransformError naming ``name``,
+    what it returned and what is expected if it raised or did not return a float (B, C, H, W)
+    tensor or numpy array with the same B. Returns its output."""
+    shape = tuple(images.shape)
+    try:
+        out = transform(images)
+    except Exception as exc:
+        raise TransformError(
+            f"the transform {name} raised {type(exc).__name__}: {exc} when given a uint8 batch "
+            f"{shape} (values 0-255, channels first): fix the function so it takes that and "
+            "returns the model's float input (B, C, H, W)"
+        ) from None
+    expected = (
+        f"it must return a float tensor with the batch first, (B, C, H, W), for a uint8 batch "
+        f"{shape}"
+    )
+    if not isinstance(out, (torch.Tensor, np.ndarray)):
+        raise TransformError(f"the transform {name} returned {_describe(out)}: {expected}")
+    floating = (
+        out.is_floating_point()
+        if isinstance(out, torch.Tensor)
+        else np.issubdtype(out.dtype, np.floating)
+    )
+    if not floating:
+        raise TransformError(
+            f"the transform {name} must return a float tensor with the batch first, (B, C, H, W),"
+            f" for a uint8 batch {shape}; got {_describe(out)} (e.g. x.float() / 255)"
+        )
+    if out.ndim != 4 or out.shape[0] != shape[0]:
+        raise TransformError(
+            f"the transform {name} returned {_describe(out)} for {shape[0]} images: {expected}"
+        )
+    return out
+
+
+def _float32_transform(
+    transform: Callable[..., Any], name: str, example: Any
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``transform`` itself when ``example`` (its checked output) is a float32 tensor; else a
+    wrapper that turns its numpy output into a tensor on the input's device and casts float64 /
+    float16 to float32 (said once on stderr), so the model gets the dtype of its weights."""
+    if isinstance(example, torch.Tensor) and example.dtype == torch.float32:
+        return transform
+    dtype = str(example.dtype).removeprefix("torch.")
+    if dtype != "float32":
+        print(
+            f"note: the transform {name} returns {dtype}; quantcal casts it to float32, the "
+            "dtype of the model's weights",
+            file=sys.stderr,
+        )
+
+    def as_float32(images: torch.Tensor) -> torch.Tensor:
+        out = transform(images)
+        if isinstance(out, np.ndarray):
+            out = torch.from_numpy(np.ascontiguousarray(out)).to(images.device)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.float()
+        return out
+
+    as_float32.__qualname__ = getattr(transform, "__qualname__", name)
+    return as_float32
+
+
 def with_transform(
     splits: Splits, transform: Callable[[torch.Tensor], torch.Tensor], name: str
 ) -> Splits:
     """The same splits, preprocessed by ``transform`` instead of ``(x / 255 - mean) / std``:
     each uint8 batch (B, C, H, W), on the device and after augmentation, goes through
-    ``transform`` and must come back as a float tensor (B, ...). ``name`` (``module:function``)
-    is said wherever the preprocessing is. Checked here on two training images; when it returns
-    square images, ``channels`` and ``image_size`` become theirs (the model's input)."""
+    ``transform`` and must come back as a float tensor (B, C, H, W). ``name``
+    (``module:function``) is said wherever the preprocessing is.
+
+    Checked here first, on two training images: a :class:`TransformError` (a ValueError) naming
+    ``name``, the exception or what came back, and what is expected, if it raises or returns
+    anything but a floating tensor or numpy array of 4 dimensions with the same batch size. A
+    numpy array, float64 or float16 is turned into a float32 tensor (said once on stderr).
+    When it returns square images, ``channels`` and ``image_size`` become theirs (the model's
+    input)."""
     if not callable(transform):
-        raise TypeError(f"transform {name!r} is not callable ({type(transform).__name__})")
+        raise TransformError(f"transform {name!r} is not callable ({type(transform).__name__})")
+    example = _check_transform(transform, name, splits.train.images[:2])
+    transform = _float32_transform(transform, name, example)
     parts = {
         k: dataclasses.replace(v, transform=transform, transform_name=name)
         for k, v in splits.items()
