@@ -852,12 +852,21 @@ def _npz_member(z: Any, path: Path, key: str) -> np.ndarray:
         ) from exc
 
 
+def _npz_file(path: Path) -> Path:
+    """``path`` if it is a readable, non-empty regular file; DatasetNotFoundError when it is
+    not there, ValueError naming what it is instead (a folder, a device such as /dev/null, an
+    empty file, unreadable)."""
+    from quantcal._inputs import check_input_file
+
+    try:
+        return check_input_file(path, "npz dataset")
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"npz dataset file {path} does not exist") from None
+
+
 def _read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (NCHW uint8, labels int64)} for the splits present in a MedMNIST-layout npz."""
-    if not path.is_file():
-        if path.is_dir():
-            raise ValueError(f"npz dataset {path} is a folder; give the .npz file")
-        raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
+    _npz_file(path)
     with _open_npz(path) as z:
         keys = set(z.files)
         if "train_images" not in keys or "train_labels" not in keys:
@@ -1005,35 +1014,55 @@ def _reject_unused(name: str, unused: dict[str, Any]) -> None:
         )
 
 
-def per_channel(values: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+def per_channel(
+    values: float | Sequence[float], channels: int, what: str, *, dataset: str | None = None
+) -> tuple[float, ...]:
     """One finite value per channel from a number or a sequence (a single value is repeated);
-    ValueError naming ``what`` otherwise."""
+    otherwise a ValueError naming ``what``, how many values were given, how many channels the
+    ``dataset`` has and what to give."""
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be numbers, got {values!r}") from None
-    if len(out) == 1:
-        out = out * channels
-    if len(out) != channels or not all(np.isfinite(out)):
+    if len(out) != channels and len(out) != 1:
         raise ValueError(
-            f"{what} needs 1 or {channels} finite values (one per channel), got {list(values)}"
+            f"{what} has {_count(len(out), 'value')} but "
+            + (f"the dataset ({dataset})" if dataset else "the data")
+            + f" has {_count(channels, 'channel')}: give "
+            + (
+                "1 value"
+                if channels == 1
+                else f"{channels} values (one per channel) or 1 (used for every channel)"
+            )
         )
-    return out
+    if not all(np.isfinite(out)):
+        raise ValueError(f"{what} must hold finite numbers, got {list(values)}")
+    return out * channels if len(out) == 1 else out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def with_normalization(
-    splits: Splits, mean: float | Sequence[float], std: float | Sequence[float]
+    splits: Splits,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    *,
+    names: tuple[str, str] = ("mean", "std"),
 ) -> Splits:
     """The same splits, normalised as ``(x / 255 - mean) / std`` with the given per-channel
     ``mean`` and ``std`` (on the [0, 1] pixel scale, as timm and torchvision give them; one value
-    is used for every channel): ``mean=0, std=1`` feeds ``x / 255``. Images are shared."""
+    is used for every channel): ``mean=0, std=1`` feeds ``x / 255``. Images are shared.
+    ``names``: what the user called them in errors (``("--mean", "--std")``, ``("data.mean",
+    "data.std")``)."""
     c = splits.channels
-    m = per_channel(mean, c, "mean")
-    sd = per_channel(std, c, "std")
+    m = per_channel(mean, c, names[0], dataset=splits.name)
+    sd = per_channel(std, c, names[1], dataset=splits.name)
     if min(sd) <= 0:
-        raise ValueError(f"std must be > 0 for every channel, got {list(sd)}")
+        raise ValueError(f"{names[1]} must be > 0 for every channel, got {list(sd)}")
     parts = {k: dataclasses.replace(v, mean=m, std=sd) for k, v in splits.items()}
     return dataclasses.replace(splits, mean=m, std=sd, **parts)
 
@@ -1178,9 +1207,7 @@ def val_held_out_of_train(name: str) -> bool:
     CIFAR-100, digits, and an ``npz:`` file without ``val_images``. A model trained elsewhere on
     the whole train split has then seen the ``val`` images. Reads only the npz's member names."""
     if name.lower().startswith("npz:"):
-        path = Path(name[4:]).expanduser()
-        if not path.is_file():
-            raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
+        path = _npz_file(Path(name[4:]).expanduser())
         with _open_npz(path) as z:
             return "val_images" not in z.files
     return name.lower() not in _OFFICIAL_VAL
@@ -1198,9 +1225,7 @@ def dataset_digest(name: str, *, file_digest: Callable[[str], str] | None = None
     from quantcal._digest import sha256_file
 
     if name.lower().startswith("npz:"):
-        path = Path(name[4:]).expanduser()
-        if not path.is_file():
-            raise DatasetNotFoundError(f"npz dataset file {path} does not exist")
+        path = _npz_file(Path(name[4:]).expanduser())
         return "sha256:" + (file_digest or sha256_file)(str(path))
     if name.lower() in SOURCES:
         return "md5:" + SOURCES[name.lower()].md5
