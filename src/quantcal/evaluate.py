@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "OnnxModel",
+    "check_predictions",
     "evaluate_logits",
     "load_logits_npz",
     "load_onnx_checked",
@@ -228,6 +229,25 @@ def onnx_logits(model: OnnxModel | str | Path, split: Any, batch_size: int = 256
     return run_onnx(model, xs, batch_size=batch_size, optimize=True).float()
 
 
+def check_predictions(
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    sources: tuple[str, str] = ("the val logits", "the test logits"),
+) -> None:
+    """ValueError naming the input (``sources``, e.g. the files they came from) unless each
+    ``(logits, labels)`` pair is finite float logits (N, C), C >= 2, that metrics accept as logits
+    (not probabilities), with integer labels (N,) in [0, C), and both pairs have the same C.
+    :func:`evaluate_logits` runs it first; a caller can run it before creating any folder."""
+    for (logits, labels), what in zip((val, test), sources, strict=True):
+        _check_pair(logits, labels, what)
+    if val[0].shape[1] != test[0].shape[1]:
+        raise ValueError(
+            f"{sources[0]} have {val[0].shape[1]} classes but {sources[1]} {test[0].shape[1]}: "
+            "give predictions of the same model on the same task"
+        )
+
+
 def _check_pair(logits: Any, labels: Any, what: str) -> None:
     """ValueError naming ``what`` unless logits are finite floats (N, C), C >= 2, and labels
     integers (N,) in [0, C)."""
@@ -310,13 +330,7 @@ def evaluate_logits(
         raise ValueError(f"unknown recalibration method(s) {bad}; choose from {allowed}")
     if recal_fit not in ("val", "test_crossfit"):
         raise ValueError(f"recal_fit must be 'val' or 'test_crossfit', got {recal_fit!r}")
-    for (logits, labels), what in zip((val, test), sources, strict=True):
-        _check_pair(logits, labels, what)
-    if val[0].shape[1] != test[0].shape[1]:
-        raise ValueError(
-            f"{sources[0]} have {val[0].shape[1]} classes but {sources[1]} {test[0].shape[1]}: "
-            "give predictions of the same model on the same task"
-        )
+    check_predictions(val, test, sources=sources)
     from quantcal import diagnose
 
     found = diagnose.prediction_notes(
