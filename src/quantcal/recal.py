@@ -23,6 +23,17 @@ The contract (``Recalibrator``)
 * class attributes ``name`` (the registry key) and ``preserves_argmax`` (whether the top-1
   prediction, hence accuracy, is guaranteed unchanged).
 
+When a fit can be trusted
+-------------------------
+:func:`fit_notes` says, for a result row, when a recalibrator's fit should not be taken at its
+word: fitted on fewer than :func:`min_fit_images` images (at least ``MIN_FIT_IMAGES`` = 500, and
+``MIN_FIT_PER_PARAMETER`` = 50 per fitted parameter: temperature 1, vector scaling 2·C, matrix
+scaling C² + C, histogram binning its 15 bins, isotonic regression counted as 15 like histogram
+binning), or its held-out ECE measurably above no recalibration (the paired interval of
+``ece_diff_vs_none`` above 0). Temperature scaling on a few hundred images of a model that makes
+few errors is the common case: the NLL then favours a small T and sharpens an already
+calibrated model.
+
 References: Guo et al. 2017 "On Calibration of Modern Neural Networks" (temperature, vector and
 matrix scaling); Zadrozny & Elkan 2001 (histogram binning) and 2002 (isotonic regression).
 """
@@ -51,6 +62,8 @@ from quantcal.metrics import (
 )
 
 __all__ = [
+    "MIN_FIT_IMAGES",
+    "MIN_FIT_PER_PARAMETER",
     "T_MAX",
     "T_MIN",
     "HistogramBinning",
@@ -62,8 +75,12 @@ __all__ = [
     "TemperatureScaling",
     "VectorScaling",
     "available",
+    "fit_notes",
+    "fit_parameters",
     "from_state_dict",
     "get",
+    "keeps_predictions",
+    "min_fit_images",
     "register",
 ]
 
@@ -91,6 +108,81 @@ def from_state_dict(state: dict[str, Any]) -> Recalibrator:
     if not isinstance(state, dict) or "name" not in state:
         raise ValueError("state must be a dict produced by a recalibrator's state_dict().")
     return get(state["name"]).from_state_dict(state)
+
+
+#: The fewest images any recalibrator's fit is trusted on (see "When a fit can be trusted").
+MIN_FIT_IMAGES = 500
+#: The fewest images per fitted parameter.
+MIN_FIT_PER_PARAMETER = 50
+#: Counted parameters of the top-label maps (histogram binning's default bins; isotonic
+#: regression fits as many steps as its data allow and is counted like it).
+_TOP_LABEL_PARAMETERS = 15
+_REUSE_FP32 = "temperature_fp32"  # studyconfig.REUSE_FP32_TEMPERATURE (no import cycle)
+
+
+def fit_parameters(name: str, n_classes: int | None = None) -> int | None:
+    """How many numbers ``name`` fits: none 0, temperature (and the fp32 model's temperature
+    reused) 1, vector 2·C, matrix C² + C, histogram and isotonic 15; None when it depends on an
+    unknown C or the name is not a recalibrator."""
+    if name == _REUSE_FP32:
+        return 1
+    try:
+        cls = get(name)
+    except ValueError:
+        return None
+    return cls.fit_parameters(n_classes)
+
+
+def min_fit_images(name: str, n_classes: int | None = None) -> int:
+    """``max(MIN_FIT_IMAGES, MIN_FIT_PER_PARAMETER · fit_parameters)`` (``MIN_FIT_IMAGES`` when
+    the count is unknown); 0 for ``none``."""
+    k = fit_parameters(name, n_classes)
+    if k == 0:
+        return 0
+    return max(MIN_FIT_IMAGES, MIN_FIT_PER_PARAMETER * (k or 0))
+
+
+def keeps_predictions(name: str) -> bool:
+    """Whether ``name`` keeps every top-1 prediction (``preserves_argmax``); False when it is
+    not a known recalibrator."""
+    if name == _REUSE_FP32:
+        return True
+    try:
+        return bool(get(name).preserves_argmax)
+    except ValueError:
+        return False
+
+
+def fit_notes(
+    name: str,
+    n_fit: int | None = None,
+    n_classes: int | None = None,
+    ece_diff_vs_none: tuple[float | None, float | None, float | None] | None = None,
+) -> list[str]:
+    """The notes on one result row's recalibrator (see "When a fit can be trusted"): a fit on
+    ``n_fit`` images, fewer than :func:`min_fit_images`; a held-out ECE change vs no
+    recalibration ``(value, lo, hi)`` whose paired interval lies above 0. Empty for ``none``."""
+    if name == "none":
+        return []
+    notes = []
+    need = min_fit_images(name, n_classes)
+    if n_fit is not None and n_fit < need:
+        k = fit_parameters(name, n_classes)
+        what = f"{k} parameter{'s' if k != 1 else ''}" if k is not None else "parameters"
+        notes.append(
+            f"{name} was fitted on {n_fit} images, fewer than the {need} this report trusts (at "
+            f"least {MIN_FIT_IMAGES}, and {MIN_FIT_PER_PARAMETER} per fitted parameter; it fits "
+            f"{what}): its fit may not reproduce on another sample, a larger recalibration "
+            "split (data.val_size) settles it"
+        )
+    d, lo, hi = ece_diff_vs_none or (None, None, None)
+    if d is not None and lo is not None and hi is not None and lo > 0:
+        notes.append(
+            f"{name} raised the held-out ECE by {100 * d:+.2f} [{100 * lo:+.2f}, "
+            f"{100 * hi:+.2f}] points vs no recalibration (paired): its fit does not carry "
+            "over to the test images, and no verdict counts it as a repair"
+        )
+    return notes
 
 
 @runtime_checkable
@@ -149,6 +241,11 @@ class _Base(abc.ABC):
     preserves_argmax: ClassVar[bool] = True
     n_classes: int | None = None
 
+    @classmethod
+    def fit_parameters(cls, n_classes: int | None = None) -> int | None:
+        """How many numbers a fit sets (None: depends on an unknown ``n_classes``)."""
+        return 1
+
     def _require_fitted(self, z: torch.Tensor) -> None:
         if not self.fitted:
             raise NotFittedError(
@@ -180,6 +277,10 @@ class Identity(_Base):
 
     name: ClassVar[str] = "none"
     preserves_argmax: ClassVar[bool] = True
+
+    @classmethod
+    def fit_parameters(cls, n_classes: int | None = None) -> int | None:
+        return 0
 
     def __init__(self) -> None:
         self._fitted = False
@@ -538,6 +639,10 @@ class VectorScaling(_AffineScaling):
 
     name: ClassVar[str] = "vector"
 
+    @classmethod
+    def fit_parameters(cls, n_classes: int | None = None) -> int | None:
+        return None if n_classes is None else 2 * n_classes
+
     def _init_weight(self, c: int) -> torch.Tensor:
         return torch.ones(c, dtype=torch.float64)
 
@@ -556,6 +661,10 @@ class MatrixScaling(_AffineScaling):
     """
 
     name: ClassVar[str] = "matrix"
+
+    @classmethod
+    def fit_parameters(cls, n_classes: int | None = None) -> int | None:
+        return None if n_classes is None else n_classes * n_classes + n_classes
 
     def _init_weight(self, c: int) -> torch.Tensor:
         return torch.eye(c, dtype=torch.float64)
@@ -610,6 +719,10 @@ class _TopLabel(_Base):
     """Shared apply/validation for maps of the top-label confidence ``conf ↦ q``."""
 
     preserves_argmax: ClassVar[bool] = True
+
+    @classmethod
+    def fit_parameters(cls, n_classes: int | None = None) -> int | None:
+        return _TOP_LABEL_PARAMETERS
 
     @abc.abstractmethod
     def _q(self, conf: np.ndarray) -> np.ndarray: ...
