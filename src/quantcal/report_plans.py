@@ -73,17 +73,25 @@ def _plan_records(details: dict, dataset: str, model: str) -> list[dict[str, Any
     return out
 
 
+def _top_level(uniform_costs: dict[str, float]) -> str:
+    """The plan's highest precision: the level with the most (weight, activation) bits, read
+    from the level names, not from their order (details.json stores its keys sorted)."""
+    return max(uniform_costs, key=_bits, default="")
+
+
 def _kept_high(d: dict[str, Any], top: int = 5) -> str:
-    """The most sensitive layers the plan kept off the lowest level, with their penalties."""
-    levels = list(d["uniform_costs"])
-    lowest = levels[-1] if levels else ""
+    """The most sensitive layers the plan kept at its top level, with their penalties (the
+    largest rise measured when the layer alone dropped a level)."""
+    level = _top_level(d["uniform_costs"])
+    if not level:
+        return "–"
     sens = d.get("sensitivity", {})
     kept = [
-        (max(s.values()) if s else 0.0, n)
-        for n, s in sens.items()
-        if tuple(d["plan"][n]) != tuple(_bits(lowest))
+        (max((sens.get(n) or {}).values(), default=0.0), n)
+        for n, b in d["plan"].items()
+        if tuple(b) == _bits(level)
     ]
-    kept.sort(reverse=True)
+    kept.sort(key=lambda t: (-t[0], t[1]))
     return ", ".join(f"{n} ({p:.3g})" for p, n in kept[:top]) or "–"
 
 
@@ -145,7 +153,8 @@ def plans_section(rows: list[dict], details: dict) -> tuple[str, list]:
                     "test accuracy %",
                     "test ECE % after TS",
                     "evaluations",
-                    "most sensitive layers kept high (penalty)",
+                    f"most sensitive layers kept at {_top_level(recs[0]['uniform_costs'])} "
+                    "(penalty)",
                 )
             )
             parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
@@ -155,8 +164,10 @@ def plans_section(rows: list[dict], details: dict) -> tuple[str, list]:
             f"<figcaption class='muted'>{html.escape(caption)}</figcaption></figure>"
         )
     parts.append(
-        "<p class='muted'>A layer's penalty is the rise in validation NLL (plus accuracy lost, "
-        "and ECE after recalibration for plan:calib) when it alone drops a level; the cost is "
+        "<p class='muted'>The last column lists the layers the plan kept at its highest "
+        "precision, most sensitive first. A layer's penalty is the largest rise in validation "
+        "NLL (plus accuracy lost, and ECE after recalibration for plan:calib) measured when it "
+        "alone drops to a lower level; the cost is "
         "relative to the most expensive uniform precision searched.</p>"
     )
     return "\n".join(parts), figs
