@@ -29,6 +29,8 @@ from quantcal._rows import (
     pick,
     prec_key,
 )
+from quantcal.plots import FULL_COUNT
+from quantcal.report_glossary import PAPER, glossary_section, paper_citation
 from quantcal.report_layers import ablation_section, attribution_section
 from quantcal.report_plans import plans_section
 from quantcal.report_repair import repair_section, repair_summary
@@ -100,6 +102,29 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         for k in r.keys() - _TEXT_COLUMNS:
             r[k] = _num(r[k])
     return rows
+
+
+def short_labels(rows: list[dict], details: dict | None = None) -> tuple[list[dict], dict]:
+    """Copies of ``rows`` and ``details`` whose ``arch`` is a short display name
+    (:func:`quantcal.tables.short_models`: ``/abs/nets.py:build`` -> ``nets.py:build``), the
+    same in both so that rows and details still match; the files on disk keep the full path."""
+    from quantcal.tables import short_models
+
+    short = short_models(r["arch"] for r in rows if isinstance(r.get("arch"), str))
+    if all(k == v for k, v in short.items()):
+        return rows, details or {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            out = {k: walk(v) for k, v in x.items()}
+            if isinstance(out.get("arch"), str):
+                out["arch"] = short.get(out["arch"], out["arch"])
+            return out
+        if isinstance(x, list) and x and isinstance(x[0], (dict, list)):
+            return [walk(v) for v in x]
+        return x
+
+    return [walk(r) for r in rows], walk(details or {})
 
 
 _prec_key = prec_key
@@ -450,6 +475,7 @@ def _temp(rows: list[dict]) -> str:
 
 def summary_table(rows: list[dict]) -> str:
     """A compact plain-text table of the key numbers, for the terminal."""
+    rows = short_labels(rows)[0]
     main = _main_rows(rows)
     mw = max([22, *(len(m) for _, m in _groups(main))])  # the model column fits every label
     pw = max([5, *(len(r["precision"]) for r in main)])  # and the precision column
@@ -503,10 +529,27 @@ _OUTSIDE_NOTE = (
 )
 
 
+def _two_line(e, digits: int = 1, sign: bool = False, mark: str = "") -> str:
+    """An estimate as HTML: the number, then its interval on a second, smaller line (and as a
+    tooltip), so that the key numbers fit the page."""
+    if e.value is None:
+        return "–"
+    v = f"{100 * e.value:+.{digits}f}" if sign else pct(e.value, digits)
+    if not e.decided:
+        return html.escape(v + mark)
+    ci = f"[{pct(e.lo, digits)}, {pct(e.hi, digits)}]"
+    tip = f"{v} {ci} ({e.n_seeds} seed{'s' if e.n_seeds != 1 else ''})"
+    return (
+        f"<span title='{html.escape(tip)}'>{html.escape(v + mark)}</span>"
+        f"<br><span class='ci'>{html.escape(ci)}</span>"
+    )
+
+
 def _key_table(rows: list[dict]) -> str:
     """One line per model and precision (seeds aggregated), raw and after temperature
-    scaling."""
+    scaling; each number with its interval beneath it."""
     main = _main_rows(rows)
+    multi_ds = len({r["dataset"] for r in main}) > 1
     body, flagged = [], False
     for ds, model in _groups(main):
         raw = _pick(main, dataset=ds, model=model, recal="none")
@@ -517,45 +560,46 @@ def _key_table(rows: list[dict]) -> str:
             f32 = _pick(main, recal="temperature_fp32", **same)
             ece = aggregate(rs, "ece")
             mark = " †" if _outside(ece) else ""
-            flagged |= bool(mark)
             ts_ece = aggregate(ts, "ece")
             ts_mark = " †" if _outside(ts_ece) else ""
-            flagged |= bool(ts_mark)
+            flagged |= bool(mark or ts_mark)
             r = rs[0]
+            name = f"{_ds_label(ds)} / {model}" if multi_ds else model
+            cells = [
+                _two_line(aggregate(rs, "accuracy")),
+                _two_line(ece, mark=mark),
+                _two_line(aggregate(rs, "ece_diff_vs_fp32"), 2, sign=True) if p != "fp32" else "–",
+                _two_line(ts_ece, mark=ts_mark) if ts else "–",
+                _two_line(aggregate(f32, "ece")) if f32 else "–",
+                html.escape(_temp(ts)),
+                f"{(r.get('params') or 0) / 1e3:.0f} k",
+                f"{(r.get('weight_bytes') or 0) / 1e3:.0f} kB",
+            ]
             body.append(
-                [
-                    ds,
-                    model,
-                    p,
-                    aggregate(rs, "accuracy").text(),
-                    ece.text() + mark,
-                    aggregate(rs, "ece_diff_vs_fp32").text(2, sign=True) if p != "fp32" else "–",
-                    (ts_ece.text() + ts_mark) if ts else "–",
-                    aggregate(f32, "ece").text() if f32 else "–",
-                    _temp(ts),
-                    f"{(r.get('params') or 0) / 1e3:.0f} k",
-                    f"{(r.get('weight_bytes') or 0) / 1e3:.0f} kB",
-                ]
+                f"<tr><td class='text model'>{html.escape(name).replace('@', '<wbr>@')}</td>"
+                f"<td class='text'>{html.escape(p)}</td>"
+                + "".join(f"<td>{c}</td>" for c in cells)
+                + "</tr>"
             )
-    seeds = len({r.get("seed") for r in main})
-    table = _html_table(
-        [
-            "dataset",
-            "model",
-            "precision",
-            "accuracy % [CI]",
-            "ECE % [CI]",
-            "ΔECE vs fp32 (points) [CI]",
-            "ECE % after TS [CI]",
-            "ECE % reusing fp32 T",
-            "T",
-            "params",
-            "weights",
-        ],
-        body,
-        css="nums",
+    heads = [
+        ("model", "dataset / model" if multi_ds else "model"),
+        ("precision", "precision"),
+        ("top-1 test accuracy", "accuracy %"),
+        ("binned ECE on the test split, raw logits", "ECE %"),
+        ("paired-bootstrap ECE difference vs the same model at fp32", "ΔECE vs fp32 (points)"),
+        ("ECE after temperature scaling fitted on this model", "ECE % after TS"),
+        ("ECE when the fp32 model's temperature is reused", "ECE % with fp32's T"),
+        ("the fitted temperature", "T"),
+        ("parameters", "params"),
+        ("stored weight size at this precision", "weights"),
+    ]
+    head = "".join(f"<th title='{html.escape(t)}'>{html.escape(h)}</th>" for t, h in heads)
+    table = (
+        f"<table class='nums key'><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
     )
-    notes = []
+    seeds = len({r.get("seed") for r in main})
+    notes = ["Under each number, its bootstrap interval (hover the number for it too)."]
     if seeds > 1:
         notes.append(
             f"Each line is the mean of {seeds} seeds; its interval holds the test-image "
@@ -599,7 +643,13 @@ td.text{text-align:left}th{text-align:left}
 table.verdicts{width:100%}table.verdicts td{vertical-align:middle;white-space:nowrap}
 table.verdicts td.why,table.verdicts td.verdict{white-space:normal}
 td.why{font-size:.88em;color:#555;max-width:26em}
-table.nums td{white-space:nowrap}
+table.nums td{white-space:nowrap}table.key{width:100%}
+table.key td.model{white-space:normal;overflow-wrap:anywhere}
+table.key th{white-space:normal;vertical-align:bottom}
+.ci{color:#777;font-size:.85em}.cite{margin:.1em 0}
+dl.glossary dt{font-weight:600;margin-top:.4em}dl.glossary dd{margin-left:1.5em}
+table{max-width:100%}table.verdicts .badge{white-space:normal}
+table.verdicts td>.muted{display:block;white-space:nowrap}
 .near{color:#a15c00;font-weight:700;margin-left:.3em;cursor:help}
 """
 
@@ -783,6 +833,58 @@ def _notes_section(rows: list[dict], run: Path) -> list[str]:
     return parts
 
 
+def _trains_nothing(config: dict[str, Any]) -> bool:
+    """True when the study trains no network: every [[model]] gives a checkpoint and no
+    quantization method fine-tunes (qat uses the training recipe)."""
+    models = config.get("model")
+    methods = (config.get("quant") or {}).get("methods") or ["ptq"]
+    return (
+        isinstance(models, list)
+        and bool(models)
+        and all(isinstance(m, dict) and m.get("checkpoint") for m in models)
+        and "qat" not in methods
+    )
+
+
+def _without_table(text: str, name: str) -> str:
+    """``text`` (TOML) without the table ``name`` and its sub-tables (``[name]``,
+    ``[name.x]``, ``[[name.x]]``)."""
+    out, skip = [], False
+    for line in text.splitlines():
+        head = line.strip()
+        if head.startswith("["):
+            key = head.strip("[]").strip()
+            skip = key == name or key.startswith(f"{name}.")
+        if not skip:
+            out.append(line)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _config(config_text: str) -> dict[str, Any]:
+    """The study's config.toml as a dict ({} when it is missing or does not parse)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(config_text) if config_text else {}
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+def _config_section(config_text: str) -> str:
+    """The study's config.toml, less what does not apply: no training recipe when every model
+    came from a checkpoint (the file itself keeps it)."""
+    config = _config(config_text)
+    note = ""
+    if _trains_nothing(config) and "train" in config:
+        config_text = _without_table(config_text, "train")
+        note = (
+            "<p class='muted'>No network was trained: every model came from a checkpoint "
+            "([[model]] checkpoint), so the training recipe ([train]) does not apply and is "
+            "left out here.</p>"
+        )
+    return "<h2>Configuration</h2>" + note + "<pre>" + html.escape(config_text) + "</pre>"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``figures/*.png`` and a self-contained ``report.html``; returns the HTML path."""
     run = Path(run_dir)
@@ -791,6 +893,7 @@ def write_report(run_dir: str | Path) -> Path:
     details = json.loads(details_path.read_text()) if details_path.exists() else {}
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
     config_text = (run / "config.toml").read_text() if (run / "config.toml").exists() else ""
+    rows, details = short_labels(rows, details)
     figs: list[tuple[str, str, bytes]] = []
     ok = _ok(rows)
     if ok:
@@ -808,14 +911,22 @@ def write_report(run_dir: str | Path) -> Path:
             figs.append(
                 (
                     _figure_name("reliability", ds, model),
-                    f"Reliability diagrams: {ds} / {model}",
+                    f"Reliability diagrams: {_ds_label(ds)} / {model}. The number at the "
+                    "foot of each bin is its test-image count; a bin with fewer than "
+                    f"{FULL_COUNT} images is drawn fainter the fewer it holds, since its gap "
+                    "weighs that little in ECE",
                     fig_reliability(rows, details, ds, model),
                 )
             )
         worst, ins = _worst_inspect(rows, details)
         if worst is not None:
             figs.append(
-                ("layers_worst", "Per-layer sensitivity of the worst cell", fig_layers(worst, ins))
+                (
+                    "layers_worst",
+                    "Per-layer sensitivity of the worst cell: each layer's output SQNR vs fp32 "
+                    "and its activation clipping",
+                    fig_layers(worst, ins),
+                )
             )
     for name, _, png in figs:
         atomic_write_bytes(run / "figures" / f"{name}.png", png)
@@ -828,7 +939,8 @@ def write_report(run_dir: str | Path) -> Path:
         "Calibration error (top-label ECE, 15 equal-width bins unless the config says otherwise) "
         "is measured on the test split; temperatures and other recalibrators are fitted on "
         + _fitted_on(rows)
-        + "; quantization ranges come from a sample of the training split.</p>",
+        + "; quantization ranges come from a sample of the training split. The words are "
+        "explained in the <a href='#glossary'>glossary</a> at the end.</p>",
         "<p class='muted'>"
         + " · ".join(
             html.escape(str(x))
@@ -847,10 +959,18 @@ def write_report(run_dir: str | Path) -> Path:
         _key_table(rows) if ok else "<p>No successful cells.</p>",
         "<h2>Findings</h2>",
     ]
-    for f in findings(rows, details) if ok else []:
+    found = findings(rows, details) if ok else []
+    if any(f.get("source", "quantcal") != "quantcal" for f in found):
         parts.append(
-            f"<h3>{html.escape(f['claim'])}</h3><p class='verdict'>Verdict: "
-            f"{html.escape(f['verdict'])}</p><ul>"
+            "<p class='muted'>Each claim is tested on this run's numbers; those of the paper "
+            f"come from {PAPER}.</p>"
+        )
+    for f in found:
+        cite = paper_citation(f["source"]) if "source" in f else ""
+        parts.append(
+            f"<h3>{html.escape(f['claim'])}</h3>"
+            + (f"<p class='muted cite'>{cite}</p>" if cite else "")
+            + f"<p class='verdict'>Verdict: {html.escape(f['verdict'])}</p><ul>"
             + "".join(f"<li>{html.escape(e)}</li>" for e in f["evidence"])
             + "</ul>"
         )
@@ -905,7 +1025,8 @@ def write_report(run_dir: str | Path) -> Path:
             )
         )
     parts.extend(_notes_section(rows, run))
-    parts.append("<h2>Configuration</h2><pre>" + html.escape(config_text) + "</pre>")
+    parts.append(glossary_section(rows, _config(config_text), "\n".join(parts)))
+    parts.append(_config_section(config_text))
     parts.append(
         "<p class='muted'>Full results: results.csv (one row per cell and method); "
         "reliability bins and per-layer data: details.json.</p></body></html>"

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from quantcal._rows import dataset_label as _ds_label
@@ -35,13 +36,15 @@ __all__ = [
     "latex_escape",
     "render",
     "run_info",
+    "short_models",
     "summary_records",
     "to_json",
     "to_latex",
     "to_markdown",
 ]
 
-#: The keys of every record, in order. ``model`` is ``arch@width``; ``objective`` is the training
+#: The keys of every record, in order. ``model`` is ``arch@width`` (a ``path/file.py:factory``
+#: arch as :func:`short_models` shortens it); ``objective`` is the training
 #: objective (``ce`` where results.csv has none); ``notes`` is True when the row has a note (its
 #: text is in the notes column of results.csv). The interval columns (``_lo``, ``_hi``) are the
 #: run's bootstrap intervals; ``ece_diff_vs_fp32`` is the paired-bootstrap ECE difference vs the
@@ -79,6 +82,43 @@ _MISSING = "–"  # an en dash, as report.html shows a number that does not exis
 
 
 # ---------------------------------------------------------------------------------------------
+# Model labels
+# ---------------------------------------------------------------------------------------------
+def _file_factory(arch: str) -> tuple[tuple[str, ...], str] | None:
+    """``(path parts, function)`` of a ``path/to/file.py:function`` arch, else None."""
+    mod, sep, fn = arch.rpartition(":")
+    if sep and fn and mod.endswith(".py"):
+        return PurePath(mod).parts, fn
+    return None
+
+
+def short_models(archs: Iterable[str]) -> dict[str, str]:
+    """A short display name for each arch: ``/abs/path/to/file.py:factory`` becomes
+    ``file.py:factory``, with as many parent folders as it takes to tell apart two archs that
+    would otherwise read alike (``a/nets.py:build``, ``b/nets.py:build``); every other arch (a
+    registry name, ``module:function``) is kept. The full path stays in config.toml and
+    details.json; tables and the report show these names."""
+    archs = list(dict.fromkeys(archs))
+    split = {a: _file_factory(a) for a in archs}
+    files = [a for a in archs if split[a]]
+    depth = dict.fromkeys(files, 1)
+
+    def label(a: str) -> str:
+        parts, fn = split[a]  # type: ignore[misc]
+        return f"{PurePath(*parts[-depth[a] :])}:{fn}"
+
+    while True:
+        labels = {a: label(a) for a in files}
+        taken = Counter([*labels.values(), *(a for a in archs if not split[a])])
+        clash = [a for a in files if taken[labels[a]] > 1 and depth[a] < len(split[a][0])]
+        if not clash:
+            break
+        for a in clash:
+            depth[a] += 1
+    return {a: labels.get(a, a) for a in archs}
+
+
+# ---------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------
 def _int(v: Any) -> int | None:
@@ -103,6 +143,7 @@ def summary_records(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     values of results.csv unrounded; an empty cell is None.
     """
     main = _main_rows(list(rows))
+    short = short_models(r["arch"] for r in main)
     recal_order = {m: i for i, m in enumerate(dict.fromkeys(r["recal"] for r in main))}
     by_group: dict[tuple[str, str], list[dict]] = {g: [] for g in _groups(main)}
     for r in main:
@@ -115,7 +156,7 @@ def summary_records(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in group:
             rec: dict[str, Any] = {
                 "dataset": r["dataset"],
-                "model": f"{r['arch']}@{r['width']:g}",
+                "model": f"{short[r['arch']]}@{r['width']:g}",
                 "objective": r.get("objective") or "ce",
                 "seed": _int(r.get("seed")),
                 "precision": r["precision"],
