@@ -545,6 +545,13 @@ def _two_line(e, digits: int = 1, sign: bool = False, mark: str = "") -> str:
     )
 
 
+def _count(n: float | None, unit: str) -> str:
+    """``327 k``, ``1307 kB``; a count under a thousand exactly (a tiny model is not ``0 k``)."""
+    if n is None:
+        return "–"
+    return f"{n / 1e3:.0f} k{unit}" if n >= 1e3 else f"{n:.0f} {unit}".rstrip()
+
+
 def _key_table(rows: list[dict]) -> str:
     """One line per model and precision (seeds aggregated), raw and after temperature
     scaling; each number with its interval beneath it."""
@@ -572,8 +579,8 @@ def _key_table(rows: list[dict]) -> str:
                 _two_line(ts_ece, mark=ts_mark) if ts else "–",
                 _two_line(aggregate(f32, "ece")) if f32 else "–",
                 html.escape(_temp(ts)),
-                f"{(r.get('params') or 0) / 1e3:.0f} k",
-                f"{(r.get('weight_bytes') or 0) / 1e3:.0f} kB",
+                _count(r.get("params"), ""),
+                _count(r.get("weight_bytes"), "B"),
             ]
             body.append(
                 f"<tr><td class='text model'>{html.escape(name).replace('@', '<wbr>@')}</td>"
