@@ -372,10 +372,10 @@ def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, mon
 
     def renamed(run, **kw):  # the other run's cells under another dataset name
         out = real(run, **kw)
-        return {("x", *k[1:]): v for k, v in out.items()} if run == str(other) else out
+        return {("x", *k[1:]): v for k, v in out.items()} if str(run) == str(other) else out
 
     monkeypatch.setattr(study, "recalibrated_test_logits", renamed)
-    assert cli.main(["compare", str(finished), str(other), "--bootstrap", "10"]) == 1
+    assert cli.main(["compare", str(finished), str(other), "--bootstrap", "10"]) == 2
     assert "share no cell" in capsys.readouterr().err
 
 

@@ -21,7 +21,7 @@ from quantcal._io import atomic_write_json
 
 MARKER = ".quantcal-run"
 #: Stage folders under ``cache/`` and the entry names quantcal writes in them.
-_STAGES = ("train", "logits", "rows", "errors")
+_STAGES = ("train", "qat", "logits", "rows", "errors")
 _ENTRY = re.compile(r"^(err-)?[0-9a-f]{16}(\.(pt|json|log))?$")
 _TMP = re.compile(r"^\..+\.tmp$")
 _MEMOS = ("digests.json", "healed.json")

@@ -29,10 +29,12 @@ import torch
 
 __all__ = [
     "CONFIDENCE_GROUPS",
+    "bn_input_mismatch",
     "confidence_histogram",
     "diagnose",
     "flips_by_confidence",
     "gap_decomposition",
+    "input_statistics_notes",
     "nll_vs_temperature",
     "prediction_notes",
 ]
@@ -277,4 +279,93 @@ def _few_per_class(
         f"than {MIN_PER_CLASS} images in {where} (the fewest: {fewest}, class "
         f"{int(counts.argmin())}): their fit follows those few images; prefer temperature "
         "scaling or a larger recalibration split"
+    ]
+
+
+#: Thresholds of :func:`input_statistics_notes`: |the median over channels of log(variance
+#: ratio)| (log 4: a standard deviation off by 2x) and of the mean shift in running standard
+#: deviations. A correctly fed model sits well inside both (augmentation and zero padding move
+#: them by a few tenths); inputs scaled x / 255 instead of standardised move the variance ~10x.
+BN_LOG_VARIANCE_LIMIT = math.log(4.0)
+BN_SHIFT_LIMIT = 1.0
+
+
+@torch.no_grad()
+def bn_input_mismatch(
+    model: torch.nn.Module, inputs: torch.Tensor
+) -> tuple[str, float, float] | None:
+    """How far ``inputs`` are from what ``model`` was trained on, read from its first
+    BatchNorm (in execution order; eval mode): ``(layer name, median log(var / running_var),
+    median |mean - running_mean| / running_std)`` over its channels, on that layer's input. None
+    when the model has no BatchNorm (a folded or BN-free model: nothing to compare with).
+
+    A BatchNorm's running statistics are the moments of its input during training (Ioffe &
+    Szegedy, 2015), so a preprocessing other than the training one shows there first."""
+    bns = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+    if not bns or inputs.numel() == 0:
+        return None
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def record(_module, args):
+            if not seen:
+                seen.append((name, args[0].detach()))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in bns]
+    was_training = model.training
+    try:
+        model.eval()
+        model(inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not seen:
+        return None
+    name, x = seen[0]
+    bn = dict(bns)[name]
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.double().mean(dim=dims)
+    var = x.double().var(dim=dims, unbiased=False)
+    rvar = bn.running_var.double().to(var.device)
+    rmean = bn.running_mean.double().to(mean.device)
+    keep = (rvar > 1e-8) & (var > 1e-12)
+    if not bool(keep.any()):
+        return None
+    log_ratio = torch.quantile((var[keep] / rvar[keep]).log(), 0.5)
+    shift = torch.quantile((mean[keep] - rmean[keep]).abs() / rvar[keep].sqrt(), 0.5)
+    return name, float(log_ratio), float(shift)
+
+
+def input_statistics_notes(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    *,
+    subject: str = "the fp32 model",
+    preprocessing: str = "mean/std",
+) -> list[str]:
+    """A note when ``inputs`` (already preprocessed, e.g. 256 validation images) do not look
+    like what ``model`` was trained on (:func:`bn_input_mismatch` beyond
+    ``BN_LOG_VARIANCE_LIMIT`` or ``BN_SHIFT_LIMIT``); else none. This catches a wrong
+    normalisation that leaves the model far from chance and its temperature plausible (e.g. a
+    CIFAR-100 ResNet-20 fed x / 255: 22.5 % accuracy, T = 3.1)."""
+    found = bn_input_mismatch(model, inputs)
+    if found is None:
+        return []
+    name, log_ratio, shift = found
+    if abs(log_ratio) <= BN_LOG_VARIANCE_LIMIT and shift <= BN_SHIFT_LIMIT:
+        return []
+    return [
+        f"the inputs do not look like {subject}'s training inputs: at its first BatchNorm "
+        f"({name}) their variance is {math.exp(log_ratio):.2g}x the running variance and "
+        f"their mean {shift:.2g} running standard deviations away (median over channels): "
+        f"check the preprocessing ({preprocessing})"
     ]

@@ -750,7 +750,9 @@ class _Runner:
                 self._normalized[key] = base
                 how = f"the dataset's statistics, mean {_fmt3(base.mean)}, std {_fmt3(base.std)}"
             else:
-                self._normalized[key] = data.with_normalization(base, norm[0], norm[1])
+                self._normalized[key] = data.with_normalization(
+                    base, norm[0], norm[1], names=("data.mean", "data.std")
+                )
                 s = self._normalized[key]
                 how = f"mean {_fmt3(s.mean)}, std {_fmt3(s.std)} ({norm[2]})"
             self.say(f"data   {g.dataset}: inputs are (x / 255 - mean) / std with {how}")
@@ -990,6 +992,7 @@ class _Runner:
         meta["seconds"] = time.perf_counter() - t0
         if qc is None:
             notes.extend(_fp32_model_notes(out["val_logits"], out["val_labels"]))
+            notes.extend(self.input_notes(model, splits))
         meta["notes"] = notes  # what the deploy form and the quantizer could not do as asked
         for note in notes:
             self.say(f"note   {cell.group.label}  {cell.precision}: {note}")
@@ -1001,6 +1004,18 @@ class _Runner:
             f"eval   {cell.group.label}  {cell.precision}{cell.where}  ({meta['seconds']:.1f} s)"
         )
         return out, meta, key
+
+    def input_notes(self, model, splits) -> list[str]:
+        """A note when the validation inputs, as preprocessed, are not what the model's first
+        BatchNorm saw in training (``diagnose.input_statistics_notes``)."""
+        from quantcal import diagnose
+
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else self.device
+        x = next(iter(splits.val.batches(256, device=device)), (None,))[0]
+        if x is None:
+            return []
+        return diagnose.input_statistics_notes(model, x, preprocessing="mean/std or transform")
 
     def train_methods(self, g: Group, cells: list[QuantCell], model, tkey: str) -> None:
         """Under torchrun (``WORLD_SIZE`` > 1), the cells whose method trains (``qat``) are
@@ -1289,40 +1304,15 @@ def _fmt3(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
-#: An fp32 model's fitted temperature outside this range suggests inputs it did not expect.
-_PLAUSIBLE_FP32_T = (0.2, 5.0)
-
-
 def _fp32_model_notes(logits, labels) -> list[str]:
-    """Notes on the fp32 model from its validation logits, for every row of its group: near
-    chance (accuracy below 1.5 / K), or a fitted temperature outside ``_PLAUSIBLE_FP32_T``. Both
-    usually mean the inputs are not what the model expects (preprocessing), or a checkpoint of
-    another task."""
-    import warnings
+    """Notes on the fp32 model from its validation logits, for every row of its group (near
+    chance, an extreme temperature): ``diagnose.prediction_notes``, the one source of the sanity
+    notes every path that yields a model's predictions gets."""
+    from quantcal import diagnose
 
-    from quantcal import recal
-
-    notes = []
-    k = int(logits.shape[1])
-    if not len(labels) or k < 2:
-        return notes
-    acc = float((logits.argmax(1) == labels).double().mean())
-    if acc < 1.5 / k:
-        notes.append(
-            f"the fp32 model is near chance on validation (accuracy {100 * acc:.1f} %, chance "
-            f"{100 / k:.1f} %): check the preprocessing (mean/std) and that the model fits this "
-            "data"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a bound is itself extreme and said below
-        t = float(recal.get("temperature")().fit(logits, labels).temperature)
-    lo, hi = _PLAUSIBLE_FP32_T
-    if not lo <= t <= hi:
-        notes.append(
-            f"the fp32 model's validation temperature T = {t:.3g} is extreme (outside "
-            f"[{lo:g}, {hi:g}]): check the preprocessing (mean/std)"
-        )
-    return notes
+    return diagnose.prediction_notes(
+        logits, labels, subject="the fp32 model", preprocessing="mean/std"
+    )
 
 
 @contextmanager

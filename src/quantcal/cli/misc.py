@@ -43,7 +43,7 @@ def add_parsers(sub: Any) -> None:
         help="list models, datasets, precisions, range estimators, quantization methods, "
         "recalibrators and built-in studies",
         description="List what can be named in a study.",
-        epilog="example:\n  quantcal list\n\nexit status: 0",
+        epilog="example:\n  quantcal list\n\nexit status: 0, or 2 for a usage error",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -105,22 +105,19 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
         check_number,
         parse_float_list,
     )
-    from quantcal.studyconfig import canonical_precision
 
     checkpoint = check_input_file(args.checkpoint, "--checkpoint")
     check_dataset_name(args.dataset, "--dataset")
     check_number(args.width, "--width", minimum=0, exclusive_minimum=True)
     check_number(args.seed, "--seed", integer=True, minimum=0)
-    levels = split_list(args.levels)
-    try:
-        levels = [canonical_precision(v) for v in levels]
-    except ValueError as exc:
-        raise ValueError(f"--levels: {exc}") from None
-    if len(levels) < 2 or "fp32" in levels:
-        raise ValueError(
-            "--levels needs at least two quantized precisions, most bits first, got "
-            f"{args.levels!r}"
-        )
+    from quantcal.quant.plan import check_budget, check_levels
+
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    levels = [
+        f"W{c.weight_bits}A{c.act_bits}" for c in check_levels(split_list(args.levels), label=flag)
+    ]
     text = args.max_ece_rise.strip().lower()
     try:
         ece = None if text == "none" else float(text)
@@ -129,12 +126,8 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
             f"--max-ece-rise must be a fraction (0.01 = 1 point) or 'none', got "
             f"{args.max_ece_rise!r}"
         ) from None
-    try:
-        budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal)
-    except ValueError as exc:
-        msg = str(exc).replace("PlanBudget.max_accuracy_drop", "--max-accuracy-drop")
-        msg = msg.replace("PlanBudget.max_ece_rise", "--max-ece-rise")
-        raise ValueError(msg.replace("PlanBudget.recal", "--recal")) from None
+    check_budget(args.max_accuracy_drop, ece, args.recal, label=flag)
+    budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal)
     if (args.mean is None) != (args.std is None):
         raise ValueError("--mean and --std go together: give both or neither")
     mean = std = None
@@ -166,7 +159,9 @@ def execute(req: PlanRequest) -> int:
 
     splits = data.load_dataset(req.dataset, seed=req.seed)
     if req.mean is not None:
-        splits = data.with_normalization(splits, list(req.mean), list(req.std or ()))
+        splits = data.with_normalization(
+            splits, list(req.mean), list(req.std or ()), names=("--mean", "--std")
+        )
     model = study.build_model(
         req.model,
         num_classes=splits.num_classes,
