@@ -2,60 +2,130 @@
 
 For each quantized cell (dataset, model, precision; the first range estimator and
 range-calibration sample; seeds aggregated by :func:`quantcal._rows.aggregate`), with the same
-model's fp32 cell as the reference and a :class:`Budget` (defaults: 1 point each):
+model's fp32 cell as the reference and a :class:`Budget` (``[report]`` in a study file; defaults:
+``max_accuracy_drop`` 0.01 and ``max_ece_rise`` 0.01, one point each vs fp32, and ``max_ece``
+0.05, an absolute ECE of 5 % that no deployed model should exceed whatever fp32 does):
 
-1. **not safe: accuracy lost** when fp32 accuracy − quantized accuracy > ``max_accuracy_drop``
-   (no recalibrator changes a top-1 decision much, and temperature scaling none);
-2. else **safe as is** when the quantized model's raw ECE ≤ the fp32 model's raw ECE +
-   ``max_ece_rise`` (deploying it without recalibration is no less trustworthy than deploying
-   the fp32 model without it);
-3. else **safe after recalibration** when some recalibrator (the one with the lowest ECE is
-   named, with where it was fitted) brings the quantized ECE to ≤ the fp32 model's best ECE (its
-   raw or recalibrated ECE, whichever is lower) + ``max_ece_rise``, and does not cost more than
-   ``max_accuracy_drop`` of accuracy vs fp32;
-4. else **not safe: confidence cannot be repaired**.
+A recalibrator is a **usable repair** of the cell when it does not cost more than
+``max_accuracy_drop`` of accuracy vs the cell as is (vector and matrix scaling change
+predictions), and its fit did not measurably raise the held-out ECE (the paired interval of
+``ece_diff_vs_none`` above 0; :func:`quantcal.recal.fit_notes`). It **repairs** the cell when,
+in addition, the cell's accuracy after it is within ``max_accuracy_drop`` of fp32 and its ECE is
+≤ the fp32 model's best ECE (raw or after a usable recalibrator) + ``max_ece_rise`` and ≤
+``max_ece``. Among the repairs, the one with the lowest ECE is named, unless one that keeps
+every prediction and fits fewer parameters is within noise of it (its ECE above the lowest by at
+most half its own interval): that one is named (temperature before histogram binning before
+isotonic regression before vector scaling, at equal ECE).
 
-Point estimates decide; each verdict carries the numbers and intervals behind it, and is
-``borderline`` when the interval of the deciding quantity straddles its budget line.
+1. **safe as is** when accuracy is within budget, ECE ≤ fp32's ECE + ``max_ece_rise`` and ECE ≤
+   ``max_ece``;
+2. **safe after recalibration** when a recalibrator repairs it (where the raw accuracy was lost,
+   only a recalibrator that changes predictions and wins the accuracy back can: the reason then
+   says "vector changes predictions: accuracy 21.9 → 88.8 %");
+3. **as trustworthy as fp32, which is not: recalibrate** when its ECE is within fp32's +
+   ``max_ece_rise`` but fp32 itself is over ``max_ece`` (quantization did no harm; the
+   confidence was never trustworthy), and a recalibrator repairs it;
+4. **as trustworthy as fp32, which is not: cannot be repaired**: the same, with no repair;
+5. **not safe: accuracy lost** when fp32 accuracy − quantized accuracy > ``max_accuracy_drop``
+   and no recalibrator wins it back (a recalibrator that gains accuracy is still named);
+6. **not safe: confidence cannot be repaired** otherwise.
+
+Point estimates decide. A verdict is ``borderline`` (the report's ≈) when the interval of a
+difference that decided it straddles its budget line: the paired interval of ΔECE vs fp32
+(``ece_diff_vs_fp32``) for the raw ECE; for a recalibrated ECE, the paired ΔECE vs the fp32
+model with the same recalibrator when that is fp32's best, else (no paired column for that
+difference) the recalibrated ECE's own interval against the line; the ECE's own interval against
+the absolute ``max_ece`` (a fixed line has no partner); the quantized accuracy's own interval
+against fp32's accuracy − ``max_accuracy_drop`` (the rows have no paired accuracy difference).
+``Verdict.basis`` says which intervals were used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantcal import recal as _recal
 from quantcal._rows import Estimate, aggregate, groups, main_rows, pick, prec_key
 
-__all__ = ["OUTCOMES", "Budget", "Verdict", "verdicts"]
+__all__ = ["OUTCOMES", "Budget", "Repair", "Verdict", "summary", "verdicts"]
 
 SAFE = "safe as is"
 SAFE_AFTER_RECAL = "safe after recalibration"
+LIKE_FP32_RECAL = "as trustworthy as fp32, which is not: recalibrate"
+LIKE_FP32_BROKEN = "as trustworthy as fp32, which is not: cannot be repaired"
 ACCURACY_LOST = "not safe: accuracy lost"
 NOT_REPAIRABLE = "not safe: confidence cannot be repaired"
 #: The outcomes, from best to worst.
-OUTCOMES = (SAFE, SAFE_AFTER_RECAL, ACCURACY_LOST, NOT_REPAIRABLE)
+OUTCOMES = (
+    SAFE,
+    SAFE_AFTER_RECAL,
+    LIKE_FP32_RECAL,
+    LIKE_FP32_BROKEN,
+    ACCURACY_LOST,
+    NOT_REPAIRABLE,
+)
+#: Outcomes whose model may be deployed (the recalibrated ones with their recalibrator).
+SAFE_OUTCOMES = (SAFE, SAFE_AFTER_RECAL, LIKE_FP32_RECAL)
+_NONE = Estimate(None, None, None, 0)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What a deployer accepts vs fp32: top-1 accuracy lost and ECE gained (fractions: 0.01 is
-    one point)."""
+    """What a deployer accepts: top-1 accuracy lost and ECE gained vs fp32, and the highest ECE
+    at all (fractions: 0.01 is one point; ``max_ece`` 0.05 is 5 %)."""
 
     max_accuracy_drop: float = 0.01
     max_ece_rise: float = 0.01
+    max_ece: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("max_accuracy_drop", "max_ece_rise"):
+        for name in ("max_accuracy_drop", "max_ece_rise", "max_ece"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1] (0.01 = 1 point), got {v!r}")
 
 
 @dataclass(frozen=True)
+class Repair:
+    """One recalibrator measured on a cell: its ECE and accuracy, the paired ECE differences
+    vs the fp32 model with the same recalibrator and vs no recalibration, and the notes on its
+    fit (:func:`quantcal.recal.fit_notes`)."""
+
+    method: str
+    fit: str
+    ece: Estimate
+    accuracy: Estimate
+    diff_vs_fp32: Estimate
+    diff_vs_none: Estimate
+    keeps_predictions: bool
+    parameters: int | None
+    notes: tuple[str, ...] = ()
+    n_fit: int | None = None
+    n_classes: int | None = None
+
+    @property
+    def raised_ece(self) -> bool:
+        """Its fit measurably raised the held-out ECE (paired interval above 0)."""
+        d = self.diff_vs_none
+        return d.decided and d.lo > 0
+
+    @property
+    def small_fit(self) -> bool:
+        """Fitted on fewer images than :func:`quantcal.recal.min_fit_images`."""
+        return self.n_fit is not None and self.n_fit < _recal.min_fit_images(
+            self.method, self.n_classes
+        )
+
+
+@dataclass(frozen=True)
 class Verdict:
     """One quantized cell's outcome (see the module docstring) and the numbers behind it.
 
-    ``recal`` and ``recal_fit`` name the best recalibrator and where it was fitted (empty when
-    none was measured); ``best_ece`` is its ECE, ``fp32_best_ece`` the fp32 model's best.
+    ``recal`` and ``recal_fit`` name the recalibrator the verdict rests on (the repair, else the
+    best usable one; empty when none was measured); ``best_ece`` and ``recal_accuracy`` are its
+    ECE and accuracy, ``fp32_best_ece`` the fp32 model's best. ``basis`` names the intervals
+    behind ``borderline``; ``notes`` are the warnings on the cell's recalibrators (fits too
+    small or that raised ECE, recalibrators set aside for their accuracy).
     """
 
     dataset: str
@@ -72,25 +142,428 @@ class Verdict:
     recal_fit: str
     borderline: bool
     reason: str
+    recal_accuracy: Estimate = _NONE
+    basis: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def safe(self) -> bool:
-        return self.outcome in (SAFE, SAFE_AFTER_RECAL)
+        return self.outcome in SAFE_OUTCOMES
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _signed(e: Estimate) -> str:
+    """``+0.02 [-0.62, +0.32]`` in points."""
+    if e.value is None:
+        return "–"
+    if not e.decided:
+        return f"{100 * e.value:+.2f}"
+    return f"{100 * e.value:+.2f} [{100 * e.lo:+.2f}, {100 * e.hi:+.2f}]"
 
 
 def _straddles(e: Estimate, line: float) -> bool:
     return e.decided and e.lo <= line <= e.hi
 
 
-def _best(rows: list[dict]) -> tuple[str, str, Estimate, Estimate]:
-    """(method, fitted on, ECE, accuracy) of the recalibrator with the lowest mean ECE."""
-    best: tuple[str, str, Estimate, Estimate] | None = None
-    for method in dict.fromkeys(r["recal"] for r in rows if r["recal"] != "none"):
-        rs = [r for r in rows if r["recal"] == method]
+def _shift(e: Estimate, by: float) -> Estimate:
+    """``e − by`` (an unpaired difference against a number)."""
+    if e.value is None:
+        return e
+    lo = None if e.lo is None else e.lo - by
+    hi = None if e.hi is None else e.hi - by
+    return Estimate(e.value - by, lo, hi, e.n_seeds)
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A difference that decides a verdict, against its budget line (passes when ≤ line);
+    ``words`` says it for a person."""
+
+    words: str
+    diff: Estimate
+    line: float
+
+    @property
+    def passed(self) -> bool:
+        return self.diff.value is not None and self.diff.value <= self.line + 1e-12
+
+    @property
+    def straddles(self) -> bool:
+        return _straddles(self.diff, self.line)
+
+    def text(self) -> str:
+        return self.words
+
+
+def _paired(what: str, d: Estimate, line: float) -> _Check:
+    return _Check(f"{what} {_signed(d)} points (paired) vs the budget {100 * line:+g}", d, line)
+
+
+def _against(what: str, e: Estimate, ref: float, line: float, why: str) -> _Check:
+    """``e − ref ≤ line`` on ``e``'s own interval (``why``: why no paired one)."""
+    return _Check(
+        f"{what} {e.text()} % vs {_pts(ref)} % {100 * line:+g} (its own interval: {why})",
+        _shift(e, ref),
+        line,
+    )
+
+
+def _absolute(what: str, e: Estimate, budget: Budget) -> _Check:
+    return _Check(
+        f"{what} {e.text()} % vs the absolute {100 * budget.max_ece:g} %",
+        _shift(e, budget.max_ece),
+        0.0,
+    )
+
+
+def _fit_size(rs: list[dict]) -> tuple[int | None, int | None]:
+    """(images the recalibrator was fitted on, classes) of a cell's rows, where known: the
+    ``n_fit`` and ``n_classes`` columns, else half of test when cross-fitted."""
+    r = rs[0]
+    n_fit = r.get("n_fit")
+    if n_fit is None and r.get("recal_fit") == "test_crossfit" and r.get("n_test"):
+        n_fit = int(r["n_test"]) // 2
+    n_classes = r.get("n_classes")
+    return (
+        None if n_fit is None else int(n_fit),
+        None if n_classes is None else int(n_classes),
+    )
+
+
+def repairs(cell: list[dict]) -> list[Repair]:
+    """Every recalibrator measured on one cell's rows (all seeds), in the rows' order."""
+    out = []
+    for method in dict.fromkeys(r["recal"] for r in cell if r["recal"] != "none"):
+        rs = [r for r in cell if r["recal"] == method]
         e = aggregate(rs, "ece")
-        if e.value is not None and (best is None or e.value < best[2].value):
-            best = (method, rs[0].get("recal_fit") or "val", e, aggregate(rs, "accuracy"))
-    return best or ("", "", Estimate(None, None, None, 0), Estimate(None, None, None, 0))
+        if e.value is None:
+            continue
+        n_fit, n_classes = _fit_size(rs)
+        d_none = aggregate(rs, "ece_diff_vs_none")
+        notes = _recal.fit_notes(method, n_fit, n_classes, (d_none.value, d_none.lo, d_none.hi))
+        out.append(
+            Repair(
+                method,
+                rs[0].get("recal_fit") or "val",
+                e,
+                aggregate(rs, "accuracy"),
+                aggregate(rs, "ece_diff_vs_fp32"),
+                d_none,
+                _recal.keeps_predictions(method),
+                _recal.fit_parameters(method, n_classes),
+                tuple(notes),
+                n_fit,
+                n_classes,
+            )
+        )
+    return out
+
+
+def _usable(c: Repair, raw_acc: Estimate, budget: Budget) -> str:
+    """Why ``c`` cannot be a repair whatever its ECE ('' when it can)."""
+    if c.raised_ece:
+        return (
+            f"{c.method} raised the held-out ECE ({_signed(c.diff_vs_none)} points vs none, "
+            "paired): not counted"
+        )
+    if c.accuracy.value is not None and raw_acc.value - c.accuracy.value > budget.max_accuracy_drop:
+        return (
+            f"{c.method} reaches {_pts(c.ece.value)} % but changes predictions and costs "
+            f"{_pts(raw_acc.value - c.accuracy.value)} points of accuracy (budget "
+            f"{100 * budget.max_accuracy_drop:g})"
+        )
+    return ""
+
+
+def _prefer(cs: list[Repair]) -> Repair | None:
+    """The lowest-ECE recalibrator, or one that keeps predictions with fewer parameters within
+    noise of it (its ECE above the lowest by at most half its own interval)."""
+    if not cs:
+        return None
+    low = min(cs, key=lambda c: c.ece.value)
+
+    def noise(c: Repair) -> float:
+        return (c.ece.hi - c.ece.lo) / 2 if c.ece.decided else 0.0
+
+    near = [c for c in cs if c.ece.value - low.ece.value <= noise(c)]
+    return min(
+        near,
+        key=lambda c: (
+            not c.keeps_predictions,
+            c.parameters if c.parameters is not None else 10**9,
+            c.ece.value,
+        ),
+    )
+
+
+def _confidence_side(rows: list[dict]) -> str:
+    """' (over-confident: mean confidence 3.2 points above accuracy)' or under-, or ''."""
+    conf, acc = aggregate(rows, "mean_confidence"), aggregate(rows, "accuracy")
+    if conf.value is None or acc.value is None:
+        return ""
+    gap = conf.value - acc.value
+    side, where = ("over", "above") if gap > 0 else ("under", "below")
+    return f" ({side}-confident: mean confidence {_pts(abs(gap))} points {where} accuracy)"
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The fp32 model of a (dataset, model): accuracy, ECE, its best usable recalibrator."""
+
+    accuracy: Estimate
+    ece: Estimate
+    best: Estimate
+    best_method: str
+    rows: tuple[dict, ...]
+
+
+def _reference(fp: list[dict], budget: Budget) -> _Reference | None:
+    raw = [r for r in fp if r["recal"] == "none"]
+    if not raw:
+        return None
+    acc, ece = aggregate(raw, "accuracy"), aggregate(raw, "ece")
+    if acc.value is None or ece.value is None:
+        return None
+    usable = [c for c in repairs(fp) if not _usable(c, acc, budget)]
+    best = min(usable, key=lambda c: c.ece.value, default=None)
+    if best is not None and best.ece.value < ece.value:
+        return _Reference(acc, ece, best.ece, best.method, tuple(raw))
+    return _Reference(acc, ece, ece, "none", tuple(raw))
+
+
+def _ece_checks(c: Repair, ref: _Reference, budget: Budget) -> list[_Check]:
+    """The checks of a recalibrated ECE: vs fp32's best + rise (paired when fp32's best is the
+    same recalibrator), and vs the absolute ``max_ece``."""
+    if ref.best_method == c.method and c.diff_vs_fp32.value is not None:
+        rel = _paired(f"ΔECE vs fp32, both with {c.method},", c.diff_vs_fp32, budget.max_ece_rise)
+    else:
+        fb = "raw" if ref.best_method == "none" else f"with {ref.best_method}"
+        rel = _against(
+            f"ECE with {c.method}",
+            c.ece,
+            ref.best.value,
+            budget.max_ece_rise,
+            f"fp32's best is {fb}, the rows pair {c.method} only with fp32 + {c.method}",
+        )
+    return [rel, _absolute(f"ECE with {c.method}", c.ece, budget)]
+
+
+def _accuracy_check(acc: Estimate, ref: _Reference, budget: Budget, who: str) -> _Check:
+    drop = Estimate(
+        ref.accuracy.value - acc.value,
+        None if acc.hi is None else ref.accuracy.value - acc.hi,
+        None if acc.lo is None else ref.accuracy.value - acc.lo,
+        acc.n_seeds,
+    )
+    return _Check(
+        f"accuracy {who}{acc.text()} % vs fp32 {_pts(ref.accuracy.value)} % − "
+        f"{100 * budget.max_accuracy_drop:g} (its own interval: no paired accuracy column)",
+        drop,
+        budget.max_accuracy_drop,
+    )
+
+
+def _repairs_cell(c: Repair, ref: _Reference, budget: Budget) -> bool:
+    acc = c.accuracy.value
+    acc_ok = acc is None or ref.accuracy.value - acc <= budget.max_accuracy_drop + 1e-12
+    return acc_ok and all(k.passed for k in _ece_checks(c, ref, budget))
+
+
+def _accuracy_change(c: Repair, raw_acc: Estimate) -> str:
+    """'vector changes predictions: accuracy 21.9 → 88.8 %' when it moves accuracy, or ''."""
+    if c.keeps_predictions or c.accuracy.value is None or raw_acc.value is None:
+        return ""
+    if abs(c.accuracy.value - raw_acc.value) < 0.0005:
+        return ""
+    return (
+        f"{c.method} changes predictions: accuracy {_pts(raw_acc.value)} → "
+        f"{_pts(c.accuracy.value)} %"
+    )
+
+
+def _fit_clause(c: Repair) -> str:
+    """'; fitted on only 180 images, under the 500 trusted' or ''."""
+    if not c.small_fit:
+        return ""
+    need = _recal.min_fit_images(c.method, c.n_classes)
+    return f"; fitted on only {c.n_fit} images, under the {need} trusted"
+
+
+def _repair_text(c: Repair, ref: _Reference, raw_acc: Estimate) -> str:
+    fp = "raw" if ref.best_method == "none" else f"with {ref.best_method}"
+    text = (
+        f"{c.method} (fitted on {c.fit}) brings it to {_pts(c.ece.value)} % vs fp32's best "
+        f"{_pts(ref.best.value)} % ({fp})"
+    )
+    change = _accuracy_change(c, raw_acc)
+    text += f"; {change}" if change else "; it keeps every prediction" * c.keeps_predictions
+    return text + _fit_clause(c)
+
+
+def _passed_over(named: Repair | None, cands: list[Repair], set_aside: dict[str, str]) -> str:
+    """Why lower-ECE recalibrators were not named: set aside (accuracy, a fit that raised
+    ECE), or within noise of one that keeps predictions or fits fewer parameters."""
+    if named is None:
+        return ""
+    lower = [c for c in cands if c is not named and c.ece.value < named.ece.value]
+    parts = [set_aside[c.method] for c in lower if set_aside.get(c.method)]
+    near = [c for c in lower if not set_aside.get(c.method)]
+    if near:
+        tail = "" if named.keeps_predictions else f"; {named.method} fits fewer parameters"
+        parts.append(
+            ", ".join(f"{c.method} {_pts(c.ece.value)} %" for c in near)
+            + f" {'is' if len(near) == 1 else 'are'} lower, within noise{tail}"
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _budget_words(budget: Budget) -> str:
+    return f"budget +{100 * budget.max_ece_rise:g}, at most {100 * budget.max_ece:g} %"
+
+
+def _judge(
+    ds: str, model: str, p: str, cell: list[dict], ref: _Reference, budget: Budget
+) -> Verdict | None:
+    raw = [r for r in cell if r["recal"] == "none"]
+    if not raw:
+        return None
+    acc, ece = aggregate(raw, "accuracy"), aggregate(raw, "ece")
+    if acc.value is None or ece.value is None:
+        return None
+    cands = repairs(cell)
+    set_aside = {c.method: _usable(c, acc, budget) for c in cands}
+    usable = [c for c in cands if not set_aside[c.method]]
+    fixes = [c for c in usable if _repairs_cell(c, ref, budget)]
+    choice = _prefer(fixes)
+    shown = choice or _prefer(usable) or min(cands, key=lambda c: c.ece.value, default=None)
+    notes = tuple(n for c in cands for n in c.notes)
+
+    d_raw = aggregate(raw, "ece_diff_vs_fp32")
+    if d_raw.value is not None:
+        rel = _paired("ΔECE vs fp32", d_raw, budget.max_ece_rise)
+    else:
+        rel = _against("ECE", ece, ref.ece.value, budget.max_ece_rise, "no ece_diff_vs_fp32")
+    absolute = _absolute("ECE", ece, budget)
+    acc_check = _accuracy_check(acc, ref, budget, "")
+    fp32_bad = ref.ece.value > budget.max_ece
+    gain = [t for c in usable if (t := _accuracy_change(c, acc)) and c.accuracy.value > acc.value]
+
+    def vs_fp32() -> str:
+        return (
+            f"ECE {_pts(ece.value)} % vs fp32 {_pts(ref.ece.value)} % (paired difference "
+            f"{_signed(d_raw)} points; {_budget_words(budget)})"
+            if d_raw.value is not None
+            else f"ECE {_pts(ece.value)} % vs fp32 {_pts(ref.ece.value)} % "
+            f"({_budget_words(budget)})"
+        )
+
+    if not acc_check.passed and choice is None:
+        outcome, checks = ACCURACY_LOST, [acc_check]
+        reason = (
+            f"accuracy {_pts(acc.value)} % vs fp32 {_pts(ref.accuracy.value)} %: "
+            f"{_pts(ref.accuracy.value - acc.value)} points lost, budget "
+            f"{100 * budget.max_accuracy_drop:g}"
+        )
+        best_gain = max(
+            (c for c in usable if c.accuracy.value is not None),
+            key=lambda c: c.accuracy.value,
+            default=None,
+        )
+        if gain and best_gain is not None:
+            short = ref.accuracy.value - best_gain.accuracy.value
+            reason += f"; {_accuracy_change(best_gain, acc)}, " + (
+                f"still {_pts(short)} points short of fp32"
+                if short > budget.max_accuracy_drop
+                else f"but its ECE {_pts(best_gain.ece.value)} % is over budget"
+            )
+    elif not acc_check.passed:  # a recalibrator that changes predictions wins accuracy back
+        outcome = SAFE_AFTER_RECAL
+        checks = [
+            _accuracy_check(choice.accuracy, ref, budget, "after it "),
+            *_ece_checks(choice, ref, budget),
+        ]
+        reason = (
+            f"accuracy {_pts(acc.value)} % is {_pts(ref.accuracy.value - acc.value)} points "
+            f"under fp32's {_pts(ref.accuracy.value)} %, but "
+            + _repair_text(choice, ref, acc)
+            + f" ({_budget_words(budget)})"
+        )
+    elif rel.passed and absolute.passed:
+        outcome, checks = SAFE, [rel, absolute]
+        reason = f"{vs_fp32()}; accuracy {_pts(acc.value)} % vs fp32 {_pts(ref.accuracy.value)} %"
+    elif rel.passed and fp32_bad:
+        side = _confidence_side(list(ref.rows))
+        head = (
+            f"{vs_fp32()}: no worse than fp32, but fp32 itself is over the absolute budget "
+            f"{100 * budget.max_ece:g} %{side}"
+        )
+        if choice is not None:
+            outcome, checks = LIKE_FP32_RECAL, [rel, *_ece_checks(choice, ref, budget)]
+            reason = f"{head}. Recalibrate: {_repair_text(choice, ref, acc)}"
+        else:
+            outcome, checks = LIKE_FP32_BROKEN, [rel, absolute]
+            tried = (
+                f"the best usable, {shown.method}, reaches {_pts(shown.ece.value)} %"
+                if shown is not None and not set_aside[shown.method]
+                else "no usable recalibrator was measured"
+            )
+            reason = f"{head}; no recalibrator brings it within budget ({tried})"
+    elif choice is not None:
+        outcome, checks = SAFE_AFTER_RECAL, _ece_checks(choice, ref, budget)
+        over = (
+            f"over fp32's {_pts(ref.ece.value)} % + {100 * budget.max_ece_rise:g}"
+            if not rel.passed
+            else f"over the absolute {100 * budget.max_ece:g} %"
+        )
+        reason = f"raw ECE {_pts(ece.value)} % is {over}; {_repair_text(choice, ref, acc)}"
+    else:
+        outcome = NOT_REPAIRABLE
+        checks = [k for k in (rel, absolute) if not k.passed]
+        checks += [k for k in _ece_checks(shown, ref, budget) if not k.passed] if shown else []
+        if shown is None:
+            tried = "no recalibrator was measured"
+        elif set_aside[shown.method]:
+            tried = f"no usable recalibrator ({set_aside[shown.method]})"
+        elif shown.ece.value >= ece.value:
+            tried = (
+                f"no recalibrator lowers it (the best, {shown.method}, reaches "
+                f"{_pts(shown.ece.value)} %)"
+            )
+        else:
+            tried = f"the best recalibrator, {shown.method}, reaches {_pts(shown.ece.value)} %"
+            change = _accuracy_change(shown, acc)
+            tried += f" ({change})" if change else ""
+        reason = (
+            f"raw ECE {_pts(ece.value)} %; {tried}; fp32's best is {_pts(ref.best.value)} % "
+            f"({_budget_words(budget)})"
+        )
+    named = choice or shown
+    if outcome not in (SAFE, ACCURACY_LOST):
+        reason += _passed_over(named, cands, set_aside)
+    borderline = any(k.straddles for k in checks)
+    basis = "; ".join(k.text() for k in checks)
+    return Verdict(
+        ds,
+        model,
+        p,
+        outcome,
+        acc,
+        ref.accuracy,
+        ece,
+        ref.ece,
+        named.ece if named else _NONE,
+        ref.best,
+        named.method if named else "",
+        named.fit if named else "",
+        borderline,
+        reason,
+        named.accuracy if named else _NONE,
+        basis,
+        notes,
+    )
 
 
 def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
@@ -101,83 +574,94 @@ def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
     out: list[Verdict] = []
     for ds, model in groups(main):
         rs = pick(main, dataset=ds, model=model)
-        fp = pick(rs, precision="fp32")
-        fp_raw = [r for r in fp if r["recal"] == "none"]
-        if not fp_raw:
+        ref = _reference(pick(rs, precision="fp32"), budget)
+        if ref is None:
             continue
-        fp_acc, fp_ece = aggregate(fp_raw, "accuracy"), aggregate(fp_raw, "ece")
-        _, _, fp_best, _ = _best(fp)
-        fp_best = fp_best if fp_best.value is not None and fp_best.value < fp_ece.value else fp_ece
         for p in sorted({r["precision"] for r in rs} - {"fp32"}, key=prec_key):
-            cell = pick(rs, precision=p)
-            raw = [r for r in cell if r["recal"] == "none"]
-            if not raw:
-                continue
-            acc, ece = aggregate(raw, "accuracy"), aggregate(raw, "ece")
-            method, fit, best, best_acc = _best(cell)
-            drop = fp_acc.value - acc.value
-            acc_line = fp_acc.value - budget.max_accuracy_drop
-            ece_line = fp_ece.value + budget.max_ece_rise
-            repair_line = fp_best.value + budget.max_ece_rise
-            if drop > budget.max_accuracy_drop:
-                outcome = ACCURACY_LOST
-                borderline = _straddles(acc, acc_line)
-                reason = (
-                    f"accuracy {100 * acc.value:.1f} % vs fp32 {100 * fp_acc.value:.1f} %: "
-                    f"{100 * drop:.1f} points lost, budget {100 * budget.max_accuracy_drop:g}"
-                )
-            elif ece.value <= ece_line:
-                outcome = SAFE
-                borderline = _straddles(ece, ece_line)
-                reason = (
-                    f"ECE {100 * ece.value:.1f} % vs fp32 {100 * fp_ece.value:.1f} % (budget +"
-                    f"{100 * budget.max_ece_rise:g}); accuracy {100 * acc.value:.1f} % vs fp32 "
-                    f"{100 * fp_acc.value:.1f} %"
-                )
-            elif (
-                best.value is not None
-                and best.value <= repair_line
-                and fp_acc.value - best_acc.value <= budget.max_accuracy_drop
-            ):
-                outcome = SAFE_AFTER_RECAL
-                borderline = _straddles(best, repair_line)
-                reason = (
-                    f"raw ECE {100 * ece.value:.1f} % is over budget; {method} (fitted on {fit}) "
-                    f"brings it to {100 * best.value:.1f} % vs fp32's best "
-                    f"{100 * fp_best.value:.1f} % (budget +{100 * budget.max_ece_rise:g})"
-                )
-            else:
-                outcome = NOT_REPAIRABLE
-                borderline = best.value is not None and _straddles(best, repair_line)
-                if best.value is None:
-                    tried = "no recalibrator was measured"
-                elif best.value >= ece.value:
-                    tried = (
-                        f"no recalibrator lowers it (the best, {method}, reaches "
-                        f"{100 * best.value:.1f} %)"
-                    )
-                else:
-                    tried = f"the best recalibrator, {method}, reaches {100 * best.value:.1f} %"
-                reason = (
-                    f"raw ECE {100 * ece.value:.1f} %; {tried}; fp32's best is "
-                    f"{100 * fp_best.value:.1f} % (budget +{100 * budget.max_ece_rise:g})"
-                )
-            out.append(
-                Verdict(
-                    ds,
-                    model,
-                    p,
-                    outcome,
-                    acc,
-                    fp_acc,
-                    ece,
-                    fp_ece,
-                    best,
-                    fp_best,
-                    method,
-                    fit,
-                    borderline,
-                    reason,
-                )
-            )
+            v = _judge(ds, model, p, pick(rs, precision=p), ref, budget)
+            if v is not None:
+                out.append(v)
     return out
+
+
+def summary(rows: list[dict], budget: Budget | None = None) -> list[str]:
+    """Sentences for the top of the verdict table, each about several cells: an fp32 model
+    over the absolute budget and what temperature scaling does to all its cells; a recalibrator
+    that changes predictions and wins accuracy back; recalibrators fitted on too few images or
+    whose fit raised the held-out ECE."""
+    budget = budget or Budget()
+    vs = verdicts(rows, budget)
+    main = main_rows(rows)
+    out = []
+    for ds, model in dict.fromkeys((v.dataset, v.model) for v in vs):
+        rs = pick(main, dataset=ds, model=model)
+        fp_raw = pick(rs, precision="fp32", recal="none")
+        fp_ece = aggregate(fp_raw, "ece")
+        if fp_ece.value is None or fp_ece.value <= budget.max_ece:
+            continue
+        side = _confidence_side(fp_raw)
+        text = (
+            f"{model}: the fp32 model itself is over the absolute budget, ECE "
+            f"{_pts(fp_ece.value)} %{side}; quantized cells no worse than it are marked "
+            "“as trustworthy as fp32, which is not”"
+        )
+        ts = [
+            aggregate(pick(rs, precision=p, recal="temperature"), "ece")
+            for p in dict.fromkeys(r["precision"] for r in rs)
+        ]
+        if ts and all(e.value is not None for e in ts):
+            worst = max(e.value for e in ts)
+            text += (
+                f". Temperature scaling takes every cell, fp32 included, to ≤ {_pts(worst)} %"
+                if worst <= budget.max_ece
+                else f". Temperature scaling leaves up to {_pts(worst)} %"
+            )
+        out.append(text + ".")
+    for v in vs:
+        if v.recal and v.recal_accuracy.value is not None and v.accuracy.value is not None:
+            gain = v.recal_accuracy.value - v.accuracy.value
+            if gain > budget.max_accuracy_drop and not _recal.keeps_predictions(v.recal):
+                out.append(
+                    f"{v.model} {v.precision}: {v.recal} changes predictions and wins back "
+                    f"{_pts(gain)} points of accuracy ({_pts(v.accuracy.value)} → "
+                    f"{_pts(v.recal_accuracy.value)} %, fp32 {_pts(v.fp32_accuracy.value)} %)."
+                )
+    small: dict[str, list[int]] = {}
+    raised: dict[str, list[str]] = {}
+    for ds, model in groups(main):
+        rs = pick(main, dataset=ds, model=model)
+        for p in dict.fromkeys(r["precision"] for r in rs):
+            for c in repairs(pick(rs, precision=p)):
+                if c.small_fit:
+                    small.setdefault(c.method, []).append(c.n_fit)
+                if c.raised_ece:
+                    raised.setdefault(c.method, []).append(f"{model} {p}")
+    if small:
+        out.append(
+            "Fitted on fewer images than this report trusts (at least "
+            f"{_recal.MIN_FIT_IMAGES}, and {_recal.MIN_FIT_PER_PARAMETER} per fitted "
+            "parameter): "
+            + "; ".join(
+                f"{m} on {_span(ns)} images ({_recal.min_fit_images(m, c)} needed) in "
+                f"{len(ns)} cell(s)"
+                for m, ns in small.items()
+                for c in [_classes(main)]
+            )
+            + " (fp32 cells included). Their fits may not reproduce on another sample: a larger "
+            "recalibration split (data.val_size) settles it."
+        )
+    for method, cells in raised.items():
+        out.append(
+            f"{method}'s fit measurably raised the held-out ECE in {len(cells)} cell(s) "
+            f"({', '.join(cells)}); the verdicts do not count it as a repair there."
+        )
+    return out
+
+
+def _span(ns: list[int]) -> str:
+    return f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}"
+
+
+def _classes(main: list[dict]) -> int | None:
+    ks = [r.get("n_classes") for r in main if r.get("n_classes") is not None]
+    return int(max(ks)) if ks else None
