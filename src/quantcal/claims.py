@@ -282,9 +282,19 @@ _CLAIM3 = (
 def temperature_scaling_helps(rows: list[dict]) -> Claim:
     """Paper claim 3, per model and quantized precision: the ECE change from temperature
     scaling (paired; supported when its interval lies below 0) and whether the result is still
-    above the fp32 model's after temperature scaling."""
+    above the fp32 model's after temperature scaling.
+
+    The cells where it raised ECE (point estimate above 0; *measurably* when the paired
+    interval lies above 0) are counted and named. When it raised ECE in more than half of the
+    cells the verdict is *not supported* whatever the other cells say; fits on fewer images
+    than :func:`quantcal.recal.min_fit_images` (the ``n_fit`` column) are counted too."""
+    from quantcal import recal
+
     main = main_rows(rows)
     evidence, verdicts, numbers = [], [], []
+    worse: list[str] = []
+    measurably: list[str] = []
+    small: list[int] = []
     mobileone = ""
     for ds, model in groups(main):
         ts_rows = pick(main, dataset=ds, model=model, recal="temperature")
@@ -297,6 +307,13 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
             residual = aggregate(ts, "ece_diff_vs_fp32")
             temps = [r["temperature"] for r in ts if r.get("temperature") is not None]
             v = _interval_verdict(change, "made worse", "improved")
+            if change.value is not None and change.value > 0:
+                worse.append(f"{model} {p}")
+                if v == "made worse":
+                    measurably.append(f"{model} {p}")
+            n_fit = ts[0].get("n_fit")
+            if n_fit is not None and n_fit < recal.min_fit_images("temperature"):
+                small.append(int(n_fit))
             verdicts.append(
                 "supported"
                 if v == "improved"
@@ -324,11 +341,33 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
             source="paper",
             tested=False,
         )
-    verdict = (
-        summarise(verdicts)
-        + "; MobileOne at the lowest precision: "
-        + (mobileone or "not in this run")
+    n = len(verdicts)
+    raised = (
+        f"it raised ECE in {len(worse)} of {n} cells ({len(measurably)} measurably, the paired "
+        "interval above 0)"
     )
+    if 2 * len(worse) > n:
+        head = f"not supported: {raised}"
+    else:
+        head = summarise(verdicts) + (f"; {raised}" if worse else "")
+    if worse:
+        evidence.insert(
+            0,
+            f"Temperature scaling raised ECE in {len(worse)} of {n} cells: "
+            + ", ".join(f"{c}{' (measurably)' if c in measurably else ''}" for c in worse)
+            + ".",
+        )
+    if small:
+        span = f"{min(small)}" if min(small) == max(small) else f"{min(small)}–{max(small)}"
+        head += f"; fitted on {span} images in {len(small)} of {n} cells"
+        evidence.insert(
+            0,
+            f"The temperature was fitted on {span} images in {len(small)} "
+            f"of {n} cells, fewer than the {recal.min_fit_images('temperature')} this report "
+            "trusts: with few errors among them the NLL favours a low T that sharpens a model "
+            "already calibrated, and a rise in ECE on test is what that looks like.",
+        )
+    verdict = head + "; MobileOne at the lowest precision: " + (mobileone or "not in this run")
     return Claim(
         "temperature_scaling_helps",
         _CLAIM3,
@@ -344,10 +383,14 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
 # ---------------------------------------------------------------------------------------------
 @register_claim
 def refit_temperature(rows: list[dict]) -> Claim:
-    """After quantization, refit the temperature rather than reuse the fp32 model's: the ECE of
-    each, per model and quantized precision (a measurement)."""
+    """After quantization, refit the temperature or reuse the fp32 model's? The ECE of each,
+    per model and quantized precision (a measurement). The verdict counts the cells where each
+    is lower; the rows pair each with no recalibration, not with each other, so a count is all
+    it says (the statement takes no side)."""
     main = main_rows(rows)
     evidence, numbers = [], []
+    refit_lower: list[str] = []
+    reuse_lower: list[str] = []
     for ds, model in groups(main):
         for p in [p for p in _precisions(pick(main, dataset=ds, model=model)) if p != "fp32"]:
             refit = pick(main, dataset=ds, model=model, recal="temperature", precision=p)
@@ -355,6 +398,8 @@ def refit_temperature(rows: list[dict]) -> Claim:
             if not (refit and reuse):
                 continue
             a, b = aggregate(reuse, "ece"), aggregate(refit, "ece")
+            if a.value is not None and b.value is not None and a.value != b.value:
+                (refit_lower if b.value < a.value else reuse_lower).append(f"{model} {p}")
             t_reuse = reuse[0].get("temperature")
             t_refit = refit[0].get("temperature")
             numbers += [
@@ -369,7 +414,8 @@ def refit_temperature(rows: list[dict]) -> Claim:
                 + "."
             )
     statement = (
-        "Extra: after quantization, refit the temperature rather than reuse the fp32 model's."
+        "Extra: after quantization, refit the temperature or reuse the fp32 model's? "
+        "(the ECE of each)"
     )
     if not evidence:
         return Claim(
@@ -379,7 +425,23 @@ def refit_temperature(rows: list[dict]) -> Claim:
             ("needs the temperature and temperature_fp32 recalibrators",),
             tested=False,
         )
-    return Claim("refit_temperature", statement, "see the numbers", tuple(evidence), tuple(numbers))
+    n = len(evidence)
+    counts = f"refitting lower in {len(refit_lower)} of {n} cells, reusing in {len(reuse_lower)}"
+    if len(reuse_lower) > len(refit_lower):
+        counts += " (reusing the fp32 temperature did better more often)"
+    elif len(refit_lower) > len(reuse_lower):
+        counts += " (refitting did better more often)"
+    if reuse_lower:
+        evidence.append(
+            "Reusing the fp32 temperature gave the lower ECE in: " + ", ".join(reuse_lower) + "."
+        )
+    return Claim(
+        "refit_temperature",
+        statement,
+        f"see the numbers: {counts}",
+        tuple(evidence),
+        tuple(numbers),
+    )
 
 
 @register_claim
@@ -718,7 +780,11 @@ def ablation_properties(rows: list[dict], details: dict[str, Any]) -> Claim:
 def attribution_layer_types(rows: list[dict], details: dict[str, Any]) -> Claim:
     """From the per-layer attribution (``[quant] attribution``): per model at its lowest
     attributed precision, the layer kind with the largest share of the summed single-layer NLL
-    rise, the kind with the largest rise per layer, and the top layer. A measurement."""
+    rise, the kind with the largest mean rise per layer, and the single most harmful layer
+    (said to be of another kind when it is). What keeping that layer in fp32 gives back is
+    stated so that positive is better for each metric: NLL and ECE fall by ``recovery_nll``
+    and ``recovery_ece``; accuracy rises by −``recovery_accuracy`` (that field is quantized −
+    all-but-this-layer, so its sign is the opposite of a gain). A measurement."""
     statement = "Which layer types decide calibration at low precision (per-layer attribution)."
     recs = [
         r
@@ -754,23 +820,35 @@ def attribution_layer_types(rows: list[dict], details: dict[str, Any]) -> Claim:
         mean = max(kinds, key=lambda k: kinds[k]["mean"])
         per_layer_top.append(mean)
         top = res.ranked()[0]
+        other = (
+            f" — a {top.kind} layer: {mean} layers lead only on average" if top.kind != mean else ""
+        )
         evidence.append(
             f"{key[1]}@{key[2]:g} ({key[0]}, {rec['precision']}): {share} layers carry "
             f"{100 * _nan_low(kinds[share]['share'], 0):.0f} % of the summed single-layer NLL rise "
-            f"({kinds[share]['count']} layers); {mean} the most per layer "
-            f"({kinds[mean]['mean']:.3f} nats); top layer {top.name} ({top.kind}, NLL "
-            f"{top.alone_nll:+.3f}, ECE {100 * top.alone_ece:+.2f} points alone; keeping it "
-            f"in fp32 gives back {top.recovery_nll:+.3f} nats)."
+            f"({kinds[share]['count']} layers); {mean} layers the largest mean rise per layer "
+            f"({kinds[mean]['mean']:.3f} nats over {kinds[mean]['count']}); the single most "
+            f"harmful layer is {top.name} ({top.kind}, NLL {top.alone_nll:+.3f}, ECE "
+            f"{100 * top.alone_ece:+.2f} points when quantized alone){other}. Keeping it in "
+            f"fp32 gives back {_gain(top.recovery_nll, 1, '.3f')} nats of NLL, "
+            f"{_gain(top.recovery_ece, 100, '.2f')} points of ECE and "
+            f"{_gain(-top.recovery_accuracy, 100, '.1f')} points of accuracy (positive: better)."
         )
     if per_layer_top:
         counts = {k: per_layer_top.count(k) for k in dict.fromkeys(per_layer_top)}
         evidence.insert(
             0,
-            "Most harmful kind per layer, across models: "
+            "Layer kind with the largest mean NLL rise per layer, across models: "
             + ", ".join(f"{k} in {n} of {len(per_layer_top)}" for k, n in counts.items())
-            + ".",
+            + " (an average over the kind's layers: the single most harmful layer, named "
+            "below, can be of another kind).",
         )
     return Claim("attribution_layer_types", statement, "see the numbers", tuple(evidence))
+
+
+def _gain(v: float, scale: float, fmt: str) -> str:
+    """``v·scale`` signed, or ``–`` when it was not measured (NaN)."""
+    return "–" if v != v else f"{scale * v:+{fmt}}"
 
 
 def _nan_low(v: float, default: float = -1.0) -> float:

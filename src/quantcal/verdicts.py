@@ -124,8 +124,8 @@ class Verdict:
     ``recal`` and ``recal_fit`` name the recalibrator the verdict rests on (the repair, else the
     best usable one; empty when none was measured); ``best_ece`` and ``recal_accuracy`` are its
     ECE and accuracy, ``fp32_best_ece`` the fp32 model's best. ``basis`` names the intervals
-    behind ``borderline``; ``notes`` are the warnings on the cell's recalibrators (fits too
-    small or that raised ECE, recalibrators set aside for their accuracy).
+    that decided (when ``borderline``, only those that straddle their line); ``notes`` are
+    the warnings on the cell's recalibrators (fits too small or that raised ECE).
     """
 
     dataset: str
@@ -544,7 +544,7 @@ def _judge(
     if outcome not in (SAFE, ACCURACY_LOST):
         reason += _passed_over(named, cands, set_aside)
     borderline = any(k.straddles for k in checks)
-    basis = "; ".join(k.text() for k in checks)
+    basis = "; ".join(k.text() for k in checks if k.straddles or not borderline)
     return Verdict(
         ds,
         model,
