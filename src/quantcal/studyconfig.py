@@ -53,6 +53,9 @@ listed method and scored on the test split. File layout (every key optional but 
     [report]                       # the deployer's budget behind each verdict (quantcal.verdicts)
     max_accuracy_drop = 0.01       # top-1 accuracy lost vs fp32 (0.01 = 1 point)
     max_ece_rise = 0.01            # ECE above fp32's (as is; or after the best recalibrator)
+    max_ece = 0.05                 # ECE at all, whatever fp32's: a cell as miscalibrated as an
+                                   # over-confident fp32 reads "as trustworthy as fp32, which
+                                   # is not" (1.0 turns this off)
 
 ``[train] objectives`` lists training objectives (names or tables, see
 :mod:`quantcal.objectives`); each trains its own model, which then goes through every precision,
@@ -196,6 +199,8 @@ class StudyConfig:
     #: The verdicts' budget: accuracy lost and ECE gained vs fp32 that a deployer accepts.
     max_accuracy_drop: float = 0.01
     max_ece_rise: float = 0.01
+    #: The highest ECE a deployed model may have, whatever fp32's (quantcal.verdicts).
+    max_ece: float = 0.05
     threads: int | None = None
     #: Training objectives in canonical form (``{"name": ..., params}``); None: ``["ce"]``.
     objectives: tuple[Mapping[str, Any], ...] | None = None
@@ -323,14 +328,19 @@ class StudyConfig:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
-        for name in ("max_accuracy_drop", "max_ece_rise"):
+        for name in ("max_accuracy_drop", "max_ece_rise", "max_ece"):
             v = getattr(self, name)
-            what = "top-1 accuracy lost" if name == "max_accuracy_drop" else "rise in ECE"
+            what = {
+                "max_accuracy_drop": "top-1 accuracy lost vs fp32",
+                "max_ece_rise": "rise in ECE vs fp32",
+                "max_ece": "ECE at all, whatever fp32's,",
+            }[name]
+            default = 0.05 if name == "max_ece" else 0.01
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(
-                    f"report.{name} must be a number in [0, 1], the {what} vs fp32 that a "
+                    f"report.{name} must be a number in [0, 1], the {what} that a "
                     f"deployer accepts (0.01 = 1 point; 0 = none), got {v!r}; every verdict "
-                    "needs it, so it has no 'none' (leave the key out for the default 0.01)"
+                    f"needs it, so it has no 'none' (leave the key out for the default {default})"
                 )
             set_(name, float(v))
         set_("plans", self._check_plans(self.plans))
@@ -552,6 +562,7 @@ class StudyConfig:
             "report": {
                 "max_accuracy_drop": self.max_accuracy_drop,
                 "max_ece_rise": self.max_ece_rise,
+                "max_ece": self.max_ece,
             },
         }
 
@@ -590,7 +601,11 @@ _LAYOUT: dict[str | None, dict[str, str]] = {
         "level": "level",
         "eval_batch_size": "eval_batch_size",
     },
-    "report": {"max_accuracy_drop": "max_accuracy_drop", "max_ece_rise": "max_ece_rise"},
+    "report": {
+        "max_accuracy_drop": "max_accuracy_drop",
+        "max_ece_rise": "max_ece_rise",
+        "max_ece": "max_ece",
+    },
 }
 _TOP_TABLES = ("data", "model", "train", "quant", "recal", "metrics")
 
