@@ -646,6 +646,7 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-weight:600}
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-weight:600;white-space:nowrap}
 .safe{background:#d9f2dd;color:#135c1e}.repair{background:#dbe9fb;color:#123f7a}
 .lost{background:#fde2d6;color:#7a2a06}.broken{background:#f9d6dc;color:#7a0e24}
+.asfp32{background:#fff1c2;color:#6b4a00}
 td.text{text-align:left}th{text-align:left}
 table.verdicts{width:100%}table.verdicts td{vertical-align:middle;white-space:nowrap}
 table.verdicts td.why,table.verdicts td.verdict{white-space:normal}
@@ -663,6 +664,14 @@ table.verdicts td>.muted{display:block;white-space:nowrap}
 _BADGE = {
     "safe as is": ("safe", "✔ safe as is"),
     "safe after recalibration": ("repair", "✔ safe after recalibration"),
+    "as trustworthy as fp32, which is not: recalibrate": (
+        "asfp32",
+        "✔ as trustworthy as fp32, which is not: recalibrate",
+    ),
+    "as trustworthy as fp32, which is not: cannot be repaired": (
+        "asfp32",
+        "✘ as trustworthy as fp32, which is not: cannot be repaired",
+    ),
     "not safe: accuracy lost": ("lost", "✘ not safe: accuracy lost"),
     "not safe: confidence cannot be repaired": (
         "broken",
@@ -680,7 +689,11 @@ def _budget(config_text: str):
     try:
         section = tomllib.loads(config_text).get("report", {}) if config_text else {}
         return Budget(
-            **{k: section[k] for k in ("max_accuracy_drop", "max_ece_rise") if k in section}
+            **{
+                k: section[k]
+                for k in ("max_accuracy_drop", "max_ece_rise", "max_ece")
+                if k in section
+            }
         )
     except (tomllib.TOMLDecodeError, TypeError, ValueError):
         return Budget()
@@ -704,7 +717,8 @@ def _estimate_html(e, fp32=None) -> str:
 def _verdict_section(rows: list[dict], budget) -> str:
     """The verdict table: per model and precision, the outcome (colour and text), the numbers
     behind it (intervals as tooltips and in the key numbers below) and the reason."""
-    from quantcal.verdicts import verdicts
+    from quantcal.verdicts import LIKE_FP32_RECAL, SAFE_AFTER_RECAL, verdicts
+    from quantcal.verdicts import summary as summary_notes
 
     vs = verdicts(rows, budget)
     if not vs:
@@ -714,11 +728,13 @@ def _verdict_section(rows: list[dict], budget) -> str:
     for v in vs:
         cls, label = _BADGE[v.outcome]
         after = ""
-        if v.outcome == "safe after recalibration":
-            after = f"<br>{_muted(f'{v.recal}, fitted on {v.recal_fit}')}"
+        if v.outcome in (SAFE_AFTER_RECAL, LIKE_FP32_RECAL):
+            fix = f"{v.recal} → {pct(v.best_ece.value)} %, fitted on {v.recal_fit}"
+            after = f"<br>{_muted(fix)}"
         near = (
-            " <span class='near' title='borderline: the interval of the deciding number "
-            "crosses the budget line'>≈</span>"
+            " <span class='near' title='"
+            + html.escape(f"borderline: {v.basis or 'the deciding interval'} crosses its line")
+            + "'>≈</span>"
             if v.borderline
             else ""
         )
@@ -745,17 +761,21 @@ def _verdict_section(rows: list[dict], budget) -> str:
         )
     )
     counts = {o: sum(v.outcome == o for v in vs) for o in _BADGE}
-    summary = ", ".join(f"{n} {o}" for o, n in counts.items() if n)
+    summary = "; ".join(f"{n} {o}" for o, n in counts.items() if n)
     datasets = "" if multi_ds else f" on {html.escape(_ds_label(vs[0].dataset))}"
     return (
         f"<p><b>{len(vs)} quantized cells{datasets}: {html.escape(summary)}.</b></p>"
-        f"<table class='verdicts'><tr>{head}</tr>{''.join(body)}</table>"
+        + "".join(f"<p>{html.escape(s)}</p>" for s in summary_notes(rows, budget))
+        + f"<table class='verdicts'><tr>{head}</tr>{''.join(body)}</table>"
         f"<p class='muted'>Budget: at most {100 * budget.max_accuracy_drop:g} point(s) of "
         f"top-1 accuracy lost and {100 * budget.max_ece_rise:g} point(s) of ECE gained vs "
-        "fp32 (as is; after recalibration, vs fp32's best), from the study's [report] "
-        "max_accuracy_drop and max_ece_rise. Point estimates decide; hover a number for its "
-        "95 % interval (the key numbers below list them); ≈ marks a verdict whose interval "
-        "crosses the budget line.</p>"
+        f"fp32 (as is; after recalibration, vs fp32's best), and an ECE of at most "
+        f"{100 * budget.max_ece:g} % whatever fp32's, from the study's [report] "
+        "max_accuracy_drop, max_ece_rise and max_ece. A recalibrator that costs more accuracy "
+        "than the budget, or whose fit raised the held-out ECE, is no repair. Point estimates "
+        "decide; hover a number for its 95 % interval (the key numbers below list them); ≈ "
+        "marks a verdict whose deciding interval crosses its line: the paired ΔECE vs fp32 "
+        "where the rows have it (hover ≈ to see which).</p>"
     )
 
 
