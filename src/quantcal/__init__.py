@@ -16,15 +16,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "metrics", "models", "quant", "recal", "report", "study", "train")
-__all__ = ["__version__", *_SUBMODULES]
+#: Functions at the top level, each loaded from its module on first access.
+_FUNCTIONS = {"verdict": "quantcal.evaluate"}
+__all__ = ["__version__", *_SUBMODULES, *_FUNCTIONS]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from quantcal import data, metrics, models, quant, recal, report, study, train  # noqa: F401
+    from quantcal.evaluate import verdict  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"quantcal.{name}")
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(_FUNCTIONS[name]), name)
     raise AttributeError(f"module 'quantcal' has no attribute {name!r}")
 
 

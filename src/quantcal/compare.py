@@ -29,6 +29,16 @@ def _identity() -> tuple[str, ...]:
 METRICS = ("ece", "accuracy", "nll", "brier")
 
 
+def _recalibrated(run: str | Path) -> dict[tuple, tuple[Any, Any]]:
+    """A run's recalibrated test logits by cell identity: from its cache (a study, an eval of
+    a checkpoint) or from the predictions an eval of given logits or ONNX keeps."""
+    from quantcal import evaluate, study
+
+    if (Path(run) / evaluate.GIVEN_FILE).is_file():
+        return evaluate.recalibrated_given_logits(run)
+    return study.recalibrated_test_logits(run)
+
+
 def _interval(metric: str, z, y, n_resamples: int, seed: int, n_bins: int):
     from quantcal import metrics
 
@@ -49,12 +59,11 @@ def compare_runs(
     """``{"rows": [...], "only_a": [identity], "only_b": [identity]}``; each row holds the
     identity, ``a`` and ``b`` (the metric of each run), ``diff`` = b − a with ``lo`` and ``hi``,
     ``paired`` (True when both scored the same test images) and ``n_test``."""
-    from quantcal import metrics, study
+    from quantcal import metrics
 
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    a = study.recalibrated_test_logits(run_a)
-    b = study.recalibrated_test_logits(run_b)
+    a, b = _recalibrated(run_a), _recalibrated(run_b)
     if not a or not b:
         empty = run_a if not a else run_b
         raise ValueError(f"{empty} has no cached logits to compare (is it a finished run?)")

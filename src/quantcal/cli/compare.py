@@ -22,7 +22,7 @@ class CompareRequest:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "compare",
-        help="two finished runs side by side, paired where they share test images",
+        help="two finished runs or evals side by side, paired where they share test images",
         description="Match the cells of two runs (dataset, model, objective, seed, precision, "
         "range estimator, recalibrator; range-calibration sample 0) and print a metric of each "
         "with the difference B - A and its 95 % interval: a paired bootstrap over the test "
@@ -30,8 +30,8 @@ def add_parser(sub: Any) -> None:
         "independent. Cells found in one run only are listed. Rebuilt from each run's cache.",
         epilog="examples:\n  quantcal compare runs/before runs/after\n  quantcal compare "
         "runs/a runs/b --metric accuracy --format json > diff.json\n\nexit status: 0 the "
-        "shared cells compared, 2 a folder is not a finished run (of `quantcal run` or "
-        "`quantcal eval --checkpoint`) or the two runs share no cell",
+        "shared cells compared, 2 a folder is not a finished run or eval, or the two share no "
+        "cell",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_a")
@@ -48,11 +48,12 @@ def _check_run(d: Path) -> Path:
         raise ValueError(f"{d} is a file; give the output folder of a run")
     if not (d / "config.toml").is_file():
         raise ValueError(f"{d} is not a quantcal run folder (no config.toml)")
-    if not (d / "cache").is_dir():
+    from quantcal.evaluate import GIVEN_FILE
+
+    if not (d / "cache").is_dir() and not (d / GIVEN_FILE).is_file():
         raise ValueError(
-            f"{d} has no cache/ of logits: compare rebuilds each cell from a run's cache, so it "
-            "takes folders of `quantcal run` or `quantcal eval --checkpoint` (an eval of given "
-            "--onnx or --logits predictions keeps none)"
+            f"{d} has neither cache/ nor {GIVEN_FILE}: compare rebuilds each cell from the "
+            "logits a run or an eval keeps (re-run `quantcal run` or `quantcal eval` into it)"
         )
     return d
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class GivenEvalRequest:
 
     onnx: Path | None
     logits: tuple[Path, Path] | None
+    quantized: tuple[tuple[str, Path, Path], ...]
     dataset: str | None
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
@@ -61,6 +62,8 @@ class GivenEvalRequest:
     force: bool
     identity: dict
     common: Common
+    metrics: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
 
 
 def add_parser(sub: Any) -> None:
@@ -77,11 +80,12 @@ def add_parser(sub: Any) -> None:
         "net.pt --model nets/mine.py:build --dataset digits --mean 0 --std 1\n  quantcal eval "
         "--onnx model_int8.onnx --dataset cifar100 --mean 0.507,0.487,0.441 --std "
         "0.267,0.256,0.276\n  quantcal eval --logits val.npz test.npz --recal "
-        "none,temperature,isotonic\n\nwhat applies to which source:\n"
+        "none,temperature,isotonic\n  quantcal eval --logits fp32_val.npz fp32_test.npz "
+        "--quantized int8 int8_val.npz int8_test.npz\n\nwhat applies to which source:\n"
         "  --checkpoint  --model --width --dataset --mean/--std or --transform --precisions\n"
         "                --observers --methods --plans --attribution --device\n"
         "  --onnx        --dataset --mean/--std or --transform\n"
-        "  --logits      (the two files only)\n"
+        "  --logits      --quantized (fp32 logits as the reference: verdicts from logits alone)\n"
         "  all three     --recal --recal-fit --seed --out --force --quiet --threads\n\n"
         "OUT must be new, empty or an earlier eval of the same source (--force replaces "
         "another).\n\n" + EXIT_STUDY,
@@ -100,7 +104,18 @@ def add_parser(sub: Any) -> None:
         nargs=2,
         metavar=("VAL.npz", "TEST.npz"),
         help="logits computed anywhere: two npz files with arrays 'logits' (N, C) and 'labels' "
-        "(N,), the first for recalibration, the second for measurement; no model, no dataset",
+        "(N,), the first for recalibration, the second for measurement; no model, no dataset. "
+        "With --quantized they are the fp32 model's, the reference",
+    )
+    p.add_argument(
+        "--quantized",
+        nargs=3,
+        action="append",
+        default=None,
+        metavar=("NAME", "VAL.npz", "TEST.npz"),
+        help="with --logits: a quantized model's logits on the same val and test images "
+        "(repeatable; NAME, e.g. W8A8 or int8, is its precision column). Each gets the paired "
+        "differences vs the fp32 --logits, a verdict and the why-section",
     )
     p.add_argument(
         "--model",
@@ -181,6 +196,18 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="validation images the attribution uses (default 1000; with --attribution)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other study key (value parsed as TOML), e.g. "
+        "quant.method_options.adaround.iterations=200, quant.method_options.qat.epochs=2, "
+        "train.lr=0.01 (the QAT recipe), data.ptq_calib_size=500, quant.ptq_calib_samples=3, "
+        "quant.first_last_8bit=true, quant.plans.max_accuracy_drop=0.02, report.max_ece_rise=0.02,"
+        " metrics.bootstrap=200. With --onnx or --logits only metrics.* and report.* apply. A "
+        "key that an eval option sets (--precisions, --dataset, ...) is refused: use the option",
+    )
     p.add_argument("--out", default="runs/eval")
     add_force(p)
     add_common(p)
@@ -219,6 +246,58 @@ def _recal(args: argparse.Namespace, default: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+#: Study keys that an eval option sets (a --set of one of them is refused, naming the option).
+_KEYS_OF_OPTIONS = {
+    "name": "(eval names its study)",
+    "seeds": "--seed",
+    "model": "--model, --width and --checkpoint",
+    "data.datasets": "--dataset",
+    "data.mean": "--mean",
+    "data.std": "--std",
+    "data.transform": "--transform",
+    "quant.precisions": "--precisions",
+    "quant.observers": "--observers",
+    "quant.methods": "--methods",
+    "quant.plans": "--plans (or quant.plans.KEY=VALUE)",
+    "quant.attribution": "--attribution (or quant.attribution.KEY=VALUE)",
+    "recal.methods": "--recal",
+    "recal.fit_on": "--recal-fit",
+    "threads": "--threads",
+}
+
+
+def _overrides(args: argparse.Namespace, given: bool) -> dict[str, Any]:
+    """``--set`` as dotted study keys; keys an eval option owns, and for --onnx/--logits any
+    key but metrics.* and report.*, refused."""
+    from quantcal.cli._common import parse_set
+
+    out = parse_set(args.set)
+    for key in out:
+        if key in _KEYS_OF_OPTIONS:
+            raise ValueError(f"--set {key}=...: {key} is set by {_KEYS_OF_OPTIONS[key]}")
+        if given and not key.startswith(("metrics.", "report.")):
+            raise ValueError(
+                f"--set {key}=... does not apply here: {'--onnx' if args.onnx else '--logits'} "
+                "scores predictions as given, so only metrics.* and report.* keys apply"
+            )
+    return out
+
+
+def _metrics_and_budget(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics settings (n_bins, bootstrap, level) and the [report] budget of ``--set``
+    for --onnx/--logits, checked by the study loader itself (so the messages name the keys)."""
+    from quantcal import study
+    from quantcal.studyconfig import apply_overrides
+
+    # A stand-in model: only the metrics and report keys of this study are read.
+    stub = {"name": "eval", "model": [{"arch": "resnet20", "width": 1.0}]}
+    raw = apply_overrides(stub, overrides)
+    cfg = study.load_study(raw)
+    metrics = {"n_bins": cfg.n_bins, "bootstrap": cfg.bootstrap, "level": cfg.level}
+    report = {k: v for k, v in (raw.get("report") or {}).items()}
+    return metrics, report
+
+
 def resolve(args: argparse.Namespace) -> StudyEvalRequest | GivenEvalRequest:
     from quantcal._inputs import check_number
 
@@ -228,11 +307,32 @@ def resolve(args: argparse.Namespace) -> StudyEvalRequest | GivenEvalRequest:
     return _resolve_checkpoint(args)
 
 
+def _quantized(args: argparse.Namespace) -> tuple[tuple[str, Path, Path], ...]:
+    from quantcal._inputs import check_input_file
+
+    out: list[tuple[str, Path, Path]] = []
+    for name, val, test in args.quantized or ():
+        if not name.strip() or name.lower() == "fp32" or name in [n for n, _, _ in out]:
+            raise ValueError(
+                f"--quantized NAME must be a new name other than fp32 (e.g. W8A8), got {name!r}"
+            )
+        val_path = check_input_file(val, f"--quantized {name} (VAL.npz)")
+        test_path = check_input_file(test, f"--quantized {name} (TEST.npz)")
+        out.append((name, val_path, test_path))
+    return tuple(out)
+
+
 def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
     from quantcal._inputs import check_dataset_name, check_input_file
     from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
 
     what = "--onnx" if args.onnx else "--logits"
+    refuse(
+        {"--quantized": bool(args.quantized) and not args.logits},
+        "it gives a quantized model's logits beside the fp32 --logits reference",
+    )
+    quantized = _quantized(args) if args.logits else ()
+    metrics, budget = _metrics_and_budget(_overrides(args, given=True))
     refuse(
         {
             "--model": args.model is not None,
@@ -257,12 +357,13 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
         {"--device": args.device not in (None, "auto", "cpu")},
         f"{what} runs on the CPU ({'onnxruntime' if args.onnx else 'no model is run'})",
     )
-    recal = _recal(args, _DEFAULT_RECAL_GIVEN)
-    if REUSE_FP32_TEMPERATURE in recal:
+    recal = _recal(args, _DEFAULT_RECAL if quantized else _DEFAULT_RECAL_GIVEN)
+    if REUSE_FP32_TEMPERATURE in recal and not quantized:
         raise ValueError(
             f"--recal {REUSE_FP32_TEMPERATURE} reuses the temperature of the fp32 model of the "
             f"same checkpoint; {what} scores one set of predictions with no fp32 reference. "
-            "Use temperature (fitted on these predictions), or --checkpoint"
+            "Use temperature (fitted on these predictions), give quantized logits with "
+            "--quantized beside the fp32 --logits, or --checkpoint"
         )
     if args.logits:
         refuse(
@@ -277,21 +378,31 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
         val = check_input_file(args.logits[0], "--logits (VAL.npz)")
         test = check_input_file(args.logits[1], "--logits (TEST.npz)")
         fit = "val" if args.recal_fit in (None, "auto") else args.recal_fit
-        identity = {"command": "eval", "logits": [str(val.resolve()), str(test.resolve())]}
+        identity: dict[str, Any] = {
+            "command": "eval",
+            "logits": [str(val.resolve()), str(test.resolve())],
+        }
+        if quantized:
+            identity["quantized"] = [
+                [n, str(v.resolve()), str(t.resolve())] for n, v, t in quantized
+            ]
         return GivenEvalRequest(
-            None,
-            (val, test),
-            None,
-            None,
-            None,
-            None,
-            recal,
-            fit,
-            args.seed,
-            Path(args.out),
-            bool(args.force),
-            identity,
-            common(args),
+            onnx=None,
+            logits=(val, test),
+            quantized=quantized,
+            dataset=None,
+            mean=None,
+            std=None,
+            transform=None,
+            recal=recal,
+            recal_fit=fit,
+            seed=args.seed,
+            out=Path(args.out),
+            force=bool(args.force),
+            identity=identity,
+            common=common(args),
+            metrics=metrics,
+            budget=budget,
         )
     if args.dataset is None:
         raise ValueError("--onnx needs --dataset (the images to run the model on)")
@@ -300,28 +411,37 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
     mean, std = _normalisation(args)
     identity = {"command": "eval", "onnx": str(onnx.resolve())}
     return GivenEvalRequest(
-        onnx,
-        None,
-        args.dataset,
-        mean,
-        std,
-        absolute_factory(args.transform) if args.transform else None,
-        recal,
-        args.recal_fit or "auto",
-        args.seed,
-        Path(args.out),
-        bool(args.force),
-        identity,
-        common(args),
+        onnx=onnx,
+        logits=None,
+        quantized=(),
+        dataset=args.dataset,
+        mean=mean,
+        std=std,
+        transform=absolute_factory(args.transform) if args.transform else None,
+        recal=recal,
+        recal_fit=args.recal_fit or "auto",
+        seed=args.seed,
+        out=Path(args.out),
+        force=bool(args.force),
+        identity=identity,
+        common=common(args),
+        metrics=metrics,
+        budget=budget,
     )
 
 
 def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
     from quantcal import study
     from quantcal._inputs import check_input_file, check_number
+    from quantcal.studyconfig import apply_overrides
 
     if args.model is None or args.dataset is None:
         raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
+    refuse(
+        {"--quantized": bool(args.quantized)},
+        "it gives a quantized model's logits beside fp32 --logits; --checkpoint quantizes the "
+        "model itself",
+    )
     refuse(
         {
             "--attribution-samples": args.attribution_samples is not None
@@ -350,13 +470,14 @@ def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
             "precisions": precisions,
             "observers": split_list(args.observers or "minmax"),
             "methods": split_list(args.methods or "ptq"),
-            "plans": bool(args.plans),
         },
         "recal": {
             "methods": list(_recal(args, _DEFAULT_RECAL)),
             "fit_on": args.recal_fit or "auto",
         },
     }
+    if args.plans:
+        raw["quant"]["plans"] = {}
     if args.attribution is not None:
         samples = 1000 if args.attribution_samples is None else args.attribution_samples
         check_number(samples, "--attribution-samples", integer=True, minimum=1)
@@ -367,7 +488,7 @@ def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
         raw["data"]["transform"] = absolute_factory(args.transform)
     if mean is not None:
         raw["data"]["mean"], raw["data"]["std"] = list(mean), list(std)
-    config = study.load_study(raw)
+    config = study.load_study(apply_overrides(raw, _overrides(args, given=False)))
     identity = {
         "command": "eval",
         "checkpoint": str(checkpoint.resolve()),
@@ -400,6 +521,10 @@ def _execute_given(req: GivenEvalRequest) -> None:
 
     _runfolder.check(req.out, force=req.force, identity=req.identity)
     notes: list[str] = []
+    quantized = {
+        name: (evaluate.load_logits_npz(v), evaluate.load_logits_npz(t))
+        for name, v, t in req.quantized
+    }
     if req.logits is not None:
         val = evaluate.load_logits_npz(req.logits[0])
         test = evaluate.load_logits_npz(req.logits[1])
@@ -418,13 +543,16 @@ def _execute_given(req: GivenEvalRequest) -> None:
             print(f"inputs: {req.transform}(uint8 images)", file=sys.stderr)
         else:
             if req.mean is not None:
-                splits = data.with_normalization(splits, list(req.mean), list(req.std or ()))
+                splits = data.with_normalization(
+                    splits, list(req.mean), list(req.std or ()), names=("--mean", "--std")
+                )
             print(
                 f"inputs: (x / 255 - mean) / std with mean {splits.mean}, std {splits.std}",
                 file=sys.stderr,
             )
-        val = (evaluate.onnx_logits(req.onnx, splits.val), splits.val.labels)
-        test = (evaluate.onnx_logits(req.onnx, splits.test), splits.test.labels)
+        onnx = evaluate.load_onnx_checked(req.onnx, splits, what="--onnx")
+        val = (evaluate.onnx_logits(onnx, splits.val), splits.val.labels)
+        test = (evaluate.onnx_logits(onnx, splits.test), splits.test.labels)
         dataset, model = req.dataset, f"onnx:{req.onnx.name}"
         fit = req.recal_fit
         if fit == "auto":
@@ -434,11 +562,17 @@ def _execute_given(req: GivenEvalRequest) -> None:
                     "the ONNX model was trained elsewhere and val is held out of the train split "
                     "it has probably seen: recalibrators are cross-fitted on the test split"
                 )
+    if req.logits is not None:
+        sources = (str(req.logits[0]), str(req.logits[1]))
+    else:
+        sources = ("the ONNX model's val logits", "the ONNX model's test logits")
+    evaluate.check_given(val, test, quantized, sources=sources)  # before the folder is claimed
     _runfolder.claim(req.out, force=req.force, identity=req.identity)
     evaluate.evaluate_logits(
         val,
         test,
         req.out,
+        quantized=quantized or None,
         dataset=dataset,
         model=model,
         methods=req.recal,
@@ -446,4 +580,7 @@ def _execute_given(req: GivenEvalRequest) -> None:
         seed=req.seed,
         notes=notes,
         force=req.force,
+        sources=sources,
+        budget=req.budget,
+        **req.metrics,
     )
