@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantcal import _runfolder
+from quantcal import _images, _runfolder
 from quantcal._cache import Cache
 from quantcal._digest import FileDigests
 from quantcal._io import atomic_write_bytes, atomic_write_json, atomic_write_text, torch_bytes
@@ -413,22 +413,54 @@ PLAN_KINDS = ("calib", "accuracy")
 
 def plan_notes(record: dict[str, Any], precision: str) -> list[str]:
     """What a plan cell's numbers may not mean: a search whose top level already broke the
-    budget on validation (the plan is then all top level)."""
+    budget on its search images, as a point or by its upper bound (the plan is then all top
+    level)."""
     if record.get("within_budget", True):
         return []
     top = next(iter(record["uniform_costs"]), "the top level")
     m, f = record["metrics"], record["fp32"]
+    bound = record.get("bound") or {}
+    level = bound.get("level")
+
+    def upto(key: str, what: str) -> str:
+        hi = m.get(key)
+        if hi is None or level is None:
+            return ""
+        return f", {what} up to {100 * hi:.1f} points at {level:.0%} confidence"
+
     ece = (
         f", ECE after {record['budget']['recal']} {100 * m['ece']:.1f} % vs fp32 "
-        f"{100 * f['ece']:.1f} %"
+        f"{100 * f['ece']:.1f} %{upto('ece_rise_hi', 'rise')}"
         if "ece" in m and "ece" in f
         else ""
     )
+    where = (
+        "on its search half of test"
+        if (record.get("images") or {}).get("split") == _images.TEST_HALF
+        else "on validation"
+    )
     return [
-        f"{precision}: even uniform {top} breaks the budget on validation (accuracy "
-        f"{100 * m['accuracy']:.1f} % vs fp32 {100 * f['accuracy']:.1f} %{ece}), so the plan "
+        f"{precision}: even uniform {top} breaks the budget {where} (accuracy "
+        f"{100 * m['accuracy']:.1f} % vs fp32 {100 * f['accuracy']:.1f} %"
+        f"{upto('accuracy_drop_hi', 'loss')}{ece}), so the plan "
         f"is all {top}: loosen the budget or add a level with more bits"
     ]
+
+
+def stage_images(config: StudyConfig, g: Group) -> _images.StageImages:
+    """Which images group ``g``'s stages may read (``quantcal._images``): the one policy behind
+    where recalibrators are fitted, and what the plan search and the attribution read."""
+    from quantcal import data
+
+    return _images.stage_images(
+        outside_checkpoint=g.model.checkpoint is not None,
+        val_from_train=lambda: data.val_held_out_of_train(g.dataset),
+        fit_on=config.recal_fit,
+    )
+
+
+#: How a plan keeps its budget (part of a plan cell's cache key): upper bounds at this level.
+_PLAN_RULE = "upper_bound:0.9"
 
 
 def _plan_spec(config: StudyConfig, cell: QuantCell) -> dict[str, Any] | None:
@@ -466,7 +498,10 @@ def _logits_key(config: StudyConfig, cell: QuantCell, train_key: str) -> str:
     }
     plan = _plan_spec(config, cell)
     if plan is not None:  # the plan is found from these and the data, deterministically
-        spec["plan"] = {**plan, "seed": cell.group.seed}
+        spec["plan"] = {**plan, "seed": cell.group.seed, "rule": _PLAN_RULE}
+        images = stage_images(config, cell.group).search
+        if images != _images.VAL:
+            spec["plan"]["images"] = images
     if qc is not None and cell.method != "ptq":  # ptq cells keep the keys of before
         from quantcal.quant.methods import get_method
 
@@ -494,10 +529,11 @@ def attribution_cells(config: StudyConfig, cells: list[QuantCell]) -> list[Quant
     ]
 
 
-def _attribution_key(config: StudyConfig, logits_key: str) -> str:
-    return content_hash(
-        {"v": _ATTRIBUTION_VERSION, "logits": logits_key, **dict(config.attribution or {})}
-    )
+def _attribution_key(config: StudyConfig, logits_key: str, images: str = "val") -> str:
+    spec = {"v": _ATTRIBUTION_VERSION, "logits": logits_key, **dict(config.attribution or {})}
+    if images != _images.VAL:  # val-read attributions keep the keys of before
+        spec["images"] = images
+    return content_hash(spec)
 
 
 def _row_key(
@@ -600,6 +636,7 @@ class _Runner:
         self._splits: dict[tuple, Any] = {}
         self._normalized: dict[tuple, Any] = {}
         self._recal_fit: dict[Group, tuple[str, list[str]]] = {}
+        self._stage_images: dict[Group, _images.StageImages] = {}
         self._data_digests: dict[str, str] = {}
         # (train key, deploy model, its warnings) of the group being evaluated
         self._deployed: tuple[str, Any, list[str]] | None = None
@@ -695,24 +732,33 @@ class _Runner:
         return self._recal_fit[g]
 
     def _resolve_recal_fit(self, g: Group) -> tuple[str, list[str]]:
-        from quantcal import data
+        policy = self.stage_images(g)
+        return policy.recal, list(policy.notes)
 
-        mode = self.config.recal_fit
-        if g.model.checkpoint is None or mode == "test_crossfit":
-            return ("val" if mode == "auto" else mode), []
-        if not data.val_held_out_of_train(g.dataset):
-            return "val", []
-        if mode == "auto":
-            return "test_crossfit", [
-                "the checkpoint was trained elsewhere and val is held out of the train split it "
-                "has probably seen: recalibrators are cross-fitted on the test split instead "
-                "(recal.fit_on = auto)"
-            ]
-        return "val", [
-            "recalibrators were fitted on val, held out of the train split that a checkpoint "
-            "trained elsewhere has probably seen: fitted temperatures may be too low (set "
-            "recal.fit_on = test_crossfit, or give a dataset file with its own val split)"
-        ]
+    def stage_images(self, g: Group) -> _images.StageImages:
+        """The group's image policy (:func:`stage_images`), resolved once."""
+        if g not in self._stage_images:
+            self._stage_images[g] = stage_images(self.config, g)
+        return self._stage_images[g]
+
+    def search_split(self, g: Group):
+        """The images the group's plan search and attribution read: ``val``, or for a
+        checkpoint trained elsewhere whose ``val`` was carved from train, the search half of
+        test (``_images.test_halves``)."""
+        splits = self.splits(g)
+        if self.stage_images(g).search != _images.TEST_HALF:
+            return splits.val
+        half = _images.test_halves(splits.test.labels, g.seed)[_images.SEARCH]
+        return _images.subset(splits.test, half)
+
+    def report_fold(self, cell: QuantCell, labels) -> tuple[Any, Any] | None:
+        """(search half, report half) of test for a plan cell searched on test: its rows are
+        scored on the report half only, recalibrated by fits on the search half. Else None."""
+        if not cell.precision.startswith("plan:"):
+            return None
+        if self.stage_images(cell.group).search != _images.TEST_HALF:
+            return None
+        return _images.test_halves(labels, cell.group.seed)
 
     def train_key(self, g: Group) -> str:
         ckpt = None if g.model.checkpoint is None else self.file_digest(g.model.checkpoint)
@@ -957,6 +1003,9 @@ class _Runner:
             if plan is not None:
                 qc, meta["plan"] = self.plan_config(plan, qc, deploy, calib, splits, cell)
                 notes.extend(plan_notes(meta["plan"], cell.precision))
+                policy_note = self.stage_images(cell.group).plan_note
+                if policy_note:
+                    notes.append(policy_note)
             pre = self._pretrained.pop(key, None)
             if isinstance(pre, BaseException):
                 raise pre
@@ -1073,8 +1122,9 @@ class _Runner:
 
     def plan_config(self, spec: dict, top, deploy, calib, splits, cell: QuantCell):
         """The mixed-precision QuantConfig of a ``plan:KIND`` cell, searched on the group's
-        range-calibration sample and val split (``quant.plan_mixed_precision``), and the
-        search's record for details.json."""
+        range-calibration sample and its search images (:meth:`search_split`: val, or one half
+        of test; ``quant.plan_mixed_precision``), and the search's record for details.json
+        (``images``: what it read and what its rows are scored on)."""
         from quantcal import quant
 
         budget = quant.PlanBudget(
@@ -1083,10 +1133,11 @@ class _Runner:
             recal=spec["recal"],
         )
         t0 = time.perf_counter()
+        search = self.search_split(cell.group)
         result = quant.plan_mixed_precision(
             deploy,
             calib,
-            splits.val.batches(self.config.eval_batch_size, device=self.device),
+            search.batches(self.config.eval_batch_size, device=self.device),
             budget=budget,
             levels=spec["levels"],
             cost=spec["cost"],
@@ -1104,15 +1155,23 @@ class _Runner:
             f"{len(result.plan)} layers off {qc.name.split('+')[0]}, {result.evaluations} "
             f"evaluations ({time.perf_counter() - t0:.1f} s)"
         )
-        return qc, result.as_dict()
+        record = result.as_dict()
+        policy = self.stage_images(cell.group)
+        record["images"] = policy.describe(len(search), stage="the plan search")
+        halved = policy.search == _images.TEST_HALF
+        record["images"]["scored_on"] = _images.REPORT_HALF if halved else "test"
+        record["images"]["n_scored"] = len(splits.test) - (len(search) if halved else 0)
+        return qc, record
 
     def attribution_path(self, cell: QuantCell, train_key: str) -> Path:
         lkey = _logits_key(self.config, cell, train_key)
-        return self.cache / "attribution" / f"{_attribution_key(self.config, lkey)}.json"
+        images = self.stage_images(cell.group).search
+        return self.cache / "attribution" / f"{_attribution_key(self.config, lkey, images)}.json"
 
     def attribution(self, cell: QuantCell, model, train_key: str) -> dict[str, Any]:
         """The cell's per-layer attribution (``quant.attribute_layers`` on the first
-        ``[quant] attribution.samples`` validation images), cached like every stage."""
+        ``[quant] attribution.samples`` images of :meth:`search_split`: val, or the search half
+        of test), cached like every stage; ``images`` in the record says which."""
         from quantcal import quant
 
         path = self.attribution_path(cell, train_key)
@@ -1130,21 +1189,24 @@ class _Runner:
             with _recorded_warnings():  # the logits stage has already named what they say
                 qc = _quant_config(self.config, cell)
                 net = self.quantize(cell, deploy, qc, calib, splits, lkey)
-        n = min(int(spec["samples"]), len(splits.val))
+        search = self.search_split(cell.group)
+        n = min(int(spec["samples"]), len(search))
         result = quant.attribute_layers(
             net,
-            splits.val.batches(self.config.eval_batch_size, device=self.device),
+            search.batches(self.config.eval_batch_size, device=self.device),
             granularity=spec["granularity"],
             n_bins=self.config.n_bins,
             max_samples=n,
         )
+        result.images = self.stage_images(cell.group).describe(n, stage="the attribution")
         record = result.as_dict()
         atomic_write_json(path, record)
         for note in result.notes:
             self.say(f"note   {cell.group.label}  {cell.precision} attribution: {note}")
         self.say(
             f"attrib {cell.group.label}  {cell.precision}: {len(result.groups)} "
-            f"{spec['granularity']}s x 2 over {n} val images ({result.seconds:.1f} s, "
+            f"{spec['granularity']}s x 2 over {n} {result.images['split']} images "
+            f"({result.seconds:.1f} s, "
             f"{result.work_fraction:.0%} of the work of full passes)"
         )
         return record
@@ -1206,7 +1268,8 @@ class _Runner:
                 notes.append(n)
         self.scored += 1
         fp32_fit = self._fp32_fit_for(fp32_key)
-        row = _score(self.config, cell, method, lg, fp32, fp32_fit, notes, fit_on)
+        report_on = self.report_fold(cell, lg["test_labels"])
+        row = _score(self.config, cell, method, lg, fp32, fp32_fit, notes, fit_on, report_on)
         row.update(
             params=lmeta.get("params"),
             macs=lmeta.get("macs"),
@@ -1385,18 +1448,9 @@ def _fit_and_apply(method: str, fit_on: dict, apply_to: dict) -> tuple[Any, floa
 
 def crossfit_folds(labels, seed: int) -> list[tuple[Any, Any]]:
     """Two stratified halves (A, B) of the test positions, seeded: [(fit A, apply B), (fit B,
-    apply A)]. Each test image is recalibrated by a fit that never saw it."""
-    import numpy as np
-    import torch
-
-    from quantcal import data
-
-    y = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
-    n = len(y)
-    if n < 4:
-        raise ValueError(f"cross-fitting needs at least 4 test images, got {n}")
-    a, b = data.stratified_split(y, np.arange(n), n // 2, np.random.default_rng(seed))
-    a, b = torch.from_numpy(np.sort(a)), torch.from_numpy(np.sort(b))
+    apply A)]. Each test image is recalibrated by a fit that never saw it. (A, B) are
+    ``_images.test_halves``: a plan searched on A is scored on B."""
+    a, b = _images.test_halves(labels, seed)
     return [(a, b), (b, a)]
 
 
@@ -1467,13 +1521,20 @@ def _score(
     fp32_fit: _FitFn | None = None,
     notes: list[str] | None = None,
     recal_fit: str = "val",
+    report_on: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
     ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`crossfit_folds`, seeded by the group's
     seed; the bootstrap then resamples test images with their out-of-fold recalibrated logits,
-    so the intervals hold the test sampling but not the variability of the half-size fits)."""
+    so the intervals hold the test sampling but not the variability of the half-size fits).
+    ``report_on`` (search half, report half) of test: the row is scored on the report half
+    only, every recalibrator fitted on the search half (a plan searched on that half)."""
     from quantcal import metrics
 
+    fit_column = recal_fit
+    if report_on is not None:
+        lg, fp32 = _fold(lg, *report_on), _fold(fp32, *report_on)
+        recal_fit, fp32_fit = "val", None  # fitted on the search half, the folds' "val"
     labels = lg["test_labels"]
     notes = list(notes or [])
     folds = None
@@ -1486,7 +1547,7 @@ def _score(
     row = _base_row(config, cell, method)
     row.update({k: float(v) for k, v in rep.items() if k in row})
     row["n_test"] = int(labels.shape[0])
-    row["recal_fit"] = recal_fit
+    row["recal_fit"] = fit_column
     row["temperature"] = temperature
     boot = {"n_resamples": config.bootstrap, "level": config.level, "seed": cell.group.seed}
     if config.bootstrap > 0:
@@ -1672,6 +1733,9 @@ def _attributions(runner: _Runner, plan) -> list[dict[str, Any]]:
             }
             rec = runner.store.read_json(runner.attribution_path(cell, tkey), ("groups",))
             if rec is not None:
+                if not rec.get("images"):  # cached before records said it: val (keyed so)
+                    rec["images"] = runner.stage_images(g).describe(0, stage="the attribution")
+                    rec["images"]["n_images"] = None
                 out.append({**ident, **rec})
             else:
                 error = errors.get(f"{g.label} {cell.precision}", "not computed (see the log)")
@@ -1844,11 +1908,18 @@ def recalibrated_test_logits(
             if lg is None:
                 continue
             labels = lg["test_labels"]
+            report_on = None if cell.is_fp32 else runner.report_fold(cell, labels)
             for method in cfg.recal:
-                folds = None
-                if fit == "test_crossfit" and method != "none":
-                    folds = crossfit_folds(labels, g.seed)
-                z, _ = _recalibrate(method, lg, fp32, [], None, folds)
+                if report_on is not None:  # a plan searched on one half: the other half only
+                    lg_r, fp32_r = _fold(lg, *report_on), _fold(fp32, *report_on)
+                    z, _ = _recalibrate(method, lg_r, fp32_r, [], None, None)
+                    key_labels = lg_r["test_labels"]
+                else:
+                    folds = None
+                    if fit == "test_crossfit" and method != "none":
+                        folds = crossfit_folds(labels, g.seed)
+                    z, _ = _recalibrate(method, lg, fp32, [], None, folds)
+                    key_labels = labels
                 key = (
                     g.dataset,
                     g.model.arch,
@@ -1861,7 +1932,7 @@ def recalibrated_test_logits(
                     -1 if cell.sample is None else cell.sample,
                     method,
                 )
-                out[key] = (z, labels)
+                out[key] = (z, key_labels)
     return out
 
 

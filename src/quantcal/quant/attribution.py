@@ -125,6 +125,9 @@ class AttributionResult:
     work_fraction: float = 1.0
     modes: tuple[str, ...] = MODES
     notes: list[str] = field(default_factory=list)
+    #: Which images these are, set by the caller: a study records ``{"split": "val" |
+    #: "test_half", "n_images": N, "why": ...}`` (``quantcal._images``).
+    images: dict[str, Any] | None = None
 
     def ranked(self, by: str = "alone_nll") -> list[LayerAttribution]:
         """Groups from the most to the least harmful by ``by`` (NaN last)."""
