@@ -154,6 +154,12 @@ def test_an_outside_checkpoint_is_planned_and_attributed_on_one_test_half(
         assert p["bound"]["level"] == 0.9 and p["bound"]["rule"] == "upper_bound"
     (attr,) = details["attribution"]
     assert attr["images"]["split"] == "test_half" and attr["images"]["n_images"] == len(search)
+    (policy,) = details["stage_images"]
+    assert (policy["recal_fit"], policy["search"], policy["plans_scored_on"]) == (
+        "test_crossfit",
+        "test_half",
+        "test_other_half",
+    )
 
 
 def test_a_model_quantcal_trained_still_uses_val(tmp_path, monkeypatch, splits):
@@ -170,6 +176,7 @@ def test_a_model_quantcal_trained_still_uses_val(tmp_path, monkeypatch, splits):
     assert {p["images"]["split"] for p in details["plans"]} == {"val"}
     assert {p["images"]["scored_on"] for p in details["plans"]} == {"test"}
     assert details["attribution"][0]["images"]["split"] == "val"
+    assert details["stage_images"][0]["search"] == "val"
 
 
 def test_the_upper_bound_refuses_what_the_point_estimate_accepts():

@@ -1661,6 +1661,7 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
                         "layers": lm["inspect"],
                     }
                 )
+    details["stage_images"] = _stage_images_records(runner, plan)
     details["diagnostics"] = _diagnostics(runner, plan)
     details["attribution"] = _attributions(runner, plan)
     details["ablation"] = _ablation_contrasts(runner, plan)
@@ -1712,6 +1713,30 @@ def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
                 precision=cell.precision,
             )
             out.append(d)
+    return out
+
+
+def _stage_images_records(runner: _Runner, plan) -> list[dict[str, Any]]:
+    """Per group, which images its stages read (:func:`stage_images`): ``recal_fit`` (val or
+    test_crossfit), ``search`` (what plans and attribution read: val or test_half),
+    ``plans_scored_on`` (test, or test_other_half) and ``why``."""
+    out = []
+    for g, _cells in plan:
+        p = runner.stage_images(g)
+        halved = p.search == _images.TEST_HALF
+        out.append(
+            {
+                "dataset": g.dataset,
+                "arch": g.model.arch,
+                "width": g.model.width,
+                "objective": g.objective,
+                "seed": g.seed,
+                "recal_fit": p.recal,
+                "search": p.search,
+                "plans_scored_on": _images.REPORT_HALF if halved else "test",
+                "why": p.describe(0, stage="plan search and attribution")["why"],
+            }
+        )
     return out
 
 
