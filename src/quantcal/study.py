@@ -426,7 +426,7 @@ def plan_notes(record: dict[str, Any], precision: str) -> list[str]:
         hi = m.get(key)
         if hi is None or level is None:
             return ""
-        return f", {what} up to {100 * hi:.1f} points at {level:.0%} confidence"
+        return f", {what} up to {100 * hi:.1f} points at {100 * level:.0f} % confidence"
 
     ece = (
         f", ECE after {record['budget']['recal']} {100 * m['ece']:.1f} % vs fp32 "
