@@ -366,9 +366,11 @@ def _accuracy_check(acc: Estimate, ref: _Reference, budget: Budget, who: str) ->
     )
 
 
-def _repairs_cell(c: Repair, ref: _Reference, budget: Budget) -> bool:
+def _repairs_cell(c: Repair, ref: _Reference, budget: Budget, raw_acc: Estimate) -> bool:
     acc = c.accuracy.value
-    acc_ok = acc is None or ref.accuracy.value - acc <= budget.max_accuracy_drop + 1e-12
+    if acc is None:  # no accuracy column: only a recalibrator that keeps predictions is known
+        acc = raw_acc.value if c.keeps_predictions else None
+    acc_ok = acc is not None and ref.accuracy.value - acc <= budget.max_accuracy_drop + 1e-12
     return acc_ok and all(k.passed for k in _ece_checks(c, ref, budget))
 
 
@@ -436,7 +438,7 @@ def _judge(
     cands = repairs(cell)
     set_aside = {c.method: _usable(c, acc, budget) for c in cands}
     usable = [c for c in cands if not set_aside[c.method]]
-    fixes = [c for c in usable if _repairs_cell(c, ref, budget)]
+    fixes = [c for c in usable if _repairs_cell(c, ref, budget, acc)]
     choice = _prefer(fixes)
     shown = choice or _prefer(usable) or min(cands, key=lambda c: c.ece.value, default=None)
     notes = tuple(n for c in cands for n in c.notes)
