@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 
+from quantcal import _isa
+
+# The demo and other studies pin `isa = "avx2"`, which holds only when set before PyTorch's
+# first kernel runs; the tests that run them in this process get it from here (a study whose pin
+# did not hold would say so in every row's notes). tests/test_isa.py checks the pin itself in
+# fresh processes.
+os.environ.update(_isa.environment("avx2"))
+
 import pytest
 import torch
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantcal import _images, _runfolder
+from quantcal import _images, _isa, _runfolder
 from quantcal._cache import Cache
 from quantcal._digest import FileDigests
 from quantcal._io import atomic_write_bytes, atomic_write_json, atomic_write_text, torch_bytes
@@ -257,6 +257,8 @@ def _train_key(
         spec["timm"] = timm_version()
     if config.threads is not None:
         spec["threads"] = config.threads
+    if config.isa is not None:  # the instruction set that ran (the pin may not have held)
+        spec["isa"] = _isa.active()
     if train_size is not None:  # absent otherwise: earlier keys stay valid
         spec["data"]["train_size"] = train_size
     if normalization is not None:
@@ -572,6 +574,7 @@ def environment_record(device: str) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "device": device,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "cpu_count": os.cpu_count(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -632,6 +635,8 @@ class _Runner:
         self.failures: list[dict[str, Any]] = []
         self.attribution_errors: list[dict[str, str]] = []
         self.scored = 0  # rows computed (not read from the cache) by this runner
+        #: Notes for every row when the study's pinned instruction set did not hold.
+        self.isa_notes: list[str] = []
         self._t0 = time.perf_counter()
         self._splits: dict[tuple, Any] = {}
         self._normalized: dict[tuple, Any] = {}
@@ -1263,6 +1268,7 @@ class _Runner:
             *(fp32_meta or {}).get("notes", []),  # the model's: they hold for every cell
             *lmeta.get("notes", []),
             *fit_notes,
+            *self.isa_notes,
         ):
             if n not in notes:
                 notes.append(n)
@@ -1834,6 +1840,7 @@ def run_study(
     from tqdm.auto import tqdm
 
     config = load_study(config_or_path, overrides)
+    isa_notes = _isa.pin(config.isa)  # before any tensor operation of the run
     i, n = shard
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -1854,6 +1861,9 @@ def run_study(
     dev = _resolve_device(device)
     with _pinned_threads(config.threads):
         runner = _Runner(config, out, dev, quiet, log)
+        runner.isa_notes = isa_notes
+        for note in isa_notes:
+            log(f"note   {note}")
         plan = expand_cells(config)
         mine = [(g, cells) for k, (g, cells) in enumerate(plan) if k % n == i]
         try:
@@ -1903,6 +1913,7 @@ def _assembler(out_dir: str | Path, log: Callable[[str], None]) -> tuple[_Runner
             f"{out} holds no config.toml: is it a `quantcal run` output folder?"
         )
     config = load_study(cfg_path)
+    _isa.pin(config.isa)  # the keys hold the instruction set: ask for the run's
     return _Runner(config, out, "cpu", True, log, assembling=True), expand_cells(config)
 
 

@@ -7,6 +7,7 @@ listed method and scored on the test split. File layout (every key optional but 
     name = "demo"
     seeds = [0]
     threads = 1                    # CPU threads for PyTorch (absent: PyTorch's choice); see below
+    isa = "avx2"                   # CPU instruction set of its kernels (absent: the CPU's best)
 
     [data]
     datasets = ["digits"]          # registry names, or "npz:PATH"
@@ -69,6 +70,9 @@ Unknown keys are an error naming the closest valid key. Precisions are stored in
 sums are ordered differently with another thread count, so a CPU study trained with 1 thread and
 one trained with 2 are different experiments (the demo's W4A4 MobileOne accuracy moved from 32 %
 to 19 % between them). A study whose numbers are quoted pins it; ``--threads`` overrides it.
+``isa`` ("avx2" or "avx512") pins the instruction set of PyTorch's CPU kernels the same way
+(:mod:`quantcal._isa`), so its numbers are the same on any x86-64 processor that has it; it
+enters the cache keys as the instruction set that actually ran.
 """
 
 from __future__ import annotations
@@ -202,6 +206,8 @@ class StudyConfig:
     #: The highest ECE a deployed model may have, whatever fp32's (quantcal.verdicts).
     max_ece: float = 0.05
     threads: int | None = None
+    #: The instruction set of PyTorch's CPU kernels ("avx2", "avx512"), or None (the CPU's best).
+    isa: str | None = None
     #: Training objectives in canonical form (``{"name": ..., params}``); None: ``["ce"]``.
     objectives: tuple[Mapping[str, Any], ...] | None = None
 
@@ -326,6 +332,14 @@ class StudyConfig:
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.isa is not None:
+            from quantcal._isa import ISAS
+
+            if self.isa not in ISAS:
+                raise ValueError(
+                    f"isa must be one of {', '.join(ISAS)} (or absent: the CPU's best), got "
+                    f"{self.isa!r}"
+                )
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
         for name in ("max_accuracy_drop", "max_ece_rise", "max_ece"):
@@ -513,6 +527,7 @@ class StudyConfig:
             "name": self.name,
             "seeds": list(self.seeds),
             "threads": self.threads,
+            "isa": self.isa,
             "data": {
                 "datasets": list(self.datasets),
                 "val_size": self.val_size,
@@ -572,7 +587,7 @@ class StudyConfig:
 
 # section -> {toml key: StudyConfig field}
 _LAYOUT: dict[str | None, dict[str, str]] = {
-    None: {"name": "name", "seeds": "seeds", "threads": "threads"},
+    None: {"name": "name", "seeds": "seeds", "threads": "threads", "isa": "isa"},
     "data": {
         "datasets": "datasets",
         "val_size": "val_size",
