@@ -382,8 +382,10 @@ def test_plan_command_writes_a_plan_the_quantizer_takes(plain_digits_model, tmp_
     code = cli.main([*common, "--max-accuracy-drop", "0.05", "--max-ece-rise", "0.05"])
     assert code in (0, 1)
     printed = capsys.readouterr().out
-    assert "validation check half: accuracy" in printed and "evaluations" in printed
+    assert "test search half, check half (" in printed and "evaluations" in printed
+    assert "at 90 % confidence" in printed
     plan = json.loads(out.read_text())
+    assert plan["images"]["split"] == "test_half" and plan["bound"]["rule"] == "upper_bound"
     assert set(plan["plan"]) == {"0", "3", "7"} and plan["budget"]["max_ece_rise"] == 0.05
     cfg = quant.QuantConfig.from_dict(plan["quant_config"])
     assert {n: cfg.bits_of(n) for n in plan["plan"]} == {

@@ -145,13 +145,17 @@ def test_compare_of_runs_that_share_no_cell_exits_2(tiny_run, tmp_path, capsys):
     assert "share no cell" in capsys.readouterr().err
 
 
-def test_compare_names_a_folder_without_cached_logits(tmp_path, capsys):
+def test_compare_names_a_folder_without_logits(tmp_path, capsys):
+    """A folder with a config.toml but no cache/ and no kept predictions: refused, named."""
     a = [_logits(tmp_path / "va.npz", 0), _logits(tmp_path / "ta.npz", 1)]
     out = tmp_path / "eval"
     assert cli.main(["eval", "--logits", *a, "--out", str(out), "--quiet"]) == 0
-    assert cli.main(["compare", str(out), str(out)]) == 2
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.toml").write_text((out / "config.toml").read_text())
+    assert cli.main(["compare", str(out), str(bare)]) == 2
     err = capsys.readouterr().err
-    assert "no cache/ of logits" in err and "Traceback" not in err
+    assert "neither cache/ nor" in err and str(bare) in err and "Traceback" not in err
 
 
 def test_a_run_refused_for_bad_input_leaves_no_folder(tmp_path, capsys):

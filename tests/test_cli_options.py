@@ -82,6 +82,7 @@ def _contexts(f) -> dict[str, tuple[str, list[str]]]:
         ),
         "compare": ("compare", ["compare", f["run"], f["run2"]]),
         "data": ("data", ["data", "download", "cifar100"]),
+        "data-export": ("data export", ["data", "export", "cifar100", str(f["tmp"] / "c.npz")]),
         "list": ("list", ["list"]),
     }
 
@@ -171,6 +172,12 @@ def _samples(f) -> dict[str, dict[str, list[str]]]:
             "--bootstrap": ["--bootstrap", "200"],
         },
         "data": {"name": ["pathmnist"], "--root": ["--root", str(f["tmp"] / "data")]},
+        "data export": {
+            "name": ["pathmnist", str(f["tmp"] / "c.npz")],
+            "out": ["cifar100", str(f["tmp"] / "d.npz")],
+            "--root": ["--root", str(f["tmp"] / "data")],
+            "--force": ["--force"],
+        },
         "list": {},
     }
 
@@ -192,6 +199,8 @@ def _argv(
         return [*base, *fragment]
     if command == "data":
         return ["data", "download", *fragment, *base[3:]]
+    if command == "data export":  # both positionals, replaced together
+        return ["data", "export", *fragment, *base[4:]]
     n = len(positionals)  # report, compare, run: the positionals follow the command
     return [base[0], *fragment[: n if command == "compare" else 1], *base[1 + n :]]
 
@@ -199,11 +208,12 @@ def _argv(
 def test_every_option_has_a_sample(files):
     """A new option must be added to this walk (and so must say what it does on each path)."""
     subs = _subparsers(cli.build_parser())
+    data = _subparsers(subs["data"])
+    assert set(data) == {"download", "export"}
+    subs.update(data=data["download"], **{"data export": data["export"]})
     samples = _samples(files)
     assert set(subs) == set(samples)
     for command, p in subs.items():
-        if command == "data":
-            p = _subparsers(p)["download"]
         missing = set(_options(p)) - set(samples[command])
         assert not missing, f"quantcal {command}: add a sample for {sorted(missing)}"
 
@@ -220,15 +230,18 @@ def test_every_option_has_a_sample(files):
         "plan",
         "compare",
         "data",
+        "data-export",
         "list",
     ],
 )
 def test_no_option_is_accepted_and_ignored(files, context, capsys):
     command, base = _contexts(files)[context]
     baseline = cli.resolve(base)
-    p = _subparsers(cli.build_parser())[command]
-    if command == "data":
-        p = _subparsers(p)["download"]
+    top = _subparsers(cli.build_parser())
+    if command.startswith("data"):
+        p = _subparsers(top["data"])["export" if command == "data export" else "download"]
+    else:
+        p = top[command]
     positionals = _positionals(p)
     applied, refused = [], []
     for option, fragment in _samples(files)[command].items():

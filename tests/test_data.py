@@ -519,3 +519,36 @@ def test_with_transform_feeds_the_models_own_preprocessing():
         data.with_transform(splits, lambda x: x, "bad:identity")
     with pytest.raises(TypeError, match="not callable"):
         data.with_transform(splits, "nope", "bad:str")
+
+
+def test_export_npz_writes_the_archive_in_the_medmnist_layout(cifar_root, cifar_archive, tmp_path):
+    """``quantcal data export cifar100 FILE.npz``: the README's cifar100.npz, made from the
+    verified archive; ``npz:FILE`` then reads the same images and labels."""
+    root, src = cifar_root
+    _, _, train_x, train_y, _, test_y, _ = cifar_archive
+    out = data.export_npz("cifar100", tmp_path / "c100.npz", root=root, source=src)
+    with np.load(out, allow_pickle=False) as z:
+        assert sorted(z.files) == ["test_images", "test_labels", "train_images", "train_labels"]
+        assert z["train_images"].shape == (len(train_y), 32, 32, 3)
+        np.testing.assert_array_equal(
+            z["train_images"], train_x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        )
+        np.testing.assert_array_equal(z["test_labels"], test_y)
+    splits = data.load_dataset(f"npz:{out}", val_size=100, ptq_calib_size=50)
+    assert splits.num_classes == CLASSES and len(splits.test) == len(test_y)
+    with pytest.raises(ValueError, match="only cifar100"):
+        data.export_npz("digits", tmp_path / "d.npz")
+
+
+def test_export_refuses_to_replace_a_file_and_needs_the_archive(tmp_path, capsys):
+    from quantcal import cli
+
+    existing = tmp_path / "mine.npz"
+    existing.write_bytes(b"keep")
+    assert cli.main(["data", "export", "cifar100", str(existing)]) == 2
+    assert "--force" in capsys.readouterr().err and existing.read_bytes() == b"keep"
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    code = cli.main(["data", "export", "cifar100", str(tmp_path / "c.npz"), "--root", str(empty)])
+    assert code == 2 and "not in" in capsys.readouterr().err
+    assert not (tmp_path / "c.npz").exists()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pickle
 import sys
@@ -823,6 +824,42 @@ def _load_cifar100(
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
     )
+
+
+def export_npz(
+    name: str,
+    out: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    source: Source | None = None,
+) -> Path:
+    """Write the official train and test images of dataset ``name`` (``cifar100``) from its
+    checksum-verified archive in the data root as one npz file in the MedMNIST layout
+    (``train_images`` (N, H, W, C) uint8, ``train_labels``, ``test_images``, ``test_labels``),
+    atomically; returns the path. ``npz:PATH`` then loads it like any other file: the README's
+    CIFAR-100 commands use such a file. The archive is not downloaded here: run
+    :func:`download` first (``quantcal data download cifar100``)."""
+    from quantcal._io import atomic_write_bytes
+
+    if name != "cifar100":
+        raise ValueError(
+            f"dataset {name!r} cannot be exported: only cifar100 comes as an archive "
+            "(pathmnist's official file already is an npz; point npz: at it)"
+        )
+    path = _locate(name, root, False, source, False)
+    raw = _read_cifar100(path)
+    arrays = {}
+    for part in ("train", "test"):
+        images, labels = _cifar_part(raw[part], part)
+        arrays[f"{part}_images"] = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        arrays[f"{part}_labels"] = labels
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the npz file's name, e.g. {out}/cifar100.npz")
+    atomic_write_bytes(out, buf.getvalue())
+    return out
 
 
 def _open_npz(path: Path) -> Any:

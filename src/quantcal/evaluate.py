@@ -582,7 +582,8 @@ def verdict(
     images, ``labels`` their labels (N,). ``val = (fp32_val_logits, quantized_val_logits,
     val_labels)`` fits the recalibrators on held-out images; without it they are cross-fitted on
     two stratified halves of the test images (each half recalibrated by a fit on the other).
-    ``budget`` is a ``verdicts.Budget`` (default: 1 point of accuracy and of ECE vs fp32)::
+    ``budget`` is a ``verdicts.Budget`` (default: 1 point of accuracy and of ECE vs fp32, and
+    ECE at most 5 %)::
 
         v = quantcal.verdict(fp32_logits, int8_logits, labels)
         print(v.outcome, "-", v.reason)

@@ -699,6 +699,16 @@ def _budget(config_text: str):
         return Budget()
 
 
+def run_budget(run_dir: str | Path):
+    """The verdict budget of a run folder (its config.toml's [report]), else the defaults."""
+    path = Path(run_dir) / "config.toml"
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    except OSError:
+        text = ""
+    return _budget(text)
+
+
 def _muted(text: str) -> str:
     return f"<span class='muted'>{html.escape(text)}</span>"
 

@@ -120,6 +120,8 @@ RESULT_COLUMNS = (
     "bops",
     "quantized_layers",
     "n_test",
+    "n_fit",
+    "n_classes",
     "n_bins",
     "row_id",
 )
@@ -1535,7 +1537,7 @@ def _score(
     so the intervals hold the test sampling but not the variability of the half-size fits).
     ``report_on`` (search half, report half) of test: the row is scored on the report half
     only, every recalibrator fitted on the search half (a plan searched on that half)."""
-    from quantcal import metrics
+    from quantcal import metrics, recal
 
     fit_column = recal_fit
     if report_on is not None:
@@ -1564,6 +1566,18 @@ def _score(
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
         row["ece_diff_vs_none"], row["ece_diff_vs_none_lo"], row["ece_diff_vs_none_hi"] = d
+    row["n_classes"] = int(lg["test_logits"].shape[1])
+    if method == "none":
+        row["n_fit"] = None
+    elif folds is not None:
+        row["n_fit"] = min(len(fit_idx) for fit_idx, _ in folds)
+    else:  # the fp32 model's temperature (reused) was fitted on its own val split
+        fit_on = fp32 if method == REUSE_FP32_TEMPERATURE else lg
+        row["n_fit"] = int(fit_on["val_labels"].shape[0])
+    diff = tuple(row.get(f"ece_diff_vs_none{s}") for s in ("", "_lo", "_hi"))
+    for note in recal.fit_notes(method, row["n_fit"], row["n_classes"], diff):
+        if note not in notes:
+            notes.append(note)
     row["notes"] = " | ".join(notes)
     rel = metrics.reliability(z, labels, n_bins=config.n_bins)
     row["reliability"] = {

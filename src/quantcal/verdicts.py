@@ -586,6 +586,40 @@ def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
     return out
 
 
+def verdict_table(rows: list[dict], budget: Budget | None = None) -> str:
+    """The verdicts as plain text for the terminal: one line per model and precision (outcome,
+    the recalibrator that repairs it, ≈ when the deciding interval straddles its line), then the
+    summary sentences; "" when no cell has an fp32 reference."""
+    from quantcal.tables import short_models
+
+    vs = verdicts(rows, budget)
+    if not vs:
+        return ""
+    archs = short_models([v.model.rpartition("@")[0] or v.model for v in vs])
+    labels = {
+        v.model: archs[v.model.rpartition("@")[0] or v.model]
+        + ("@" + v.model.rpartition("@")[2] if "@" in v.model else "")
+        for v in vs
+    }
+    mw = max(len(m) for m in labels.values())
+    pw = max(5, *(len(v.precision) for v in vs))
+    b = budget or Budget()
+    lines = [
+        f"verdicts (budget: accuracy -{100 * b.max_accuracy_drop:g}, ECE +"
+        f"{100 * b.max_ece_rise:g} vs fp32, ECE at most {100 * b.max_ece:g} %):"
+    ]
+    for v in vs:
+        how = (
+            f" ({v.recal} -> {100 * v.best_ece.value:.1f} %)"
+            if (v.outcome in (SAFE_AFTER_RECAL, LIKE_FP32_RECAL) and v.best_ece.value is not None)
+            else ""
+        )
+        mark = " ≈" if v.borderline else ""
+        lines.append(f"  {labels[v.model]:<{mw}} {v.precision:<{pw}} {v.outcome}{how}{mark}")
+    lines.extend(f"  {s}" for s in summary(rows, budget))
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict], budget: Budget | None = None) -> list[str]:
     """Sentences for the top of the verdict table, each about several cells: an fp32 model
     over the absolute budget and what temperature scaling does to all its cells; a recalibrator

@@ -180,8 +180,14 @@ def finish(out: Path, t0: float, quiet: bool) -> int:
         return report_failures(study.failed_rows(out), out)
     rows = report.load_rows(out)
     if not quiet:
+        from quantcal.verdicts import verdict_table
+
         print()
         print(report.summary_table(rows))
+        table = verdict_table(rows, report.run_budget(out))
+        if table:
+            print()
+            print(table)
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
     report_notes(rows)
     code = report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))

@@ -17,6 +17,14 @@ class DownloadRequest:
 
 
 @dataclass(frozen=True)
+class ExportRequest:
+    name: str
+    out: Path
+    root: Path | None
+    force: bool
+
+
+@dataclass(frozen=True)
 class ListRequest:
     pass
 
@@ -25,8 +33,10 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "data",
         help="dataset utilities",
-        description="Download a dataset into the data folder (checksum-verified).",
-        epilog="example:\n  quantcal data download cifar100 --root ~/data\n\n"
+        description="Download a dataset into the data folder (checksum-verified), or export "
+        "one as an npz file in the MedMNIST layout (for `--dataset npz:FILE`).",
+        epilog="examples:\n  quantcal data download cifar100 --root ~/data\n"
+        "  quantcal data export cifar100 cifar100.npz   # from the verified archive\n\n"
         + EXIT_SIMPLE.replace(
             "  0    done", "  0    the file is there and its checksum matches"
         ).replace("(disk full, permission)", "(disk full, permission, no network)"),
@@ -38,6 +48,15 @@ def add_parsers(sub: Any) -> None:
     d.add_argument(
         "--root", default=None, help="data folder (default: $QUANTCAL_DATA or the per-user cache)"
     )
+    e = dsub.add_parser(
+        "export",
+        help="write a downloaded dataset as one npz file (train_images, train_labels, "
+        "test_images, test_labels)",
+    )
+    e.add_argument("name", help="cifar100")
+    e.add_argument("out", help="the npz file to write, e.g. cifar100.npz")
+    e.add_argument("--root", default=None, help="data folder holding the verified archive")
+    e.add_argument("--force", action="store_true", help="replace an existing OUT file")
     sub.add_parser(
         "list",
         help="list models, datasets, precisions, range estimators, quantization methods, "
@@ -48,8 +67,22 @@ def add_parsers(sub: Any) -> None:
     )
 
 
-def resolve_data(args: argparse.Namespace) -> DownloadRequest:
+def resolve_data(args: argparse.Namespace) -> DownloadRequest | ExportRequest:
     from quantcal import data
+
+    if args.data_command == "export":
+        out = Path(args.out).expanduser()
+        if args.name != "cifar100":
+            raise ValueError(
+                f"dataset {args.name!r} cannot be exported: only cifar100 comes as an archive "
+                "(pathmnist's official file already is an npz; give npz:PATH)"
+            )
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder; give the npz file's name")
+        if out.exists() and not args.force:
+            raise ValueError(f"{out} exists; pass --force to replace it, or choose another name")
+        root = None if args.root is None else Path(args.root).expanduser()
+        return ExportRequest(args.name, out, root, bool(args.force))
 
     if args.name not in data.SOURCES:
         raise ValueError(
@@ -63,8 +96,13 @@ def resolve_data(args: argparse.Namespace) -> DownloadRequest:
     return DownloadRequest(args.name, root)
 
 
-def execute_data(req: DownloadRequest) -> int:
+def execute_data(req: DownloadRequest | ExportRequest) -> int:
     from quantcal import data
+
+    if isinstance(req, ExportRequest):
+        path = data.export_npz(req.name, req.out, root=req.root)
+        print(f"written: {path} (use --dataset npz:{path})")
+        return 0
 
     path = data.download(req.name, root=req.root)
     print(f"verified: {path}")

@@ -40,8 +40,10 @@ def add_parser(sub: Any) -> None:
         help="find the cheapest per-layer bit plan that keeps accuracy and calibration",
         description="Mixed precision under a calibration budget: search the per-layer weight "
         "and activation bits (from --levels) of a trained checkpoint so that, on the dataset's "
-        "validation split, top-1 accuracy and the ECE after --recal stay within the budget of "
-        "fp32 (recalibrators fitted on one half, the budget checked on the other), at the "
+        "validation split (for a dataset whose val is carved from train, which the checkpoint "
+        "has probably seen: one stratified half of test), top-1 accuracy and the ECE after "
+        "--recal stay within the budget of fp32 with their 90 % upper confidence bounds "
+        "(recalibrators fitted on one half, the budget checked on the other), at the "
         'lowest --cost. Writes the plan as JSON; quant.QuantConfig.from_dict(its "quant_config") '
         "quantizes with it.",
         epilog="examples:\n  quantcal plan --checkpoint model.pt --model shufflenetv2 --width 0.5 "
@@ -154,7 +156,7 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
 
 
 def execute(req: PlanRequest) -> int:
-    from quantcal import data, quant, study
+    from quantcal import _images, data, quant, study
     from quantcal._io import atomic_write_json
 
     splits = data.load_dataset(req.dataset, seed=req.seed)
@@ -173,11 +175,28 @@ def execute(req: PlanRequest) -> int:
     study.load_weights(model, req.checkpoint)
     device = study.resolve_device(req.common.device)
     model.to(device)
+    # the checkpoint was trained elsewhere: where val is carved from train, search on one
+    # stratified half of test (the study's rule, quantcal._images)
+    policy = _images.stage_images(
+        outside_checkpoint=True,
+        val_from_train=lambda: data.val_held_out_of_train(req.dataset),
+        fit_on="auto",
+    )
+    search = splits.val
+    if policy.search == _images.TEST_HALF:
+        half = _images.test_halves(splits.test.labels, req.seed)[_images.SEARCH]
+        search = _images.subset(splits.test, half)
+        print(
+            f"quantcal plan: searching on one stratified half of test ({len(search)} images, "
+            f"seed {req.seed}): val is carved from the train split the checkpoint has probably "
+            "seen; measure the plan on the other half only",
+            file=sys.stderr,
+        )
     t0 = time.perf_counter()
     result = quant.plan_mixed_precision(
         model,
         list(splits.ptq_calib.batches(256, device=device)),
-        splits.val.batches(256, device=device),
+        search.batches(256, device=device),
         budget=req.budget,
         levels=list(req.levels),
         cost=req.cost,
@@ -187,13 +206,22 @@ def execute(req: PlanRequest) -> int:
     record = {
         "created_by": PLAN_MARK,
         **result.as_dict(),
+        "images": policy.describe(len(search), stage="the plan search"),
         "checkpoint": str(req.checkpoint.resolve()),
     }
     atomic_write_json(req.out, record)
     per_level: dict[str, int] = {}
     for w, a in result.plan.values():
         per_level[f"W{w}A{a}"] = per_level.get(f"W{w}A{a}", 0) + 1
-    m, f = result.metrics, result.fp32
+    m, f, b = result.metrics, result.fp32, result.bound
+    where = "test search half" if policy.search == _images.TEST_HALF else "validation"
+
+    def upto(key: str, what: str) -> str:
+        hi = b.get(key)
+        if hi is None or b["level"] is None:
+            return ""
+        return f", {what} up to {100 * hi:.1f} points at {100 * b['level']:.0f} % confidence"
+
     print(
         f"plan: {', '.join(f'{k} x{v}' for k, v in per_level.items())}; cost "
         f"{result.cost:.4g} {req.cost} ("
@@ -201,10 +229,11 @@ def execute(req: PlanRequest) -> int:
         + ")"
     )
     print(
-        f"validation check half: accuracy {100 * m['accuracy']:.1f} % (fp32 "
-        f"{100 * f['accuracy']:.1f} %)"
+        f"{where}, check half ({b['n_check']} images): accuracy {100 * m['accuracy']:.1f} % "
+        f"(fp32 {100 * f['accuracy']:.1f} %{upto('accuracy_drop_hi', 'loss')})"
         + (
-            f", ECE after {req.budget.recal} {100 * m['ece']:.1f} % (fp32 {100 * f['ece']:.1f} %)"
+            f", ECE after {req.budget.recal} {100 * m['ece']:.1f} % (fp32 {100 * f['ece']:.1f} %"
+            f"{upto('ece_rise_hi', 'rise')})"
             if "ece" in m
             else ""
         )
