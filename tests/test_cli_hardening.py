@@ -9,20 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _studies import TINY
 from quantcal import cli, study
 from quantcal._runfolder import MARKER
-
-TINY = {
-    "name": "tiny",
-    "seeds": [0],
-    "threads": 1,
-    "data": {"datasets": ["digits"]},
-    "model": [{"arch": "shufflenetv2", "width": 0.1}],
-    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-    "quant": {"precisions": ["fp32", "W8A8"], "observers": ["minmax"]},
-    "recal": {"methods": ["none", "temperature"]},
-    "metrics": {"bootstrap": 20},
-}
 
 
 def _study_file(tmp_path: Path, name: str, **quant) -> Path:

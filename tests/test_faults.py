@@ -18,29 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from _studies import TINY, tiny
 from quantcal import cli, data, study
 from quantcal._runfolder import MARKER
 
-TINY = {
-    "name": "tiny",
-    "seeds": [0],
-    "threads": 1,
-    "data": {"datasets": ["digits"]},
-    "model": [{"arch": "shufflenetv2", "width": 0.1}],
-    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-    "quant": {"precisions": ["fp32", "W8A8"], "observers": ["minmax"]},
-    "recal": {"methods": ["none", "temperature"]},
-    "metrics": {"bootstrap": 20},
-}
 N_ROWS = 2 * 2
-
-
-def _tiny(**changes) -> dict:
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
-    for dotted, value in changes.items():
-        section, _, key = dotted.rpartition(".")
-        (cfg[section] if section else cfg)[key] = value
-    return cfg
+_tiny = tiny
 
 
 def _rows(out: Path) -> list[dict]:

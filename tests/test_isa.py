@@ -11,20 +11,10 @@ import sys
 
 import pytest
 
+from _studies import tiny
 from quantcal import _isa, study
 
-TINY = {
-    "name": "tiny_isa",
-    "seeds": [0],
-    "threads": 1,
-    "isa": "avx2",
-    "data": {"datasets": ["digits"]},
-    "model": [{"arch": "shufflenetv2", "width": 0.1}],
-    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-    "quant": {"precisions": ["fp32", "W8A8"], "observers": ["minmax"]},
-    "recal": {"methods": ["none", "temperature"]},
-    "metrics": {"bootstrap": 20},
-}
+TINY = tiny(name="tiny_isa", isa="avx2")
 _PINS = set(_isa.environment("avx2"))
 
 

@@ -173,7 +173,7 @@ def fit_notes(
             f"{name} was fitted on {n_fit} images, fewer than the {need} this report trusts (at "
             f"least {MIN_FIT_IMAGES}, and {MIN_FIT_PER_PARAMETER} per fitted parameter; it fits "
             f"{what}): its fit may not reproduce on another sample, a larger recalibration "
-            "split (data.val_size) settles it"
+            "split settles it (data.val_size; when cross-fitted on test, a larger test split)"
         )
     d, lo, hi = ece_diff_vs_none or (None, None, None)
     if d is not None and lo is not None and hi is not None and lo > 0:

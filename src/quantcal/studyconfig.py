@@ -676,20 +676,10 @@ def _objectives_axis(field_value: Any, train: Mapping[str, Any]) -> tuple[dict[s
 def _check_datasets(names: tuple[str, ...]) -> None:
     """Each name is a registered dataset or ``npz:PATH`` (the file itself is checked when the
     run starts: a study file may be written on one machine and run on another)."""
-    from quantcal import data
+    from quantcal._inputs import check_dataset_name
 
-    known = data.list_datasets()
     for name in names:
-        if name.lower().startswith("npz:"):
-            if not name[4:].strip():
-                raise ValueError("data.datasets: 'npz:' needs a file path, e.g. 'npz:data.npz'")
-        elif name.lower() not in known:
-            hint = closest(name.lower(), known)
-            raise ValueError(
-                f"data.datasets: unknown dataset {name!r}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-                + f"; choose from {known} or give 'npz:PATH' (a MedMNIST-layout file)"
-            )
+        check_dataset_name(name, "data.datasets")
 
 
 def _unknown_key(where: str, key: str, valid: list[str]) -> ValueError:

@@ -684,7 +684,8 @@ def summary(rows: list[dict], budget: Budget | None = None) -> list[str]:
                 for c in [_classes(main)]
             )
             + " (fp32 cells included). Their fits may not reproduce on another sample: a larger "
-            "recalibration split (data.val_size) settles it."
+            "recalibration split settles it (data.val_size; when cross-fitted on test, a larger "
+            "test split)."
         )
     for method, cells in raised.items():
         out.append(

@@ -365,6 +365,15 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
             "Use temperature (fitted on these predictions), give quantized logits with "
             "--quantized beside the fp32 --logits, or --checkpoint"
         )
+    shared: dict[str, Any] = {
+        "recal": recal,
+        "seed": args.seed,
+        "out": Path(args.out),
+        "force": bool(args.force),
+        "common": common(args),
+        "metrics": metrics,
+        "budget": budget,
+    }
     if args.logits:
         refuse(
             {
@@ -394,15 +403,9 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
             mean=None,
             std=None,
             transform=None,
-            recal=recal,
             recal_fit=fit,
-            seed=args.seed,
-            out=Path(args.out),
-            force=bool(args.force),
             identity=identity,
-            common=common(args),
-            metrics=metrics,
-            budget=budget,
+            **shared,
         )
     if args.dataset is None:
         raise ValueError("--onnx needs --dataset (the images to run the model on)")
@@ -418,15 +421,9 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
         mean=mean,
         std=std,
         transform=absolute_factory(args.transform) if args.transform else None,
-        recal=recal,
         recal_fit=args.recal_fit or "auto",
-        seed=args.seed,
-        out=Path(args.out),
-        force=bool(args.force),
         identity=identity,
-        common=common(args),
-        metrics=metrics,
-        budget=budget,
+        **shared,
     )
 
 
