@@ -358,3 +358,29 @@ def test_cli_wrong_preprocessing_and_identical_logits_are_noted(trained, tmp_pat
     assert _eval("--logits", tmp_path / "val.npz", tmp_path / "val.npz", "--out", out) == 0
     assert "val and test logits are identical" in capsys.readouterr().err
     assert all("identical" in r["notes"] for r in _rows(out).values())
+
+
+def test_cli_files_that_are_not_onnx_and_models_for_other_images_exit_2(
+    digits, trained, tmp_path, capsys
+):
+    """The issue's examples through `quantcal eval --onnx`: exit 2, one line naming the file and
+    what it is, no traceback, no output folder."""
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is a text file\n")
+    pt = tmp_path / "model.onnx"
+    torch.save(trained[0].state_dict(), pt)
+    rgb = _export(_shufflenet(image_size=32, in_chans=3), tmp_path / "rgb32.onnx",
+                  torch.randn(1, 3, 32, 32), dynamic=False)  # fmt: skip
+    cases = [
+        (text, "text file"),
+        (pt, "torch.save"),
+        (rgb, "takes inputs of shape (1, 3, 32, 32) but dataset digits gives (B, 1, 8, 8)"),
+    ]
+    for i, (path, what) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert _eval("--onnx", path, "--dataset", "digits", "--out", out) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("quantcal eval: error: --onnx"), err
+        assert what in errors[0] and "Traceback" not in err
+        assert not out.exists()

@@ -268,10 +268,18 @@ def test_a_fit_that_raised_ece_does_not_repair_even_when_under_the_line():
 
 
 def test_claim3_counts_the_cells_temperature_made_worse_and_is_not_supported():
+    # Raised in 2 of 3 cells, measurably in 1: most rises are within noise, so undecided.
     c = claims.temperature_scaling_helps(_small_val_rows())
-    assert c.verdict.startswith("not supported: it raised ECE in 2 of 3 cells (1 measurably")
+    assert c.verdict.startswith("undecided: it raised ECE in 2 of 3 cells (1 measurably")
     assert "fitted on 180 images in 3 of 3 cells" in c.verdict
     assert any("net@1 W8A8 (measurably), net@1 W4A8" in e for e in c.evidence)
+    # Measurably raised in 2 of 3: not supported.
+    rows = _small_val_rows()
+    for r in rows:
+        if r["precision"] == "W4A8" and r["recal"] == "temperature":
+            r.update(_paired(0.006, 0.001, 0.012, key="ece_diff_vs_none"))
+    c = claims.temperature_scaling_helps(rows)
+    assert c.verdict.startswith("not supported: it raised ECE in 2 of 3 cells (2 measurably")
     # mostly helped: the usual verdict, with the cells it made worse counted
     rows = [r for r in _small_val_rows() if r["precision"] != "W4A8"]
     rows += [

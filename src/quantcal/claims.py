@@ -285,8 +285,9 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
     above the fp32 model's after temperature scaling.
 
     The cells where it raised ECE (point estimate above 0; *measurably* when the paired
-    interval lies above 0) are counted and named. When it raised ECE in more than half of the
-    cells the verdict is *not supported* whatever the other cells say; fits on fewer images
+    interval lies above 0) are counted and named. When it measurably raised ECE in more than half
+    of the cells the verdict is *not supported*, when it raised it in more than half but mostly
+    within noise *undecided*, whatever the other cells say; fits on fewer images
     than :func:`quantcal.recal.min_fit_images` (the ``n_fit`` column) are counted too."""
     from quantcal import recal
 
@@ -346,8 +347,10 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
         f"it raised ECE in {len(worse)} of {n} cells ({len(measurably)} measurably, the paired "
         "interval above 0)"
     )
-    if 2 * len(worse) > n:
+    if 2 * len(measurably) > n:
         head = f"not supported: {raised}"
+    elif 2 * len(worse) > n:  # most rises within the noise of the paired interval
+        head = f"undecided: {raised}"
     else:
         head = summarise(verdicts) + (f"; {raised}" if worse else "")
     if worse:
