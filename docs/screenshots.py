@@ -1,7 +1,7 @@
 """Screenshots of a run's report.html for the README, made by headless Chromium.
 
     make screenshots            # after `make run`: runs/demo -> docs/report_top.png, report_why.png
-    python docs/screenshots.py RUN_DIR OUT_DIR [--why "digits / mobileone_s0@0.25 W4A4"]
+    python docs/screenshots.py RUN_DIR OUT_DIR [--why "digits / augshufflenet@0.5 W4A4"]
 
 Two images: the top of the report (title and verdict table) and the "why recalibration fails"
 block of one cell. Each part is cut out of the report's own HTML (with its own CSS), rendered
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--why", default="digits / mobileone_s0@0.25 W4A4", help="the cell's heading")
+    ap.add_argument("--why", default="digits / augshufflenet@0.5 W4A4", help="the cell's heading")
     args = ap.parse_args(argv)
     text = (args.run_dir / "report.html").read_text()
     head = text[: text.index("<body>") + len("<body>")]
