@@ -413,3 +413,30 @@ def test_eval_attributes_a_users_checkpoint_to_its_layers(plain_digits_model, tm
     assert "Which layers decide calibration" in (out / "report.html").read_text()
     with pytest.raises(ValueError, match="--attribution quantizes the model itself"):
         cli.resolve(["eval", "--logits", "a", "b", "--attribution"])
+
+
+def test_eval_config_lists_no_training_recipe_and_still_reassembles(
+    plain_digits_model, tmp_path, capsys
+):
+    """An eval of a checkpoint trains nothing: its config.toml has no [train] recipe, and the
+    folder still re-assembles from its cache (no key holds the recipe) for report and compare."""
+    folder, _ = plain_digits_model
+    out = tmp_path / "norecipe"
+    assert _eval_plain(folder, out, "--mean", "0", "--std", "1") == 0
+    text = (out / "config.toml").read_text()
+    assert "[train]" not in text and "[quant]" in text
+    before = (out / "results.csv").read_text()
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "results.csv").read_text() == before
+    assert cli.main(["compare", str(out), str(out), "--bootstrap", "20"]) == 0
+    # A method that trains keeps its recipe.
+    from quantcal import study
+
+    raw = {
+        "name": "e",
+        "model": [{"arch": "resnet20", "width": 1.0, "checkpoint": str(folder / "plain.pt")}],
+    }
+    assert "[train]" in study.load_study({**raw, "quant": {"methods": ["qat"]}}).to_toml(
+        applicable_only=True
+    )

@@ -1,10 +1,11 @@
 """Reading the study cache: every entry is verified, and a damaged one is treated as missing.
 
-A cached JSON that does not parse, or parses to the wrong type or without its required keys, and
-a cached tensor file whose SHA-256 differs from the one recorded in its JSON beside it, are
-removed with a message naming the file; the stage that wrote them then computes them again, so
-a rerun heals the cache and gives the same results as a clean run. Every heal is also recorded in
-``cache/healed.json`` for the report.
+A cached JSON that does not parse, parses to the wrong type or without its required keys, or
+whose content differs from the SHA-256 written into it (:data:`CHECKSUM`: a damaged byte inside
+a string still parses), and a cached tensor file whose SHA-256 differs from the one recorded
+in its JSON beside it, are removed with a message naming the file; the stage that wrote them
+then computes them again, so a rerun heals the cache and gives the same results as a clean run.
+Every heal is also recorded in ``cache/healed.json`` for the report.
 
 Work folders of stages that train (``cache/train/KEY``, a method's ``cache/qat/KEY``) hold a
 resumable ``last.pt``: ``train.train(..., heal=...)`` hands a damaged one to :meth:`Cache.heal`
@@ -25,6 +26,16 @@ from typing import Any
 
 from quantcal._io import atomic_write_json
 from quantcal._runfolder import MARKER
+
+#: The key under which :meth:`Cache.write_json` records the SHA-256 of an entry's content.
+CHECKSUM = "_sha256"
+
+
+def _json_digest(obj: dict[str, Any]) -> str:
+    """SHA-256 of ``obj`` (without :data:`CHECKSUM`) as canonical JSON."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class Cache:
@@ -51,8 +62,14 @@ class Cache:
         with contextlib.suppress(OSError):  # the record is a courtesy; never fail a run on it
             atomic_write_json(record, past)
 
+    def write_json(self, path: Path, obj: dict[str, Any]) -> None:
+        """Write a cache entry atomically with the SHA-256 of its content, which
+        :meth:`read_json` verifies."""
+        atomic_write_json(path, {**obj, CHECKSUM: _json_digest(obj)})
+
     def read_json(self, path: Path, required: Iterable[str] = ()) -> dict[str, Any] | None:
-        """The JSON object at ``path``; None when absent or damaged (then healed)."""
+        """The JSON object at ``path`` (without its checksum); None when absent or damaged (then
+        healed). An entry written without a checksum (by an earlier release) is read as is."""
         if not path.exists():
             return None
         try:
@@ -62,6 +79,10 @@ class Cache:
             return None
         if not isinstance(obj, dict):
             self.heal(path, f"holds a JSON {type(obj).__name__}, not an object")
+            return None
+        recorded = obj.pop(CHECKSUM, None)
+        if recorded is not None and recorded != _json_digest(obj):
+            self.heal(path, "its content differs from the SHA-256 recorded in it")
             return None
         lacking = [k for k in required if k not in obj]
         if lacking:

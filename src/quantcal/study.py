@@ -940,7 +940,7 @@ class _Runner:
         }
         if _rank() == 0:  # the model first: meta.json is what marks the entry complete
             atomic_write_bytes(final, raw)
-            atomic_write_json(meta_path, meta)
+            self.store.write_json(meta_path, meta)
         return trained, key, meta
 
     # -- logits stage ----------------------------------------------------------------------
@@ -1055,7 +1055,7 @@ class _Runner:
         raw = torch_bytes(out)
         meta["sha256"] = hashlib.sha256(raw).hexdigest()
         atomic_write_bytes(path, raw)
-        atomic_write_json(meta_path, meta)  # last: it marks the entry complete
+        self.store.write_json(meta_path, meta)  # last: it marks the entry complete
         self.say(
             f"eval   {cell.group.label}  {cell.precision}{cell.where}  ({meta['seconds']:.1f} s)"
         )
@@ -1207,7 +1207,7 @@ class _Runner:
         )
         result.images = self.stage_images(cell.group).describe(n, stage="the attribution")
         record = result.as_dict()
-        atomic_write_json(path, record)
+        self.store.write_json(path, record)
         for note in result.notes:
             self.say(f"note   {cell.group.label}  {cell.precision} attribution: {note}")
         self.say(
@@ -1286,7 +1286,7 @@ class _Runner:
             quantized_layers=lmeta.get("quantized_layers"),
             row_id=key,
         )
-        atomic_write_json(path, row)
+        self.store.write_json(path, row)
         err = self.cache / "errors" / f"{key}.json"
         if err.exists():
             err.unlink()
@@ -1300,7 +1300,7 @@ class _Runner:
         self.failures.append(row)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
-            atomic_write_json(self.cache / "errors" / f"{key}.json", row)
+            self.store.write_json(self.cache / "errors" / f"{key}.json", row)
             atomic_write_text(self.cache / "errors" / f"{key}.log", tb)
         except OSError as write_exc:
             self.say(f"error  cannot record the failure in {self.cache / 'errors'}: {write_exc}")
@@ -1886,7 +1886,7 @@ def run_study(
             if made_here and _rank() == 0:  # leave no empty marked folder behind
                 _runfolder.empty(out, remove_folder=not existed)
             raise
-        atomic_write_text(out / "config.toml", config.to_toml())
+        atomic_write_text(out / "config.toml", config.to_toml(applicable_only=True))
         atomic_write_json(out / "env.json", environment_record(dev))
         bar = tqdm(mine, desc=f"study {config.name}", unit="model", disable=quiet or None)
         for g, cells in bar:

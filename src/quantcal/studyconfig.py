@@ -581,8 +581,25 @@ class StudyConfig:
             },
         }
 
-    def to_toml(self) -> str:
-        return _toml.dumps(self.to_toml_dict())
+    def trains_nothing(self) -> bool:
+        """Every model comes from a checkpoint and no quantization method trains (``qat``), with
+        the one default objective: the ``[train]`` recipe then reaches no result."""
+        from quantcal.quant.methods import get_method
+
+        return (
+            all(m.checkpoint is not None for m in self.models)
+            and not any(get_method(m).needs_train_data for m in self.quant_methods)
+            and self.objective_labels() in ([], ["ce"])
+        )
+
+    def to_toml(self, *, applicable_only: bool = False) -> str:
+        """The study file; with ``applicable_only``, without the ``[train]`` recipe when it
+        reaches no result (:meth:`trains_nothing`), as an eval of a checkpoint writes it (read
+        back, the defaults fill it in, and no cache key holds it)."""
+        raw = self.to_toml_dict()
+        if applicable_only and self.trains_nothing():
+            raw.pop("train")
+        return _toml.dumps(raw)
 
 
 # section -> {toml key: StudyConfig field}
