@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.quantcal-installed
 TIMM_VENV  ?= .venv-timm
 TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-timm screenshots setup lint clean-venv
+.PHONY: run test test-timm screenshots setup lint clean-venv ddp-soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ test-timm: $(TIMM_VENV)/.quantcal-installed
 # README images of the demo report (after `make run`; needs Debian's chromium).
 screenshots: $(STAMP)
 	$(BIN)/python docs/screenshots.py runs/demo docs
+
+# The two-process DDP tests (torchrun, gloo) 20 times in a row: a check that they are not flaky,
+# to run beside a loaded machine (e.g. while `make test` runs); stops at the first failure.
+ddp-soak: $(STAMP)
+	for i in $$(seq 20); do \
+	  $(BIN)/python -m pytest -q -p no:randomly tests/test_train.py tests/test_quant_methods_ddp.py \
+	    -k "ddp or torchrun" || { echo "ddp-soak: failed on run $$i of 20"; exit 1; }; \
+	done; echo "ddp-soak: 20 of 20 runs passed"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -456,17 +456,31 @@ def train(
     dist_info = _dist_from_env()
     dev = _resolve_device(device, dist_info)
     dist_info = _init_process_group(dist_info, dev)
+    finished = False
     try:
         fork = [dev.index] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork), _determinism(config.deterministic, dev):
-            return _run(
+            result = _run(
                 model, split, config, dev, dist_info, out_dir, resume, progress, on_epoch_end, heal
             )
+        finished = True
+        return result
     finally:
         if dist_info.created:
-            import torch.distributed as dist
+            _leave_process_group(finished)
 
-            dist.destroy_process_group()
+
+def _leave_process_group(finished: bool) -> None:
+    """Destroy the process group this call created. After a run that finished on every rank,
+    the ranks first meet at a barrier: a rank that tears gloo down while its peer still has a
+    collective in flight makes gloo's C++ side abort ("terminate called without an active
+    exception"), which a loaded machine made happen now and then. After an error the barrier
+    is skipped (the peer may never reach it)."""
+    import torch.distributed as dist
+
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _steps_per_epoch(n: int, config: TrainConfig, world: int) -> tuple[int, int]:

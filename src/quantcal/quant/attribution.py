@@ -95,7 +95,14 @@ def block_of(name: str) -> str:
 @dataclass(frozen=True)
 class LayerAttribution:
     """One group's numbers (``Δ`` = metric with the change − metric without; NLL in nats, ECE
-    and accuracy as fractions). ``layers`` are the quantized layers of the group."""
+    and accuracy as fractions). ``layers`` are the quantized layers of the group.
+
+    ``alone_X`` = X(only this group quantized) − X(fp32): what quantizing it alone costs.
+    ``recovery_X`` = X(everything quantized) − X(everything but this group quantized): for NLL
+    and ECE (lower is better) a positive value is what keeping the group in fp32 gives back;
+    accuracy is higher-better, so the accuracy it gives back is ``-recovery_accuracy`` (one
+    formula for every metric, so cached records keep their meaning; the report and the
+    attribution finding print the gain with its sign made positive)."""
 
     name: str
     kind: str
