@@ -21,6 +21,7 @@ resumed run ends with bitwise the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import math
 import os
@@ -599,6 +600,12 @@ def _run(
             on_epoch_end(epoch + 1, model, record)
     if world > 1:
         _sync_buffers(model)
+        # The DDP wrapper's reducer hooks the parameters and holds the process group: freed
+        # here (with any reference cycle), the group's gloo threads stop when the group is
+        # destroyed, not at interpreter exit, where their destruction order made a rank abort
+        # now and then ("terminate called without an active exception").
+        del net
+        gc.collect()
     model.eval()
     model.to(device="cpu", memory_format=torch.contiguous_format)
     return TrainResult(
