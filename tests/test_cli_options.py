@@ -158,6 +158,7 @@ def _samples(f) -> dict[str, dict[str, list[str]]]:
             "--max-accuracy-drop": ["--max-accuracy-drop", "0.02"],
             "--max-ece-rise": ["--max-ece-rise", "none"],
             "--recal": ["--recal", "vector"],
+            "--confidence": ["--confidence", "none"],
             "--cost": ["--cost", "weight_bytes"],
             "--seed": ["--seed", "3"],
             "--out": ["--out", str(f["tmp"] / "p2.json")],

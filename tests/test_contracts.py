@@ -186,3 +186,19 @@ def test_plan_recalibrators_are_fitted_on_one_half_and_the_budget_checked_on_the
     fit_images, check_images = images(fitted[0]), images(checked[0])
     assert len(fit_images) == len(check_images) == 200
     assert not fit_images & check_images
+
+
+def test_the_plan_confidence_is_a_study_key_and_false_is_the_point_rule():
+    """``[quant] plans.confidence``: a level in [0.5, 1), or false for point estimates; unset,
+    the plan cells keep their keys (the spec holds it only when given)."""
+    from quantcal import study
+
+    base = {"name": "p", "model": [{"arch": "resnet20", "width": 0.25}]}
+    cfg = study.load_study({**base, "quant": {"plans": {"confidence": 0.8}}})
+    assert cfg.plan_spec("calib")["confidence"] == 0.8
+    cfg = study.load_study({**base, "quant": {"plans": {"confidence": False}}})
+    assert cfg.plan_spec("calib")["confidence"] is False
+    assert study.load_study(cfg.to_toml_dict()).plan_spec("calib")["confidence"] is False
+    assert "confidence" not in study.load_study({**base, "quant": {"plans": True}}).plan_spec("c")
+    with pytest.raises(ValueError, match=r"quant\.plans\.confidence must be a one-sided level"):
+        study.load_study({**base, "quant": {"plans": {"confidence": 1.5}}})

@@ -1138,6 +1138,9 @@ class _Runner:
             max_accuracy_drop=spec["max_accuracy_drop"],
             max_ece_rise=spec["max_ece_rise"],
             recal=spec["recal"],
+            confidence=None
+            if spec.get("confidence", 0.9) is False
+            else spec.get("confidence", 0.9),
         )
         t0 = time.perf_counter()
         search = self.search_split(cell.group)

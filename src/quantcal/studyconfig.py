@@ -385,7 +385,7 @@ class StudyConfig:
             plans = {}
         if not isinstance(plans, Mapping):
             raise ValueError(f"quant.plans must be true, false or a table, got {plans!r}")
-        allowed = ("max_accuracy_drop", "max_ece_rise", "recal", "cost", "levels")
+        allowed = ("max_accuracy_drop", "max_ece_rise", "recal", "cost", "levels", "confidence")
         for key in plans:
             if key not in allowed:
                 raise ValueError(
@@ -410,6 +410,9 @@ class StudyConfig:
             label=label,
         )
         qplan.check_cost(out.get("cost", "bops"), label=label)
+        if "confidence" in out:  # false: point estimates, as before the upper-bound rule
+            c = out["confidence"]
+            qplan.check_confidence(None if c is False else c, label=label)
         if "levels" in out:
             levels = out["levels"]
         else:  # the study's quantized precisions, most bits first
@@ -512,6 +515,8 @@ class StudyConfig:
             "recal": p.get("recal", "temperature"),
             "cost": p.get("cost", "bops"),
             "levels": list(p.get("levels", [])),
+            # only when set: the plan cells of a study without it keep their cache keys
+            **({"confidence": p["confidence"]} if "confidence" in p else {}),
         }
 
     def objective_labels(self) -> list[str]:

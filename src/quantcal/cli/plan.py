@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
         "and activation bits (from --levels) of a trained checkpoint so that, on the dataset's "
         "validation split (for a dataset whose val is carved from train, which the checkpoint "
         "has probably seen: one stratified half of test), top-1 accuracy and the ECE after "
-        "--recal stay within the budget of fp32 with their 90 % upper confidence bounds "
+        "--recal stay within the budget of fp32 with their upper confidence bounds (--confidence) "
         "(recalibrators fitted on one half, the budget checked on the other), at the "
         'lowest --cost. Writes the plan as JSON; quant.QuantConfig.from_dict(its "quant_config") '
         "quantizes with it.",
@@ -67,6 +67,13 @@ def add_parser(sub: Any) -> None:
         "--max-ece-rise", default="0.01", help="0.01 = 1 point; 'none' budgets accuracy only"
     )
     p.add_argument("--recal", default="temperature", help="the recalibrator of the ECE budget")
+    p.add_argument(
+        "--confidence",
+        default="0.9",
+        help="a move is accepted when the one-sided upper confidence bound of its loss at this "
+        "level stays within the budget (paired bootstrap over the check half; default 0.9); "
+        "'none' checks point estimates",
+    )
     p.add_argument("--cost", default="bops", choices=("bops", "weight_bytes"))
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and halves")
     p.add_argument("--out", default="plan.json", help="where the plan is written (JSON)")
@@ -112,7 +119,7 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
     check_dataset_name(args.dataset, "--dataset")
     check_number(args.width, "--width", minimum=0, exclusive_minimum=True)
     check_number(args.seed, "--seed", integer=True, minimum=0)
-    from quantcal.quant.plan import check_budget, check_levels
+    from quantcal.quant.plan import check_budget, check_confidence, check_levels
 
     def flag(key: str) -> str:
         return "--" + key.replace("_", "-")
@@ -129,7 +136,15 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
             f"{args.max_ece_rise!r}"
         ) from None
     check_budget(args.max_accuracy_drop, ece, args.recal, label=flag)
-    budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal)
+    text = args.confidence.strip().lower()
+    try:
+        confidence = None if text == "none" else float(text)
+    except ValueError:
+        raise ValueError(
+            f"--confidence must be a level in [0.5, 1) or 'none', got {args.confidence!r}"
+        ) from None
+    check_confidence(confidence, label=flag)
+    budget = quant.PlanBudget(args.max_accuracy_drop, ece, args.recal, confidence)
     if (args.mean is None) != (args.std is None):
         raise ValueError("--mean and --std go together: give both or neither")
     mean = std = None

@@ -124,6 +124,19 @@ def check_cost(cost: Any, *, label: Label = _budget_label) -> str:
     return cost
 
 
+def check_confidence(confidence: Any, *, label: Label = _budget_label) -> None:
+    """ValueError naming the setting unless ``confidence`` is a one-sided level in [0.5, 1)
+    (0.9: a 90 % upper confidence bound of the loss) or None (point estimates)."""
+    c = confidence
+    if c is not None and (
+        isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 <= c < 1.0
+    ):
+        raise ValueError(
+            f"{label('confidence')} must be a one-sided level in [0.5, 1) (0.9 = a 90 % upper "
+            f"bound) or none (point estimates), got {c!r}"
+        )
+
+
 def check_levels(levels: Any, *, label: Label = _budget_label) -> list[QuantConfig]:
     """The plan levels as QuantConfigs: at least two quantized precisions ("W8A8", ...), going
     from most to fewest bits (neither weight nor activation bits rising), none twice; else a
@@ -175,14 +188,7 @@ class PlanBudget:
 
     def __post_init__(self) -> None:
         check_budget(self.max_accuracy_drop, self.max_ece_rise, self.recal)
-        c = self.confidence
-        if c is not None and (
-            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 <= c < 1.0
-        ):
-            raise ValueError(
-                f"PlanBudget.confidence must be a one-sided level in [0.5, 1) (0.9 = a 90 % upper "
-                f"bound) or None (point estimates), got {c!r}"
-            )
+        check_confidence(self.confidence)
 
     @property
     def calibration(self) -> bool:
