@@ -55,3 +55,30 @@ def write_results(folder: Path, rows: list[dict]) -> list[dict]:
         w.writerows(rows)
     (folder / "details.json").write_text(json.dumps({"reliability": {}, "inspect": []}))
     return report.load_rows(folder)
+
+
+def hand_row(precision, method, acc, ece, *, half=0.005, **kw) -> dict:
+    """One result row as verdicts and claims read it (dataset "d", arch "net"): accuracy with a
+    ±0.02 interval, ECE with ±``half``; any other column by keyword."""
+    r = {
+        "status": "ok",
+        "dataset": "d",
+        "arch": "net",
+        "width": 1.0,
+        "objective": "ce",
+        "seed": 0,
+        "precision": precision,
+        "observer": "-" if precision == "fp32" else "minmax",
+        "ptq_sample": -1 if precision == "fp32" else 0,
+        "recal": method,
+        "recal_fit": "val",
+        "accuracy": acc,
+        "accuracy_lo": acc - 0.02,
+        "accuracy_hi": acc + 0.02,
+        "ece": ece,
+        "ece_lo": ece - half,
+        "ece_hi": ece + half,
+        "n_test": 10000,
+    }
+    r.update(kw)
+    return r

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from _results import hand_row
 from quantcal import metrics, quant, recal
 from quantcal.quant import primitives as P
 from quantcal.verdicts import ACCURACY_LOST, NOT_REPAIRABLE, SAFE, Budget, verdicts
@@ -82,29 +83,12 @@ def test_a_quantized_layer_stores_integers_on_the_documented_grid():
 # means on it, not 1e-16 beside it.
 # ---------------------------------------------------------------------------------------------
 def _cell(precision, acc, ece, diff=None):
-    r = {
-        "status": "ok",
-        "dataset": "d",
-        "arch": "net",
-        "width": 1.0,
-        "objective": "ce",
-        "seed": 0,
-        "precision": precision,
-        "observer": "-" if precision == "fp32" else "minmax",
-        "ptq_sample": -1 if precision == "fp32" else 0,
-        "recal": "none",
-        "recal_fit": "val",
-        "accuracy": acc,
-        "accuracy_lo": acc - 0.0625,
-        "accuracy_hi": acc + 0.0625,
-        "ece": ece,
-        "ece_lo": ece - 0.0625,
-        "ece_hi": ece + 0.0625,
-        "n_test": 10000,
-    }
-    if diff is not None:
-        r.update(ece_diff_vs_fp32=diff, ece_diff_vs_fp32_lo=diff, ece_diff_vs_fp32_hi=diff)
-    return r
+    paired = (
+        {}
+        if diff is None
+        else dict.fromkeys(("ece_diff_vs_fp32", "ece_diff_vs_fp32_lo", "ece_diff_vs_fp32_hi"), diff)
+    )
+    return hand_row(precision, "none", acc, ece, half=0.0625, **paired)
 
 
 BUDGET = Budget(max_accuracy_drop=0.125, max_ece_rise=0.125, max_ece=1.0)

@@ -122,3 +122,22 @@ def test_the_correct_preprocessing_raises_no_alarm(bn_model, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert "preprocessing" not in rows[0]["notes"]
     assert "check the preprocessing" not in capsys.readouterr().err
+
+
+def test_a_check_that_cannot_run_is_named_not_silent():
+    """A model whose forward fails on the sample batch: the note says the inputs were not
+    checked (the cell itself is not failed for a check beside its numbers)."""
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            if x.shape[0] > 4:
+                raise RuntimeError("batches of at most 4 images")
+            return self.bn(x)
+
+    (note,) = diagnose.input_statistics_notes(Picky().eval(), torch.zeros(8, 1, 4, 4))
+    assert "could not run (RuntimeError: batches of at most 4 images)" in note
+    assert "not checked" in note

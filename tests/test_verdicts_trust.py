@@ -8,34 +8,12 @@ import math
 
 import pytest
 
+from _results import hand_row
 from quantcal import claims, recal
 from quantcal.report_why import _decomposition, _nll_sentence, why_section
 from quantcal.verdicts import OUTCOMES, Budget, summary, verdicts
 
-
-def _row(precision, method, acc, ece, *, half=0.005, **kw):
-    r = {
-        "status": "ok",
-        "dataset": "d",
-        "arch": "net",
-        "width": 1.0,
-        "objective": "ce",
-        "seed": 0,
-        "precision": precision,
-        "observer": "-" if precision == "fp32" else "minmax",
-        "ptq_sample": -1 if precision == "fp32" else 0,
-        "recal": method,
-        "recal_fit": "val",
-        "accuracy": acc,
-        "accuracy_lo": acc - 0.02,
-        "accuracy_hi": acc + 0.02,
-        "ece": ece,
-        "ece_lo": ece - half,
-        "ece_hi": ece + half,
-        "n_test": 10000,
-    }
-    r.update(kw)
-    return r
+_row = hand_row
 
 
 def _paired(d, lo, hi, key="ece_diff_vs_fp32"):

@@ -357,7 +357,14 @@ def input_statistics_notes(
     ``BN_LOG_VARIANCE_LIMIT`` or ``BN_SHIFT_LIMIT``); else none. This catches a wrong
     normalisation that leaves the model far from chance and its temperature plausible (e.g. a
     CIFAR-100 ResNet-20 fed x / 255: 22.5 % accuracy, T = 3.1)."""
-    found = bn_input_mismatch(model, inputs)
+    try:
+        found = bn_input_mismatch(model, inputs)
+    except Exception as exc:  # a check beside the numbers: name it, never fail the cell for it
+        return [
+            f"the preprocessing check at {subject}'s first BatchNorm could not run "
+            f"({type(exc).__name__}: {exc}): its inputs were not checked against its training "
+            "statistics"
+        ]
     if found is None:
         return []
     name, log_ratio, shift = found

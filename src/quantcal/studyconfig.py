@@ -80,7 +80,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,14 +587,11 @@ class StudyConfig:
         }
 
     def trains_nothing(self) -> bool:
-        """Every model comes from a checkpoint and no quantization method trains (``qat``), with
-        the one default objective: the ``[train]`` recipe then reaches no result."""
-        from quantcal.quant.methods import get_method
-
-        return (
-            all(m.checkpoint is not None for m in self.models)
-            and not any(get_method(m).needs_train_data for m in self.quant_methods)
-            and self.objective_labels() in ([], ["ce"])
+        """The ``[train]`` recipe reaches no result (:func:`recipe_unused`)."""
+        return recipe_unused(
+            [m.checkpoint is not None for m in self.models],
+            self.quant_methods,
+            self.objective_labels(),
         )
 
     def to_toml(self, *, applicable_only: bool = False) -> str:
@@ -651,6 +648,29 @@ def _bits(precision: str) -> tuple[int, int]:
     """(weight bits, activation bits) of a canonical quantized precision ("W4A8")."""
     w, a = precision[1:].split("A")
     return int(w), int(a)
+
+
+def recipe_unused(
+    from_checkpoint: Sequence[bool], methods: Sequence[str], objectives: Sequence[str]
+) -> bool:
+    """True when a study's training recipe reaches no result: every model comes from a
+    checkpoint (``from_checkpoint``), no quantization method trains (``qat``; an unknown name
+    counts as one that does) and the objectives are the one default (``[]`` or ``["ce"]``).
+    The report and an eval's config.toml leave the recipe out then."""
+    from quantcal.quant.methods import get_method
+
+    def trains(name: str) -> bool:
+        try:
+            return get_method(name).needs_train_data
+        except ValueError:
+            return True
+
+    return (
+        bool(from_checkpoint)
+        and all(from_checkpoint)
+        and not any(trains(m) for m in methods)
+        and list(objectives) in ([], ["ce"])
+    )
 
 
 def canonical_precision(text: str) -> str:

@@ -86,7 +86,8 @@ def add_parser(sub: Any) -> None:
         "                --observers --methods --plans --attribution --device\n"
         "  --onnx        --dataset --mean/--std or --transform\n"
         "  --logits      --quantized (fp32 logits as the reference: verdicts from logits alone)\n"
-        "  all three     --recal --recal-fit --seed --out --force --quiet --threads\n\n"
+        "  all three     --recal --recal-fit --seed --out --force --quiet --threads --set\n"
+        "                (--set with --onnx/--logits: metrics.* and report.* keys only)\n\n"
         "OUT must be new, empty or an earlier eval of the same source (--force replaces "
         "another).\n\n" + EXIT_STUDY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
