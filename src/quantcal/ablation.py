@@ -39,7 +39,7 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
     ``value`` and ``n_test``."""
     from quantcal import metrics
     from quantcal.models.ablation import ABLATION_BASE, ABLATION_VARIANTS, BASE_PROPERTIES
-    from quantcal.study import _recalibrate, crossfit_folds
+    from quantcal.recal_splits import crossfit_folds, recalibrate
 
     cfg = runner.config
     recals = [m for m in RECALS if m in cfg.recal]
@@ -77,7 +77,7 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
                     folds = None
                     if fit == "test_crossfit" and method != "none":
                         folds = crossfit_folds(lg["test_labels"], g.seed)
-                    z, _ = _recalibrate(method, lg, fp32, [], None, folds)
+                    z, _ = recalibrate(method, lg, fp32, [], None, folds)
                     per[(cell.precision, method)] = z
             logits[arch] = per
             labels[arch] = fp32["test_labels"]

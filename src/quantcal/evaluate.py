@@ -522,7 +522,7 @@ def recalibrated_given_logits(out_dir: str | Path) -> dict[tuple, tuple[Any, Any
     identity as results.csv writes it (as ``study.recalibrated_test_logits`` does for a run):
     each recalibrator refitted exactly as the row was scored. ValueError when the folder keeps
     no predictions."""
-    from quantcal.study import _recalibrate, crossfit_folds
+    from quantcal.recal_splits import crossfit_folds, recalibrate
     from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
 
     path = Path(out_dir) / GIVEN_FILE
@@ -546,7 +546,7 @@ def recalibrated_given_logits(out_dir: str | Path) -> dict[tuple, tuple[Any, Any
             folds = None
             if meta["recal_fit"] == "test_crossfit" and method != "none":
                 folds = crossfit_folds(labels, meta["seed"])
-            z, _ = _recalibrate(method, lg, lg if is_ref else ref, [], None, folds)
+            z, _ = recalibrate(method, lg, lg if is_ref else ref, [], None, folds)
             key = (
                 meta["dataset"],
                 meta["model"],

@@ -39,7 +39,7 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
     than ``ptq`` when the study has it, ``ece_vs_ptq`` and ``accuracy_vs_ptq``, each interval
     as ``{"value", "lo", "hi"}``."""
     from quantcal import metrics
-    from quantcal.study import _recalibrate, crossfit_folds
+    from quantcal.recal_splits import crossfit_folds, recalibrate
 
     cfg = runner.config
     if len(cfg.quant_methods) < 2:
@@ -57,7 +57,7 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
         folds = crossfit_folds(y, g.seed) if fit == "test_crossfit" else None
 
         def recalibrated(lg: dict, recal: str, fp32=fp32, folds=folds) -> Any:
-            z, _ = _recalibrate(recal, lg, fp32, [], None, None if recal == "none" else folds)
+            z, _ = recalibrate(recal, lg, fp32, [], None, None if recal == "none" else folds)
             return z
 
         ref = {r: recalibrated(fp32, r) for r in recals}

@@ -47,6 +47,7 @@ from quantcal import _images, _isa, _runfolder
 from quantcal._cache import Cache
 from quantcal._digest import FileDigests
 from quantcal._io import atomic_write_bytes, atomic_write_json, atomic_write_text, torch_bytes
+from quantcal.recal_splits import FitFn, crossfit_folds, fit_and_apply, fold, recalibrate
 from quantcal.studyconfig import (
     REUSE_FP32_TEMPERATURE,
     ModelSpec,
@@ -1228,7 +1229,7 @@ class _Runner:
         return None if meta is None else self.store.read_torch(path, meta["sha256"])
 
     # -- row stage -------------------------------------------------------------------------
-    def _fp32_fit_for(self, fp32_key: str) -> _FitFn:
+    def _fp32_fit_for(self, fp32_key: str) -> FitFn:
         """The fp32 cell's recalibrator fits, each fitted once per group (every quantized
         cell's paired difference vs fp32 and ``temperature_fp32`` reuse them)."""
 
@@ -1241,7 +1242,7 @@ class _Runner:
                     self._fp32_fits.clear()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    result = _fit_and_apply(method, fp32, fp32)
+                    result = fit_and_apply(method, fp32, fp32)
                 self._fp32_fits[key] = (result, [str(w.message) for w in caught])
             result, messages = self._fp32_fits[key]
             for message in messages:  # each caller records the fit's warnings, cached or not
@@ -1444,107 +1445,29 @@ def _base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, An
     return row
 
 
-_FitFn = Callable[[str, dict], tuple[Any, "float | None"]]
-
-
-def _fit_and_apply(method: str, fit_on: dict, apply_to: dict) -> tuple[Any, float | None]:
-    """Fit ``method`` on ``fit_on``'s validation logits and apply it to ``apply_to``'s test
-    logits; returns (test logits, temperature or None)."""
-    from quantcal import recal
-
-    r = recal.get(method)().fit(fit_on["val_logits"], fit_on["val_labels"])
-    temp = getattr(r, "temperature", None)
-    return r(apply_to["test_logits"]), (None if temp is None else float(temp))
-
-
-def crossfit_folds(labels, seed: int) -> list[tuple[Any, Any]]:
-    """Two stratified halves (A, B) of the test positions, seeded: [(fit A, apply B), (fit B,
-    apply A)]. Each test image is recalibrated by a fit that never saw it. (A, B) are
-    ``_images.test_halves``: a plan searched on A is scored on B."""
-    a, b = _images.test_halves(labels, seed)
-    return [(a, b), (b, a)]
-
-
-def _fold(d: dict, fit_idx, apply_idx) -> dict:
-    """A logits dict whose val is ``test[fit_idx]`` and whose test is ``test[apply_idx]``."""
-    return {
-        "val_logits": d["test_logits"][fit_idx],
-        "val_labels": d["test_labels"][fit_idx],
-        "test_logits": d["test_logits"][apply_idx],
-        "test_labels": d["test_labels"][apply_idx],
-    }
-
-
-def _recalibrate(
-    method: str,
-    lg: dict,
-    fp32: dict,
-    notes: list[str] | None = None,
-    fp32_fit: _FitFn | None = None,
-    folds: list[tuple[Any, Any]] | None = None,
-):
-    """Fit ``method`` on this cell's validation logits; return (test logits, temperature).
-
-    ``temperature_fp32`` applies the fp32 model's temperature instead. ``fp32_fit(method,
-    fp32)`` returns the fp32 model's fit (the runner memoises it per group); by default it is
-    refitted. Warnings of the fit (a temperature at its bound, say) are appended to ``notes``.
-    With ``folds`` (see :func:`crossfit_folds`) every recalibrator is fitted on one part of the
-    test split and applied to the other, and the parts are put back in order; the temperature
-    returned is the folds' mean."""
-    import warnings
-
-    from quantcal import recal
-
-    if folds is not None:
-        z, temps = None, []
-        for fit_idx, apply_idx in folds:
-            lg_f = _fold(lg, fit_idx, apply_idx)
-            fp32_f = lg_f if lg is fp32 else _fold(fp32, fit_idx, apply_idx)
-            zf, tf = _recalibrate(method, lg_f, fp32_f, notes)
-            if z is None:
-                z = zf.new_empty((lg["test_logits"].shape[0], zf.shape[1]))
-            z[apply_idx] = zf
-            temps.append(tf)
-        return z, (None if None in temps else sum(temps) / len(temps))
-
-    fp32_fit = fp32_fit or (lambda m, f: _fit_and_apply(m, f, f))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if method == REUSE_FP32_TEMPERATURE:
-            _, t_fp32 = fp32_fit("temperature", fp32)
-            fixed = recal.get("temperature").fixed(t_fp32)
-            out = fixed(lg["test_logits"]), float(t_fp32)
-        elif lg is fp32:
-            out = fp32_fit(method, fp32)
-        else:
-            out = _fit_and_apply(method, lg, lg)
-    if notes is not None:
-        notes.extend(str(w.message) for w in caught if str(w.message) not in notes)
-    return out
-
-
 def _score(
     config: StudyConfig,
     cell: QuantCell,
     method: str,
     lg: dict,
     fp32: dict,
-    fp32_fit: _FitFn | None = None,
+    fp32_fit: FitFn | None = None,
     notes: list[str] | None = None,
     recal_fit: str = "val",
     report_on: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
-    ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`crossfit_folds`, seeded by the group's
-    seed; the bootstrap then resamples test images with their out-of-fold recalibrated logits,
-    so the intervals hold the test sampling but not the variability of the half-size fits).
+    ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`quantcal.recal_splits.crossfit_folds`,
+    seeded by the group's seed; the bootstrap then resamples test images with their out-of-fold
+    recalibrated logits, so the intervals hold the test sampling but not the variability of the
+    half-size fits).
     ``report_on`` (search half, report half) of test: the row is scored on the report half
     only, every recalibrator fitted on the search half (a plan searched on that half)."""
     from quantcal import metrics, recal
 
     fit_column = recal_fit
     if report_on is not None:
-        lg, fp32 = _fold(lg, *report_on), _fold(fp32, *report_on)
+        lg, fp32 = fold(lg, *report_on), fold(fp32, *report_on)
         recal_fit, fp32_fit = "val", None  # fitted on the search half, the folds' "val"
     labels = lg["test_labels"]
     notes = list(notes or [])
@@ -1552,7 +1475,7 @@ def _score(
     if recal_fit == "test_crossfit" and method != "none":
         folds = crossfit_folds(labels, cell.group.seed)
         fp32_fit = None  # the memoised fits are on val
-    z, temperature = _recalibrate(method, lg, fp32, notes, fp32_fit, folds)
+    z, temperature = recalibrate(method, lg, fp32, notes, fp32_fit, folds)
 
     rep = metrics.calibration_report(z, labels, n_bins=config.n_bins)
     row = _base_row(config, cell, method)
@@ -1564,7 +1487,7 @@ def _score(
     if config.bootstrap > 0:
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
-        z_fp32, _ = _recalibrate(method, fp32, fp32, [], fp32_fit, folds)
+        z_fp32, _ = recalibrate(method, fp32, fp32, [], fp32_fit, folds)
         d = metrics.paired_bootstrap_diff("ece", z, z_fp32, labels, **boot)
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
@@ -1964,14 +1887,14 @@ def recalibrated_test_logits(
             report_on = None if cell.is_fp32 else runner.report_fold(cell, labels)
             for method in cfg.recal:
                 if report_on is not None:  # a plan searched on one half: the other half only
-                    lg_r, fp32_r = _fold(lg, *report_on), _fold(fp32, *report_on)
-                    z, _ = _recalibrate(method, lg_r, fp32_r, [], None, None)
+                    lg_r, fp32_r = fold(lg, *report_on), fold(fp32, *report_on)
+                    z, _ = recalibrate(method, lg_r, fp32_r, [], None, None)
                     key_labels = lg_r["test_labels"]
                 else:
                     folds = None
                     if fit == "test_crossfit" and method != "none":
                         folds = crossfit_folds(labels, g.seed)
-                    z, _ = _recalibrate(method, lg, fp32, [], None, folds)
+                    z, _ = recalibrate(method, lg, fp32, [], None, folds)
                     key_labels = labels
                 key = (
                     g.dataset,
