@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.quantcal-installed
 TIMM_VENV  ?= .venv-timm
 TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-timm screenshots setup lint clean-venv ddp-soak
+.PHONY: run test test-timm screenshots setup lint clean-venv ddp-soak mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,8 +56,15 @@ ddp-soak: $(STAMP)
 	    -k "ddp or torchrun" || { echo "ddp-soak: failed on run $$i of 20"; exit 1; }; \
 	done; echo "ddp-soak: 20 of 20 runs passed"
 
+# Mutation testing of the core modules (mutation/groups.toml), each against its own tests; about
+# an hour on two cores, not part of CI. GROUPS= picks some groups; see mutation/README.md.
+GROUPS ?=
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
+	$(BIN)/python mutation/run.py $(GROUPS) $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench mutation
 
 clean-venv:
 	rm -rf $(VENV)
