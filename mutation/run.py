@@ -46,7 +46,8 @@ from quantcal._toml import loads as toml_loads
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "mutation"
 WORK = ROOT / "build" / "mutation"
-KILLED = {"killed", "timeout"}
+# a crash of the test process is a detected fault too
+KILLED = {"killed", "timeout", "segfault"}
 # mutmut statuses that count as a surviving mutant (untested code survives too)
 SURVIVED = {"survived", "no tests"}
 
@@ -214,6 +215,10 @@ def summarize(names: list[str], groups: dict[str, dict], min_score: float) -> in
         print(f"{name:14s} {len(st):5d} mutants  {killed:5d} killed  {len(survivors):4d} survived"
               f" ({equivalent} equivalent)  raw {raw:5.1f}%  score {score:5.1f}%  {wall} s"
               + (f"  other: {other}" if other else ""))
+        if other:
+            problems.append(f"{name}: mutants with no verdict {other} (not checked: the run "
+                            "stopped or no test covers the group; suspicious: a flaky test); "
+                            f"see {WORK / name / 'mutmut.log'}")
         for m in unexplained:
             problems.append(f"{name}: unexplained survivor {m}\n    " +
                             diffs[m].replace("\n", "\n    "))
