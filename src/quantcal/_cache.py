@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -46,9 +47,9 @@ class Cache:
         self.log = log
 
     def heal(self, path: Path, reason: str) -> None:
-        """Remove a damaged entry, say so, and record it in ``healed.json``."""
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        """Remove a damaged entry (a folder standing in its place too), say so, and record it
+        in ``healed.json``."""
+        _remove(path)
         rel = path.relative_to(self.root.parent) if path.is_relative_to(self.root.parent) else path
         self.log(f"cache  {rel} was damaged ({reason}): removed, it will be computed again")
         record = self.root / "healed.json"
@@ -122,6 +123,15 @@ def run_cache_of(path: Path) -> Path | None:
     return None
 
 
+def _remove(path: Path) -> None:
+    """Delete a damaged file, or a folder where a file belongs; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def heal_work_file(path: Path, reason: str, log: Callable[[str], None]) -> None:
     """Remove a damaged file of a work folder and name it: inside a run's cache through
     :meth:`Cache.heal` (``log`` and ``healed.json``), elsewhere in a UserWarning."""
@@ -129,8 +139,7 @@ def heal_work_file(path: Path, reason: str, log: Callable[[str], None]) -> None:
     if root is not None:
         Cache(root, log).heal(Path(path).absolute(), reason)
         return
-    with contextlib.suppress(FileNotFoundError):
-        Path(path).unlink()
+    _remove(Path(path))
     warnings.warn(
         f"{path} was damaged ({reason}): removed, it will be computed again",
         stacklevel=2,
