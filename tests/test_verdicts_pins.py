@@ -577,10 +577,13 @@ def test_like_fp32_says_which_side_fp32_errs_on(confidence, side):
     assert v.reason.startswith(f"{_BAD_HEAD}{side}; ")
 
 
-def test_a_mean_confidence_equal_to_accuracy_is_not_over_confident():
-    """Over-confident means confidence above accuracy; at exactly the accuracy it is not."""
-    v = _one(_bad_fp32(mean_confidence=0.90))
-    assert "over-confident" not in v.reason
+@pytest.mark.parametrize("confidence", [0.90, 0.9004, 0.8996])
+def test_a_mean_confidence_equal_to_accuracy_is_neither_side(confidence):
+    """Over-confident means confidence above accuracy, under- below it; at the accuracy (to the
+    0.1 points the reason prints) it is neither, not "0.0 points below"."""
+    v = _one(_bad_fp32(mean_confidence=confidence))
+    assert "-confident" not in v.reason
+    assert v.reason.startswith(f"{_BAD_HEAD} (mean confidence within 0.1 points of accuracy); ")
 
 
 def test_like_fp32_cannot_be_repaired_says_what_the_best_usable_reaches():

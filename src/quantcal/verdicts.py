@@ -305,6 +305,8 @@ def _confidence_side(rows: list[dict]) -> str:
     if conf.value is None or acc.value is None:
         return ""
     gap = conf.value - acc.value
+    if _pts(abs(gap)) == "0.0":  # nothing to call over- or under-confident at this precision
+        return " (mean confidence within 0.1 points of accuracy)"
     side, where = ("over", "above") if gap > 0 else ("under", "below")
     return f" ({side}-confident: mean confidence {_pts(abs(gap))} points {where} accuracy)"
 
