@@ -9,18 +9,51 @@ so a test written a minute ago can be tried without re-running the group. Withou
 every survivor of the last run that ``survivors/GROUP.toml`` does not list is tried. Prints
 ``killed`` or ``survived`` per mutant, with the mutated lines. The mutated sources are those of
 the last ``run.py GROUP``: after a change to a core module, run the group again.
+
+PyTorch and the mutated package are imported once; each mutant then runs in a forked child
+(as mutmut itself does), so a mutant costs its tests, not an interpreter start.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run
+import run  # mutation/run.py, beside this file; imports nothing of quantcal
+
+
+def _in_child(name: str, tests: list[str], timeout: float) -> str:
+    """Run ``tests`` with mutant ``name`` active in a forked child: killed, survived or
+    timeout (a mutant that hangs is detected, as in mutmut)."""
+    import pytest
+
+    pid = os.fork()
+    if pid == 0:  # the child: quiet, the mutant switched on, pytest, exit with its status
+        os.environ["MUTANT_UNDER_TEST"] = name
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        try:
+            rc = int(pytest.main(["-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
+                                  *tests]))
+        except BaseException:
+            rc = 3
+        os._exit(rc)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "survived" if os.waitstatus_to_exitcode(status) in (0, 5) else "killed"
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout"
+        time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("tests", nargs="+", help="pytest arguments: test files, -k EXPR, ...")
     ap.add_argument("--mutant", action="append", default=[],
                     help="a mutant's name (repeatable); default: the unexplained survivors")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds before a mutant's run counts as hung (killed by timeout)")
     args = ap.parse_args(argv)
     groups = run.load_groups()
     if args.group not in groups:
@@ -43,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         names = sorted(m for m, s in run.statuses(args.group).items()
                        if s in run.SURVIVED and m not in listed)
     diffs = run.changes(args.group, groups[args.group], names)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(mutants_dir / "src"))
+    # the mutated copy first on the path, then import what every test needs, once
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PYTHONPATH"] = str(mutants_dir / "src")
+    sys.path.insert(0, str(mutants_dir / "src"))
+    os.chdir(run.ROOT)
+    import torch  # noqa: F401
+
+    import quantcal  # noqa: F401
+
     survived = 0
     for name in names:
-        env["MUTANT_UNDER_TEST"] = name
-        rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
-                             "-p", "no:cacheprovider", *args.tests], cwd=run.ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        outcome = "killed" if rc not in (0, 5) else "survived"
+        outcome = _in_child(name, args.tests, args.timeout)
         survived += outcome == "survived"
         print(f"{outcome:8s} {name}\n    " + diffs.get(name, "?").replace("\n", "\n    "),
               flush=True)

@@ -41,7 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from quantcal._toml import loads as toml_loads
+try:
+    from tomllib import loads as toml_loads
+except ModuleNotFoundError:  # Python 3.10
+    from tomli import loads as toml_loads
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "mutation"
