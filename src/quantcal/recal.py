@@ -453,6 +453,8 @@ class TemperatureScaling(_Base):
                 )
                 f, g, _ = _ts_terms(zc, zc2, zy, edge)
                 return edge, evals + 1, g, f, False
+            if evals == self.max_iter:
+                break  # return the last point evaluated: its NLL and gradient describe it
             step = beta - g / h if h > 0 else float("nan")
             beta = step if lo < step < hi else math.sqrt(lo * hi)
         warnings.warn(
@@ -512,9 +514,9 @@ class _AffineScaling(_Base):
     identity map, so the small ridge pulls towards "no change" and keeps the problem strictly
     convex (also when a class never occurs in val). The gradient of the mean CE with respect
     to the mapped logits is ``G = (softmax − onehot)/N``; ``b`` gets ``Σ_i G_i``. Runs until
-    the largest gradient entry is below ``tol`` (default 1e-6; restarted up to 3 times, and a
-    ``RuntimeWarning`` if still above). scipy is used rather than ``torch.optim.LBFGS``, whose
-    first use imports ``torch._dynamo`` (seconds).
+    the largest gradient entry is below ``tol`` (default 1e-6; L-BFGS runs at most 3 times, the
+    first run and 2 restarts, then a ``RuntimeWarning`` if still above). scipy is used rather
+    than ``torch.optim.LBFGS``, whose first use imports ``torch._dynamo`` (seconds).
     """
 
     preserves_argmax: ClassVar[bool] = False
