@@ -244,7 +244,16 @@ def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> f
         return None
     if not ok or len(_value_users(src)) != 1 or not _single_module_call(gm, src.target):
         return None
+    if _parameters_read(gm, (str(src.target), str(bn_node.target))):
+        return None  # folding would change what that direct read sees
     return src
+
+
+def _parameters_read(gm: fx.GraphModule, modules: tuple[str, ...]) -> bool:
+    """Whether the graph reads a parameter or buffer of one of ``modules`` directly (a
+    ``get_attr`` node, e.g. ``self.conv.weight`` in a forward)."""
+    prefixes = tuple(m + "." for m in modules)
+    return any(n.op == "get_attr" and str(n.target).startswith(prefixes) for n in gm.graph.nodes)
 
 
 def _fold_batchnorms(gm: fx.GraphModule) -> list[str]:
