@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -248,6 +249,8 @@ def summarize(names: list[str], groups: dict[str, dict], min_score: float) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `run.py --report | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("groups", nargs="*", help="groups of mutation/groups.toml (default: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
