@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a mutant's name (repeatable); default: the unexplained survivors")
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds before a mutant's run counts as hung (killed by timeout)")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # pytest's own options (-k EXPR, -m ...) pass through
+    args.tests += extra
     groups = run.load_groups()
     if args.group not in groups:
         ap.error(f"unknown group {args.group!r}; the groups are {list(groups)}")
