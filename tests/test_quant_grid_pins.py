@@ -726,3 +726,16 @@ def test_mse_on_a_zero_range_is_the_observed_range():
     obs = qobs.get_observer("mse")
     obs.observe(torch.zeros(10))
     assert obs.range() == (0.0, 0.0)
+
+
+def test_quantize_per_channel_with_float64_scales_rounds_as_aten():
+    """A float64 scale vector (as a user may pass) is used as ATen uses it: ``round(W·(1/s))``
+    with 1/s taken in float32. Halfway-ish points ``(k + ½)·s`` separate that from a float64
+    reciprocal; the reference is torch's own per-channel fake-quant."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(4, dtype=torch.float64, generator=g) * 0.1 + 0.01
+    w = (torch.randint(-100, 100, (4, 64), generator=g).float() + 0.5) * s.float()[:, None]
+    q = P.quantize_per_channel(w, s, 8)
+    zero = torch.zeros(4, dtype=torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(w, s.float(), zero, 0, -127, 127)
+    assert torch.equal(q, torch.round(ref / s.float()[:, None]).to(torch.int32))

@@ -126,7 +126,7 @@ def run_cache_of(path: Path) -> Path | None:
 def _remove(path: Path) -> None:
     """Delete a damaged file, or a folder where a file belongs; gone already is fine."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
         return
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
