@@ -231,6 +231,49 @@ def test_folding_a_conv_whose_weight_is_also_read_keeps_the_function():
     _assert_same_function(model, deploy, torch.randn(2, 3, 4, 4))
 
 
+def test_a_batchnorm_whose_parameters_the_forward_reads_is_not_folded():
+    """Reading the BatchNorm's own parameters directly (``self.bn.weight``) also blocks the
+    fold: the BatchNorm is left, and named, and the function is kept. (A buffer read such as
+    ``running_mean.sum()`` is a constant to fx, taken at trace time.)"""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = _randomise(nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.bn.weight.sum()
+
+    model = Net().eval()
+    with pytest.warns(UserWarning, match="bn"):
+        deploy = to_deploy(model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    _assert_same_function(model, deploy, torch.randn(2, 3, 4, 4))
+
+
+def test_an_unrelated_direct_parameter_read_does_not_block_folding():
+    """Only reads of the conv's or the BatchNorm's own parameters block the fold; a model that
+    reads another parameter directly (a learned scale) still has its BatchNorm folded."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = _randomise(nn.BatchNorm2d(4))
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.scale
+
+    model = Net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unfolded to warn about
+        deploy = to_deploy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    _assert_same_function(model, deploy, torch.randn(2, 3, 4, 4))
+
+
 # ----------------------------------------------------------------------------- who reads the conv
 
 
