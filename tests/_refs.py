@@ -78,7 +78,12 @@ def debiased_ece_sq(logits, labels, n_bins=15) -> float:
     """Kumar et al. 2019 ``unbiased_l2_ce`` (before its sqrt), on (lo, hi] width bins."""
     conf, pred = top_label(logits)
     correct = (pred == np.asarray(labels)).astype(np.float64)
-    idx = width_bins(conf, n_bins)
+    return debiased_sq_of_bins(conf, correct, width_bins(conf, n_bins), n_bins)
+
+
+def debiased_sq_of_bins(conf, correct, idx, n_bins) -> float:
+    """``Σ_b (n_b/N)·((conf_b − acc_b)² − acc_b(1 − acc_b)/(n_b − 1))`` over bins of ≥ 2 samples,
+    for any bin assignment ``idx`` (Kumar et al. 2019)."""
     n, out = conf.shape[0], 0.0
     for b in range(n_bins):
         m = idx == b

@@ -82,3 +82,8 @@ def hand_row(precision, method, acc, ece, *, half=0.005, **kw) -> dict:
     }
     r.update(kw)
     return r
+
+
+def paired(d, lo, hi, key="ece_diff_vs_fp32") -> dict:
+    """A row's paired difference and its interval, e.g. ``ece_diff_vs_fp32`` and its ends."""
+    return {key: d, f"{key}_lo": lo, f"{key}_hi": hi}

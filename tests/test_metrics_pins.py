@@ -34,18 +34,6 @@ def _calibrated(n=600, c=5, seed=0):
     return torch.from_numpy(z), torch.from_numpy(y)
 
 
-def _debiased_sq_ref(conf, correct, idx, n_bins):
-    n, out = conf.shape[0], 0.0
-    for b in range(n_bins):
-        m = idx == b
-        k = int(m.sum())
-        if k < 2:
-            continue
-        acc = correct[m].mean()
-        out += k / n * ((conf[m].mean() - acc) ** 2 - acc * (1 - acc) / (k - 1))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # row passes: chunks, dtypes, the default device
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +205,7 @@ def test_wrappers_forward_bins_binning_and_norm():
     assert M.mce(z, y, n_bins=9, binning="mass") == pytest.approx(want, abs=1e-12)
     conf, pred = _refs.top_label(zn)
     hit = (pred == yn).astype(np.float64)
-    sq = _debiased_sq_ref(conf, hit, _refs.mass_bins(conf, 6), 6)
+    sq = _refs.debiased_sq_of_bins(conf, hit, _refs.mass_bins(conf, 6), 6)
     assert M.debiased_ece_sq(z, y, n_bins=6, binning="mass") == pytest.approx(sq, abs=1e-12)
     assert M.debiased_ece(z, y, n_bins=6, binning="mass") == pytest.approx(
         math.sqrt(max(0.0, sq)), abs=1e-12

@@ -9,13 +9,10 @@ from __future__ import annotations
 import pytest
 
 from _results import hand_row
+from _results import paired as _paired
 from quantcal.verdicts import Budget, summary, verdict_table, verdicts
 
 _row = hand_row
-
-
-def _paired(d, lo, hi, key="ece_diff_vs_fp32"):
-    return {key: d, f"{key}_lo": lo, f"{key}_hi": hi}
 
 
 def _one(rows, budget=None):

@@ -9,15 +9,12 @@ import math
 import pytest
 
 from _results import hand_row
+from _results import paired as _paired
 from quantcal import claims, recal
 from quantcal.report_why import _decomposition, _nll_sentence, why_section
 from quantcal.verdicts import OUTCOMES, Budget, summary, verdicts
 
 _row = hand_row
-
-
-def _paired(d, lo, hi, key="ece_diff_vs_fp32"):
-    return {key: d, f"{key}_lo": lo, f"{key}_hi": hi}
 
 
 def _one(rows, budget=None):
