@@ -57,7 +57,7 @@ ddp-soak: $(STAMP)
 	done; echo "ddp-soak: 20 of 20 runs passed"
 
 # Mutation testing of the core modules (mutation/groups.toml), each against its own tests; about
-# an hour on two cores, not part of CI. GROUPS= picks some groups; see mutation/README.md.
+# 15 minutes on two cores, not part of CI. GROUPS= picks some groups; see mutation/README.md.
 GROUPS ?=
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"

@@ -23,7 +23,7 @@ Scores printed per group and overall:
   which leaves out mutants that no test could ever kill.
 
 Exit status 0 when every survivor is listed and the overall score is at least ``--min-score``
-(default 95), 1 otherwise. Not part of CI: a full run takes about an hour on two cores.
+(default 95), 1 otherwise. Not part of CI: a full run takes about 15 minutes on two cores.
 Results are written to ``build/mutation/summary.json``.
 """
 

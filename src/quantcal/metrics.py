@@ -547,7 +547,7 @@ class _SmoothEce:
         cells = self._moments(t, n_terms) * scale[:, None]  # (2, P, t)
         radius = math.ceil(_SMECE_CUT * sigma / step)
         u = np.arange(-radius, radius + 1) * (step / sigma)
-        hermite = np.empty((n_terms, u.shape[0]))  # H_p(m) = He_p(u) exp(-u²/2)
+        hermite = np.zeros((n_terms, u.shape[0]))  # H_p(m) = He_p(u) exp(-u²/2)
         hermite[0] = np.exp(-0.5 * u * u)
         if n_terms > 1:
             hermite[1] = u * hermite[0]
