@@ -7,34 +7,12 @@ from statistics import NormalDist
 
 import pytest
 
+from _results import hand_row
 from quantcal import claims
 from quantcal._rows import aggregate
 from quantcal.verdicts import Budget, verdicts
 
-
-def _row(precision, recal, acc, ece, seed=0, **kw):
-    r = {
-        "status": "ok",
-        "dataset": "d",
-        "arch": "net",
-        "width": 1.0,
-        "objective": "ce",
-        "seed": seed,
-        "precision": precision,
-        "observer": "-" if precision == "fp32" else "minmax",
-        "ptq_sample": -1 if precision == "fp32" else 0,
-        "recal": recal,
-        "recal_fit": "val",
-        "accuracy": acc,
-        "accuracy_lo": acc - 0.02,
-        "accuracy_hi": acc + 0.02,
-        "ece": ece,
-        "ece_lo": ece - 0.005,
-        "ece_hi": ece + 0.005,
-        "n_test": 10000,
-    }
-    r.update(kw)
-    return r
+_row = hand_row  # seed=, ece_hi= ... by keyword
 
 
 def _fp32(acc=0.80, ece=0.05, ts=0.02):
