@@ -25,7 +25,8 @@ import warnings
 import torch
 
 from bench_methods_brevitas import accuracy, run_brevitas
-from quantcal import data, models, quant
+from quantcal import models, quant
+from quantcal.training import data
 
 
 def _tensors(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        from quantcal.train import TrainConfig, train
+        from quantcal.training.train import TrainConfig, train
 
         splits = data.load_dataset("digits")
         model = models.create_model(
@@ -72,7 +73,7 @@ def main() -> None:
     else:
         if not (args.checkpoint and args.npz):
             ap.error("--checkpoint and --npz are needed without --quick")
-        from quantcal.study import load_weights
+        from quantcal.study.runner import load_weights
 
         splits = data.load_dataset(f"npz:{args.npz}", val_size=5000, ptq_calib_size=1000)
         model = models.create_model(

@@ -368,8 +368,9 @@ def main() -> None:
 
     import brevitas
 
-    from quantcal import data, models
-    from quantcal.train import TrainConfig, train
+    from quantcal import models
+    from quantcal.training import data
+    from quantcal.training.train import TrainConfig, train
 
     splits = data.load_dataset("digits", ptq_calib_size=args.calib)
     model = models.create_model(

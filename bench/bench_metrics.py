@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from _race import race
-from quantcal import metrics, recal
+from quantcal.calibration import metrics, recal
 
 
 def _ms(seconds: float) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from _race import race
-from quantcal import metrics
+from quantcal.calibration import metrics
 
 
 def _ms(seconds: float) -> str:

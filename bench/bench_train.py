@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantcal.data import CIFAR100_MEAN, CIFAR100_STD, Split
+from quantcal.training.data import CIFAR100_MEAN, CIFAR100_STD, Split
 
 SHARED_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar100.npz")
 

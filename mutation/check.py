@@ -39,8 +39,9 @@ def _in_child(name: str, tests: list[str], timeout: float) -> str:
         os.dup2(null, 1)
         os.dup2(null, 2)
         try:
-            rc = int(pytest.main(["-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
-                                  *tests]))
+            rc = int(
+                pytest.main(["-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider", *tests])
+            )
         except BaseException:
             rc = 3
         os._exit(rc)
@@ -60,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("group")
     ap.add_argument("tests", nargs="+", help="pytest arguments: test files, -k EXPR, ...")
-    ap.add_argument("--mutant", action="append", default=[],
-                    help="a mutant's name (repeatable); default: the unexplained survivors")
-    ap.add_argument("--timeout", type=float, default=120.0,
-                    help="seconds before a mutant's run counts as hung (killed by timeout)")
+    ap.add_argument(
+        "--mutant",
+        action="append",
+        default=[],
+        help="a mutant's name (repeatable); default: the unexplained survivors",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds before a mutant's run counts as hung (killed by timeout)",
+    )
     args, extra = ap.parse_known_args(argv)  # pytest's own options (-k EXPR, -m ...) pass through
     args.tests += extra
     groups = run.load_groups()
@@ -76,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         names = args.mutant
     else:
         listed = run.load_survivors(args.group)
-        names = sorted(m for m, s in run.statuses(args.group).items()
-                       if s in run.SURVIVED and m not in listed)
+        names = sorted(
+            m for m, s in run.statuses(args.group).items() if s in run.SURVIVED and m not in listed
+        )
     diffs = run.changes(args.group, groups[args.group], names)
     # the mutated copy first on the path, then import what every test needs, once
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -92,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         outcome = _in_child(name, args.tests, args.timeout)
         survived += outcome == "survived"
-        print(f"{outcome:8s} {name}\n    " + diffs.get(name, "?").replace("\n", "\n    "),
-              flush=True)
+        print(
+            f"{outcome:8s} {name}\n    " + diffs.get(name, "?").replace("\n", "\n    "), flush=True
+        )
     print(f"{len(names) - survived} of {len(names)} killed")
     return 0
 

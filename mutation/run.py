@@ -63,8 +63,10 @@ def load_groups() -> dict[str, dict]:
     for name, g in groups.items():
         for path in g["modules"] + g["tests"]:
             if not (ROOT / path).is_file():
-                raise SystemExit(f"mutation/groups.toml: group {name!r} names {path}, which does "
-                                 "not exist; fix the path")
+                raise SystemExit(
+                    f"mutation/groups.toml: group {name!r} names {path}, which does "
+                    "not exist; fix the path"
+                )
     return groups
 
 
@@ -77,8 +79,9 @@ def load_survivors(group: str) -> dict[str, dict]:
     data = toml_loads(path.read_text())
     for name, entry in data.items():
         if entry.get("kind") not in ("equivalent", "unobservable") or not entry.get("reason"):
-            raise SystemExit(f"{path}: {name} needs kind = \"equivalent\" or \"unobservable\" "
-                             "and a reason")
+            raise SystemExit(
+                f'{path}: {name} needs kind = "equivalent" or "unobservable" and a reason'
+            )
     return data
 
 
@@ -104,8 +107,9 @@ def prepare(name: str, group: dict) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    shutil.copytree(ROOT / "src", work / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     (work / "pyproject.toml").write_text(_pyproject(group))
     return work
@@ -116,20 +120,32 @@ def run_group(name: str, group: dict, jobs: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     t0 = time.monotonic()
     with open(work / "mutmut.log", "wb") as log:
-        rc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
-                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
     (work / "wall_s").write_text(f"{time.monotonic() - t0:.0f}\n")
     if rc != 0:
         tail = (work / "mutmut.log").read_bytes()[-2000:].decode(errors="replace")
-        raise SystemExit(f"mutmut failed for group {name!r} (exit {rc}); the end of "
-                         f"{work / 'mutmut.log'}:\n{tail}")
+        raise SystemExit(
+            f"mutmut failed for group {name!r} (exit {rc}); the end of "
+            f"{work / 'mutmut.log'}:\n{tail}"
+        )
 
 
 def statuses(name: str) -> dict[str, str]:
     """Every mutant of a group and its outcome, from ``mutmut results --all true``."""
     work = WORK / name
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = {}
     for line in out.splitlines():
         m = re.match(r"\s*(\S+__mutmut_\d+): (.+)$", line)
@@ -145,7 +161,7 @@ def _functions(path: Path) -> dict[str, str]:
     found = {}
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            found[node.name] = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            found[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
     return found
 
 
@@ -159,16 +175,20 @@ def changes(name: str, group: dict, mutants: list[str]) -> dict[str, str]:
         sources[dotted] = _functions(work / module)
     out = {}
     for mutant in mutants:
-        module = next(m for m in sorted(sources, key=len, reverse=True)
-                      if mutant.startswith(m + "."))
-        func = mutant[len(module) + 1:]
+        module = next(
+            m for m in sorted(sources, key=len, reverse=True) if mutant.startswith(m + ".")
+        )
+        func = mutant[len(module) + 1 :]
         base = func.rsplit("__mutmut_", 1)[0]
         orig = sources[module].get(base + "__mutmut_orig", "").splitlines()
         new = sources[module].get(func, "").splitlines()
         orig = [line.replace(base + "__mutmut_orig", "F") for line in orig]
         new = [line.replace(func, "F") for line in new]
-        diff = [d for d in difflib.unified_diff(orig, new, lineterm="", n=0)
-                if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+        diff = [
+            d
+            for d in difflib.unified_diff(orig, new, lineterm="", n=0)
+            if d[:1] in "+-" and not d.startswith(("+++", "---"))
+        ]
         out[mutant] = "\n".join(" ".join(d.split()) for d in diff)
     return out
 
@@ -199,48 +219,85 @@ def summarize(names: list[str], groups: dict[str, dict], min_score: float) -> in
                 stale.append(m)  # a test kills it now: take it off the list
         killed = sum(s in KILLED for s in st.values())
         tested = sum(s in KILLED | SURVIVED for s in st.values())
-        other = {s: n for s in set(st.values()) - KILLED - SURVIVED
-                 if (n := sum(v == s for v in st.values()))}
-        equivalent = sum(1 for m in survivors
-                         if m in listed and m not in stale and listed[m]["kind"] == "equivalent")
+        other = {
+            s: n
+            for s in set(st.values()) - KILLED - SURVIVED
+            if (n := sum(v == s for v in st.values()))
+        }
+        equivalent = sum(
+            1
+            for m in survivors
+            if m in listed and m not in stale and listed[m]["kind"] == "equivalent"
+        )
         raw = 100.0 * killed / tested if tested else 100.0
         score = 100.0 * killed / (tested - equivalent) if tested > equivalent else 100.0
-        wall = (WORK / name / "wall_s").read_text().strip() if (WORK / name / "wall_s").exists() \
+        wall = (
+            (WORK / name / "wall_s").read_text().strip()
+            if (WORK / name / "wall_s").exists()
             else "?"
-        report[name] = {"mutants": len(st), "killed": killed, "tested": tested,
-                        "survived": len(survivors), "equivalent": equivalent,
-                        "unobservable": len(survivors) - equivalent - len(unexplained)
-                        - len([m for m in stale if m in survivors]),
-                        "unexplained": unexplained, "stale": sorted(set(stale)),
-                        "other": other, "raw": round(raw, 2), "score": round(score, 2),
-                        "wall_s": wall}
+        )
+        report[name] = {
+            "mutants": len(st),
+            "killed": killed,
+            "tested": tested,
+            "survived": len(survivors),
+            "equivalent": equivalent,
+            "unobservable": len(survivors)
+            - equivalent
+            - len(unexplained)
+            - len([m for m in stale if m in survivors]),
+            "unexplained": unexplained,
+            "stale": sorted(set(stale)),
+            "other": other,
+            "raw": round(raw, 2),
+            "score": round(score, 2),
+            "wall_s": wall,
+        }
         for k in total:
             total[k] += report[name][k]
-        print(f"{name:14s} {len(st):5d} mutants  {killed:5d} killed  {len(survivors):4d} survived"
-              f" ({equivalent} equivalent)  raw {raw:5.1f}%  score {score:5.1f}%  {wall} s"
-              + (f"  other: {other}" if other else ""))
+        print(
+            f"{name:14s} {len(st):5d} mutants  {killed:5d} killed  {len(survivors):4d} survived"
+            f" ({equivalent} equivalent)  raw {raw:5.1f}%  score {score:5.1f}%  {wall} s"
+            + (f"  other: {other}" if other else "")
+        )
         if other:
-            problems.append(f"{name}: mutants with no verdict {other} (not checked: the run "
-                            "stopped or no test covers the group; suspicious: a flaky test); "
-                            f"see {WORK / name / 'mutmut.log'}")
+            problems.append(
+                f"{name}: mutants with no verdict {other} (not checked: the run "
+                "stopped or no test covers the group; suspicious: a flaky test); "
+                f"see {WORK / name / 'mutmut.log'}"
+            )
         for m in unexplained:
-            problems.append(f"{name}: unexplained survivor {m}\n    " +
-                            diffs[m].replace("\n", "\n    "))
+            problems.append(
+                f"{name}: unexplained survivor {m}\n    " + diffs[m].replace("\n", "\n    ")
+            )
         for m in sorted(set(stale)):
-            why = "is killed now" if st.get(m) in KILLED else (
-                "no longer exists" if m not in st else "changed")
-            problems.append(f"{name}: survivors/{name}.toml entry {m} {why}" +
-                            (f"; the mutant now reads:\n    {diffs[m]}" if m in diffs and
-                             st.get(m) in SURVIVED else ""))
+            why = (
+                "is killed now"
+                if st.get(m) in KILLED
+                else ("no longer exists" if m not in st else "changed")
+            )
+            problems.append(
+                f"{name}: survivors/{name}.toml entry {m} {why}"
+                + (
+                    f"; the mutant now reads:\n    {diffs[m]}"
+                    if m in diffs and st.get(m) in SURVIVED
+                    else ""
+                )
+            )
     raw = 100.0 * total["killed"] / total["tested"] if total["tested"] else 100.0
     denom = total["tested"] - total["equivalent"]
     score = 100.0 * total["killed"] / denom if denom else 100.0
-    print(f"{'all':14s} {total['tested']:5d} tested   {total['killed']:5d} killed  "
-          f"raw {raw:5.1f}%  score {score:5.1f}% (equivalent mutants left out: "
-          f"{total['equivalent']})")
+    print(
+        f"{'all':14s} {total['tested']:5d} tested   {total['killed']:5d} killed  "
+        f"raw {raw:5.1f}%  score {score:5.1f}% (equivalent mutants left out: "
+        f"{total['equivalent']})"
+    )
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "summary.json").write_text(json.dumps(
-        {"groups": report, "raw": round(raw, 2), "score": round(score, 2), **total}, indent=1))
+    (WORK / "summary.json").write_text(
+        json.dumps(
+            {"groups": report, "raw": round(raw, 2), "score": round(score, 2), **total}, indent=1
+        )
+    )
     for p in problems:
         print(p)
     if score < min_score:
@@ -253,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("groups", nargs="*", help="groups of mutation/groups.toml (default: all)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="mutants tested at once (default: the CPU count)")
-    ap.add_argument("--report", action="store_true",
-                    help="only read the results of the last run")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="mutants tested at once (default: the CPU count)",
+    )
+    ap.add_argument("--report", action="store_true", help="only read the results of the last run")
     ap.add_argument("--min-score", type=float, default=95.0)
     args = ap.parse_args(argv)
     groups = load_groups()

@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             keep[m] = listed[same[0]]
             stale.remove(same[0])
             moved += 1
-    head = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if line.startswith("#")]
+    head = [
+        line
+        for line in (path.read_text().splitlines() if path.exists() else [])
+        if line.startswith("#")
+    ]
     blocks = [
         f"[{json.dumps(m, ensure_ascii=False)}]\n"
         f"kind = {json.dumps(e['kind'])}\n"

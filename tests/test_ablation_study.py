@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from quantcal import claims, metrics, report, study
+from quantcal.calibration import metrics
+from quantcal.findings import claims
 from quantcal.models.ablation import ABLATION_VARIANTS
+from quantcal.report import html as report
+from quantcal.study import runner as study
 
 #: The preset, made cheaper: fewer epochs and resamples, one quantized precision.
 FAST = {
@@ -112,7 +115,7 @@ def test_a_failed_attribution_is_recorded_and_the_run_exits_non_zero(tmp_path, m
         "metrics": {"bootstrap": 20},
     }
     path = tmp_path / "s.toml"
-    from quantcal import studyconfig
+    from quantcal.study import config as studyconfig
 
     path.write_text(studyconfig.from_toml_dict(cfg).to_toml())
 
@@ -128,7 +131,7 @@ def test_a_failed_attribution_is_recorded_and_the_run_exits_non_zero(tmp_path, m
 
 
 def test_a_variant_without_logits_is_named_not_dropped_silently(run):
-    from quantcal import ablation
+    from quantcal.findings import ablation
 
     said = []
     runner, plan = study._assembler(run, said.append)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal import metrics, models, quant
+from quantcal import models, quant
+from quantcal.calibration import metrics
 from quantcal.quant.attribution import (
     AttributionResult,
     attribute_layers,
@@ -44,7 +45,7 @@ def _plain_cnn() -> nn.Sequential:
 @pytest.fixture(scope="module")
 def digits_cnn():
     """A plain CNN trained briefly on digits, and (x_val, y_val), (x_calib)."""
-    from quantcal import data
+    from quantcal.training import data
 
     torch.manual_seed(0)
     s = data.load_dataset("digits")

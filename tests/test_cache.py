@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantcal import _digest
-from quantcal._cache import Cache, heal_work_file, healed_entries, run_cache_of
-from quantcal._digest import FileDigests, sha256_file
+from quantcal.study import digest as _digest
+from quantcal.study.cache import Cache, heal_work_file, healed_entries, run_cache_of
+from quantcal.study.digest import FileDigests, sha256_file
 
 RUN_MARKER = ".quantcal-run"  # README: "a `.quantcal-run` marker" makes a folder quantcal's
 
@@ -231,8 +231,11 @@ def test_tensor_file_that_differs_from_its_sha256_is_healed(tmp_path, how):
     path = run / "cache" / "rows" / "l.pt"
     sha = _saved(path, {"logits": torch.ones(4, 4)})
     raw = path.read_bytes()
-    raw = {"empty": b"", "truncated": raw[: len(raw) // 2],
-           "flipped": raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:]}[how]
+    raw = {
+        "empty": b"",
+        "truncated": raw[: len(raw) // 2],
+        "flipped": raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:],
+    }[how]
     path.write_bytes(raw)
     actual = hashlib.sha256(raw).hexdigest()
     assert cache.read_torch(path, sha) is None
@@ -276,8 +279,7 @@ def test_tensor_entry_written_on_a_gpu_loads_onto_the_cpu(tmp_path, monkeypatch)
     assert torch.equal(got["logits"], torch.arange(3.0)) and logged == []
 
 
-def test_tensor_entry_is_weights_only_even_where_the_environment_relaxes_it(tmp_path,
-                                                                          monkeypatch):
+def test_tensor_entry_is_weights_only_even_where_the_environment_relaxes_it(tmp_path, monkeypatch):
     """``weights_only=True`` is asked for, not left to torch's default: an environment that
     turns the default off (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) still gets no arbitrary unpickling."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -353,7 +355,9 @@ def test_utf8_heal_records_survive_an_ascii_locale(tmp_path, ascii_locale):
     _utf8_json(run / "cache" / "healed.json", [{"file": "cache/rows/é.json", "reason": "première"}])
     cache.heal(run / "cache" / "rows" / "ü.json", "zweite")
     assert [(r["file"], r["reason"]) for r in healed_entries(run / "cache")] == [
-        ("cache/rows/é.json", "première"), ("cache/rows/ü.json", "zweite")]
+        ("cache/rows/é.json", "première"),
+        ("cache/rows/ü.json", "zweite"),
+    ]
     _utf8_json(run / "cache" / "healed.json", [{"file": "cache/rows/é.json", "reason": "r"}])
     assert healed_entries(run / "cache") == [{"file": "cache/rows/é.json", "reason": "r"}]
 
@@ -387,7 +391,9 @@ def test_heal_records_accumulate_in_healed_json(tmp_path):
     assert not a.exists() and not b.exists()
     records = _records(run / "cache")
     assert [(r["file"], r["reason"]) for r in records] == [
-        ("cache/rows/a.json", "first reason"), ("cache/train/k/last.pt", "second reason")]
+        ("cache/rows/a.json", "first reason"),
+        ("cache/train/k/last.pt", "second reason"),
+    ]
     assert all(before <= r["time"] <= after for r in records)
     assert healed_entries(run / "cache") == records
     assert logged == [
@@ -448,8 +454,10 @@ def test_heal_record_that_cannot_be_written_does_not_fail_the_run(tmp_path):
         (b'{"file": "x"}', []),
         (b"7", []),
         (b"null", []),
-        (b'[{"file": "x", "reason": "r"}, 3, "s", null, {"file": "y"}]',
-         [{"file": "x", "reason": "r"}, {"file": "y"}]),
+        (
+            b'[{"file": "x", "reason": "r"}, 3, "s", null, {"file": "y"}]',
+            [{"file": "x", "reason": "r"}, {"file": "y"}],
+        ),
     ],
 )
 def test_healed_entries_tolerates_any_record(tmp_path, content, want):
@@ -510,8 +518,12 @@ def test_heal_work_file_inside_a_run_goes_through_the_cache(tmp_path, monkeypatc
     assert not last.exists()
     assert len(logged) == 1 and "cache/train/KEY/last.pt" in logged[0] and "truncated" in logged[0]
     assert healed_entries(run / "cache") == [
-        {"file": "cache/train/KEY/last.pt", "reason": "truncated",
-         "time": healed_entries(run / "cache")[0]["time"]}]
+        {
+            "file": "cache/train/KEY/last.pt",
+            "reason": "truncated",
+            "time": healed_entries(run / "cache")[0]["time"],
+        }
+    ]
 
 
 def test_heal_work_file_elsewhere_warns_naming_it(tmp_path):
@@ -672,7 +684,8 @@ def test_store_keeps_the_memo_across_runs(tmp_path):
     assert first == hashlib.sha256(b"abc").hexdigest()
     st = os.stat(path)
     assert json.loads(store.read_text(encoding="utf-8")) == {
-        str(path.resolve()): {"size": 3, "mtime_ns": st.st_mtime_ns, "sha256": first}}
+        str(path.resolve()): {"size": 3, "mtime_ns": st.st_mtime_ns, "sha256": first}
+    }
     _forge(path, b"xyz")
     again = FileDigests(str(store))
     assert again.last_known(path) == first
@@ -754,4 +767,3 @@ def test_last_known_outlives_the_file(tmp_path):
     assert digests.last_known(str(path)) == first
     assert FileDigests(tmp_path / "memo.json").last_known(path) == first
     assert digests.last_known(tmp_path / "never.npz") is None
-

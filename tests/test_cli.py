@@ -123,7 +123,7 @@ def plain_digits_model(tmp_path_factory):
 
     import torch
 
-    from quantcal import data
+    from quantcal.training import data
 
     folder = tmp_path_factory.mktemp("plain")
     (folder / "plainnet.py").write_text(_PLAIN_NET)
@@ -408,7 +408,7 @@ def test_eval_config_lists_no_training_recipe_and_still_reassembles(
     assert (out / "results.csv").read_text() == before
     assert cli.main(["compare", str(out), str(out), "--bootstrap", "20"]) == 0
     # A method that trains keeps its recipe.
-    from quantcal import study
+    from quantcal.study import runner as study
 
     raw = {
         "name": "e",

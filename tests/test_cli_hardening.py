@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from _studies import TINY
-from quantcal import cli, study
-from quantcal._runfolder import MARKER
+from quantcal import cli
+from quantcal.study import runner as study
+from quantcal.study.runfolder import MARKER
 
 
 def _study_file(tmp_path: Path, name: str, **quant) -> Path:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from _results import hand_row
-from quantcal import metrics, quant, recal
+from quantcal import quant
+from quantcal.calibration import metrics, recal
+from quantcal.findings.verdicts import ACCURACY_LOST, NOT_REPAIRABLE, SAFE, Budget, verdicts
 from quantcal.quant import primitives as P
-from quantcal.verdicts import ACCURACY_LOST, NOT_REPAIRABLE, SAFE, Budget, verdicts
 
 # ---------------------------------------------------------------------------------------------
 # The grids, as the README writes them: weights symmetric per output channel, integers in
@@ -175,7 +176,7 @@ def test_plan_recalibrators_are_fitted_on_one_half_and_the_budget_checked_on_the
 def test_the_plan_confidence_is_a_study_key_and_false_is_the_point_rule():
     """``[quant] plans.confidence``: a level in [0.5, 1), or false for point estimates; unset,
     the plan cells keep their keys (the spec holds it only when given)."""
-    from quantcal import study
+    from quantcal.study import runner as study
 
     base = {"name": "p", "model": [{"arch": "resnet20", "width": 0.25}]}
     cfg = study.load_study({**base, "quant": {"plans": {"confidence": 0.8}}})

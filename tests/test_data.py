@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantcal import data
-from quantcal.data import (
+from quantcal.training import data
+from quantcal.training.data import (
     ChecksumError,
     DatasetNotFoundError,
     Source,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantcal import diagnose
+from quantcal.calibration import diagnose
 
 
 def _logits_with(conf: list[float], pred: list[int], c: int = 3) -> torch.Tensor:

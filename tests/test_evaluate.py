@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal import cli, data, metrics
+from quantcal import cli
+from quantcal.calibration import metrics
+from quantcal.training import data
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -111,7 +113,7 @@ def test_eval_saved_logits(tmp_path):
     rows = _rows(out)
     z, y = files[1]
     assert float(rows["none"]["ece"]) == pytest.approx(metrics.ece(z, y), abs=1e-9)
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     ts = recal.TemperatureScaling().fit(files[0][0], files[0][1])
     assert float(rows["temperature"]["ece"]) == pytest.approx(

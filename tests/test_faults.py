@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from _studies import TINY, tiny
-from quantcal import cli, data, study
-from quantcal._runfolder import MARKER
+from quantcal import cli
+from quantcal.study import runner as study
+from quantcal.study.runfolder import MARKER
+from quantcal.training import data
 
 N_ROWS = 2 * 2
 _tiny = tiny
@@ -95,7 +97,7 @@ def test_replaced_checkpoint_is_evaluated_again(tmp_path):
 
 @pytest.mark.parametrize("garbage", [b"", b"{not json", b"[1, 2]", b'{"x": {"size": 1}}'])
 def test_damaged_digest_memo_is_ignored(tmp_path, garbage):
-    from quantcal._digest import FileDigests, sha256_file
+    from quantcal.study.digest import FileDigests, sha256_file
 
     path = _digits_npz(tmp_path / "d.npz")
     store = tmp_path / "memo.json"
@@ -105,7 +107,7 @@ def test_damaged_digest_memo_is_ignored(tmp_path, garbage):
 
 
 def test_digest_is_memoised_by_size_and_mtime(tmp_path, monkeypatch):
-    from quantcal import _digest
+    from quantcal.study import digest as _digest
 
     path = _digits_npz(tmp_path / "d.npz")
     calls = []
@@ -225,7 +227,8 @@ def test_orphan_temporaries_are_removed(clean_run, tmp_path):
 
 
 def test_new_result_column_recomputes_rows_without_retraining(clean_run, tmp_path, monkeypatch):
-    from quantcal import quant, train
+    from quantcal import quant
+    from quantcal.training import train
 
     out = tmp_path / "run"
     shutil.copytree(clean_run, out)
@@ -593,7 +596,7 @@ def test_output_files_follow_the_umask(clean_run):
 # Reproducible: the study pins its threads
 # ---------------------------------------------------------------------------------------------
 def test_demo_pins_one_thread_and_the_run_applies_it(tmp_path, monkeypatch):
-    from quantcal import train
+    from quantcal.training import train
 
     assert study.load_study("demo").threads == 1
     seen = []

@@ -215,6 +215,7 @@ def test_bn1d_after_an_unbatched_conv1d_computes_the_models_function():
 def test_folding_a_conv_whose_weight_is_also_read_keeps_the_function():
     """A conv whose weight the forward also reads directly is not folded (that read would see
     the folded weight): the BatchNorm is left, and named, and the function is kept."""
+
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()

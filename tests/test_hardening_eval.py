@@ -13,7 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal import data, diagnose, evaluate, models
+from quantcal import models
+from quantcal.calibration import diagnose
+from quantcal.study import evaluate
+from quantcal.training import data
 
 ort = pytest.importorskip("onnxruntime")
 

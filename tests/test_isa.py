@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from _studies import tiny
-from quantcal import _isa, study
+from quantcal import _isa
+from quantcal.study import runner as study
 
 TINY = tiny(name="tiny_isa", isa="avx2")
 _PINS = set(_isa.environment("avx2"))

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import quantcal
-from quantcal import cli, metrics
-from quantcal.verdicts import ACCURACY_LOST, SAFE
+from quantcal import cli
+from quantcal.calibration import metrics
+from quantcal.findings.verdicts import ACCURACY_LOST, SAFE
 
 
 def _fp32(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _refs
-from quantcal import metrics as M
+from quantcal.calibration import metrics as M
 
 
 def _random(n=600, c=7, scale=3.0, seed=0, dtype=torch.float64):
@@ -428,7 +428,7 @@ def test_bootstrap_arguments_are_validated():
 # probabilities are refused, never silently read as logits
 # ----------------------------------------------------------------------------------------------
 def test_probabilities_are_refused_and_log_probabilities_equal_logits():
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 10, generator=g) * 3

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import _refs
-from quantcal import metrics as M
+from quantcal.calibration import metrics as M
 
 
 def _random(n=600, c=7, scale=3.0, seed=0, dtype=torch.float64):
@@ -430,9 +430,7 @@ def test_fast_fft_len_is_the_smallest_5_smooth_length():
             nxt += 1
         want.append(nxt)
     assert [M._fast_fft_len(n) for n in range(1, 3001)] == want
-    assert M._fast_fft_len(2**14 + 1) == min(
-        m for m in range(2**14 + 1, 2**15 + 1) if smooth(m)
-    )
+    assert M._fast_fft_len(2**14 + 1) == min(m for m in range(2**14 + 1, 2**15 + 1) if smooth(m))
 
 
 def test_smooth_ece_where_the_residual_changes_sign_at_confidence_one():

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from quantcal import objectives, study
-from quantcal.train import TrainConfig
+from quantcal.study import runner as study
+from quantcal.training import objectives
+from quantcal.training.train import TrainConfig
 
 # ------------------------------------------------------------------------------------------
-# Independent re-derivations (float64 numpy; no code shared with quantcal.objectives)
+# Independent re-derivations (float64 numpy; no code shared with quantcal.training.objectives)
 # ------------------------------------------------------------------------------------------
 
 
@@ -170,7 +171,7 @@ def test_mixup_matches_its_contract():
 
 
 def test_mixup_with_alpha_near_zero_trains_exactly_like_cross_entropy():
-    from quantcal import train
+    from quantcal.training import train
     from test_train import _net, _split
 
     split, make_net = _split(), _net
@@ -195,7 +196,7 @@ def test_mixup_with_alpha_near_zero_trains_exactly_like_cross_entropy():
 
 @pytest.mark.parametrize("spec", ["ce", "label_smoothing", "focal", "flsd53", "mixup", "mbls"])
 def test_every_objective_trains_under_bf16_autocast(spec):
-    from quantcal import train
+    from quantcal.training import train
     from test_train import _net, _split
 
     split, make_net = _split(), _net
@@ -298,7 +299,7 @@ def test_calibration_training_preset_runs_on_digits(tmp_path):
 
 
 def test_objective_finding_verdicts_from_hand_made_rows():
-    from quantcal.claims import training_objectives
+    from quantcal.findings.claims import training_objectives
 
     def row(obj, prec, recal, diff, lo, hi):
         return {

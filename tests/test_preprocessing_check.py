@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal import cli, data, diagnose
+from quantcal import cli
+from quantcal.calibration import diagnose
+from quantcal.training import data
 
 _BN_NET = """
 from torch import nn

@@ -402,7 +402,8 @@ def trained_on_digits(name: str) -> tuple[nn.Module, object]:
     for the suite. Cached per test session (the export tests reuse it).
     """
     if name not in _TRAINED:
-        from quantcal import data, models
+        from quantcal import models
+        from quantcal.training import data
 
         splits = data.load_dataset("digits", seed=0)
         threads = torch.get_num_threads()
@@ -448,7 +449,7 @@ def _precise_bn(model: nn.Module, split) -> None:
 
 
 def _accuracy(qmodel: nn.Module, split) -> float:
-    from quantcal.train import predict_logits
+    from quantcal.training.train import predict_logits
 
     logits, labels = predict_logits(qmodel, split)
     return 100.0 * float((logits.argmax(1) == labels).float().mean())

@@ -51,8 +51,11 @@ def test_weight_int_dtype_is_the_smallest_container(bits):
 
 def test_bit_width_errors_name_what_was_wrong():
     """Bad input gets a clear error: each message names the bit width it is about."""
-    with pytest.raises(ValueError, match=r"^bits must be in \[2, 16\], got 1; use e\.g\. 8 for "
-                       r"int8 or 4 for int4$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^bits must be in \[2, 16\], got 1; use e\.g\. 8 for "
+        r"int8 or 4 for int4$",
+    ):
         P.check_bits(1)
     with pytest.raises(TypeError, match=r"^bits must be an int"):
         P.check_bits(8.0)
@@ -80,8 +83,11 @@ def test_bit_width_errors_name_what_was_wrong():
 )
 def test_non_float_input_errors_name_the_argument(call, name):
     """A non-float tensor or a non-tensor is a TypeError naming the argument and what it got."""
-    with pytest.raises(TypeError, match=rf"^{name} must be a floating-point tensor, got dtype "
-                       r"torch\.int64$"):
+    with pytest.raises(
+        TypeError,
+        match=rf"^{name} must be a floating-point tensor, got dtype "
+        r"torch\.int64$",
+    ):
         call(torch.ones(2, 3, dtype=torch.int64))
     if name == "weight":
         with pytest.raises(TypeError, match=r"^weight must be a torch\.Tensor, got list$"):
@@ -94,19 +100,24 @@ def test_non_float_input_errors_name_the_argument(call, name):
 def test_per_channel_needs_one_dimension_and_accepts_negative_axes():
     """A 0-d tensor is refused with a message saying why; a 1-D tensor (one value per channel)
     and the axis -dim are valid."""
-    with pytest.raises(ValueError, match=r"^per-channel quantization needs a tensor with at least "
-                       r"one dimension$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^per-channel quantization needs a tensor with at least "
+        r"one dimension$",
+    ):
         P.weight_scale_per_channel(torch.tensor(1.0), 8)
     w = torch.tensor([0.5, -2.0, 0.0, 1e-3])
     s = P.weight_scale_per_channel(w, 8)
     expected = np.where(np.abs(w.numpy()) > 0, np.abs(w.numpy()) / 127, 1.0).astype(np.float32)
     assert s.shape == (4,) and np.array_equal(s.numpy(), expected)
-    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(4, dtype=torch.int32), 0,
-                                                 -127, 127)
+    ref = torch.fake_quantize_per_channel_affine(
+        w, s, torch.zeros(4, dtype=torch.int32), 0, -127, 127
+    )
     assert torch.equal(P.fake_quantize_per_channel(w, s, 8), ref)
     w2 = torch.randn(3, 5)
-    assert torch.equal(P.weight_scale_per_channel(w2, 8, axis=-2),
-                       P.weight_scale_per_channel(w2, 8, axis=0))
+    assert torch.equal(
+        P.weight_scale_per_channel(w2, 8, axis=-2), P.weight_scale_per_channel(w2, 8, axis=0)
+    )
     with pytest.raises(ValueError, match=r"axis -3 is out of range"):
         P.weight_scale_per_channel(w2, 8, axis=-3)
 
@@ -118,8 +129,9 @@ def test_fake_quant_per_channel_on_axis_1_matches_torch_op(bits):
     w = torch.randn(4, 6, 3, generator=g) * torch.logspace(-1, 1, 6).reshape(1, 6, 1)
     s = P.weight_scale_per_channel(w, bits, axis=1)
     q_max = 2 ** (bits - 1) - 1
-    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(6, dtype=torch.int32), 1,
-                                                 -q_max, q_max)
+    ref = torch.fake_quantize_per_channel_affine(
+        w, s, torch.zeros(6, dtype=torch.int32), 1, -q_max, q_max
+    )
     assert torch.equal(P.fake_quantize_per_channel(w, s, bits, axis=1), ref)
 
 
@@ -365,13 +377,18 @@ def test_observe_errors_name_what_was_wrong():
         obs.observe([1.0, 2.0])
     with pytest.raises(TypeError, match=r"^observe\(\) needs a floating-point tensor, got Tensor"):
         obs.observe(torch.arange(3))
-    msg = (r"^observed activations contain NaN or inf; check the model and the range-calibration "
-           r"inputs$")
+    msg = (
+        r"^observed activations contain NaN or inf; check the model and the range-calibration "
+        r"inputs$"
+    )
     for bad in ([0.0, float("inf")], [-float("inf"), 1.0], [float("nan")]):
         with pytest.raises(ValueError, match=msg):
             obs.observe(torch.tensor(bad))
-    with pytest.raises(ValueError, match=r"^MinMaxObserver has observed no values; pass at least "
-                       r"one non-empty range-calibration batch$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^MinMaxObserver has observed no values; pass at least "
+        r"one non-empty range-calibration batch$",
+    ):
         obs.range()
 
 
@@ -415,6 +432,7 @@ def test_a_registered_estimator_is_available_by_name():
     """``@register_observer("name")`` makes a class available to get_observer under that name."""
     name = "pin-test-observer"
     try:
+
         @qobs.register_observer(name)
         class _Mid(qobs.RangeObserver):
             def _range(self):
@@ -565,8 +583,9 @@ def test_percentile_with_mass_in_the_first_and_last_bins():
     """Heavy end bins (a clipped signal): the percentiles interpolate inside the end bins, as
     the re-derivation does, and the last bin's mass counts."""
     g = torch.Generator().manual_seed(8)
-    x = torch.cat([torch.full((300,), -2.0), torch.rand(5000, generator=g) * 4 - 2,
-                   torch.full((700,), 2.0)])
+    x = torch.cat(
+        [torch.full((300,), -2.0), torch.rand(5000, generator=g) * 4 - 2, torch.full((700,), 2.0)]
+    )
     for p in (99.0, 90.0):
         obs = qobs.get_observer("percentile", percentile=p, bins=128)
         obs.observe(x)
@@ -622,8 +641,10 @@ def test_half_precision_activations_are_observed():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4001, generator=g)
     for dt in (torch.float16, torch.bfloat16):
-        a, b = qobs.get_observer("percentile", percentile=99.0), qobs.get_observer("percentile",
-                                                                                 percentile=99.0)
+        a, b = (
+            qobs.get_observer("percentile", percentile=99.0),
+            qobs.get_observer("percentile", percentile=99.0),
+        )
         a.observe(x.to(dt))
         b.observe(x.to(dt).float())
         assert a.range() == b.range()
@@ -699,10 +720,20 @@ def _mse_data(kind: str, seed: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     "kind,bits,bins,grid",
-    [("relu", 4, 256, 40), ("negative", 4, 128, 30), ("negative", 2, 64, 50),
-     ("small", 3, 128, 30), ("positive", 4, 64, 25), ("few", 2, 16, 20), ("few", 3, 32, 7),
-     ("relu", 8, 64, 20), ("small", 8, 32, 16), ("dyadic", 2, 16, 16), ("dyadic", 3, 16, 16),
-     ("lone", 2, 16, 10)],
+    [
+        ("relu", 4, 256, 40),
+        ("negative", 4, 128, 30),
+        ("negative", 2, 64, 50),
+        ("small", 3, 128, 30),
+        ("positive", 4, 64, 25),
+        ("few", 2, 16, 20),
+        ("few", 3, 32, 7),
+        ("relu", 8, 64, 20),
+        ("small", 8, 32, 16),
+        ("dyadic", 2, 16, 16),
+        ("dyadic", 3, 16, 16),
+        ("lone", 2, 16, 10),
+    ],
 )
 def test_mse_range_is_the_brute_force_minimum(kind, bits, bins, grid):
     """The MSE range is a candidate of the documented grid and minimises the documented

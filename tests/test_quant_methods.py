@@ -372,7 +372,7 @@ def _trained_digits_net() -> tuple[nn.Module, object]:
     Measured with this seed: fp32 91.9 %, PTQ W4A4 76.7 %, QAT (2 epochs, lr 3e-3) 88.3 %; over
     seeds 0..4: fp32 89-95 %, PTQ 62-86 %, QAT 86-89 % (the QAT gain 3 to 25 points)."""
     if "net" not in _DIGITS:
-        from quantcal import data
+        from quantcal.training import data
 
         splits = data.load_dataset("digits", seed=0)
         torch.manual_seed(0)
@@ -397,7 +397,7 @@ def _trained_digits_net() -> tuple[nn.Module, object]:
 
 
 def _qat_recipe():
-    from quantcal import train
+    from quantcal.training import train
 
     # digits are not mirror-symmetric: no flips (the TrainConfig default; with it QAT reached
     # 80.8 % instead of 88.3 % here), and no crops, as in the fp32 training above
@@ -406,7 +406,7 @@ def _qat_recipe():
 
 @pytest.mark.slow
 def test_qat_beats_min_max_ptq_at_w4a4_on_digits():
-    from quantcal import train
+    from quantcal.training import train
 
     net, splits = _trained_digits_net()
     calib = list(splits.ptq_calib.batches(100))
@@ -449,7 +449,7 @@ def test_qat_beats_min_max_ptq_at_w4a4_on_digits():
 
 
 def test_qat_resumes_from_its_work_dir(tmp_path, monkeypatch):
-    from quantcal import train
+    from quantcal.training import train
 
     net, splits = _trained_digits_net()
     calib = list(splits.ptq_calib.batches(100))
@@ -770,8 +770,8 @@ def test_lsq_quantize_matches_the_formula_and_its_gradients(per_channel):
 
 def _tiny_qat(config):
     """QAT for one epoch on 64 synthetic 8x8 images of 4 brightness classes."""
-    from quantcal.data import Split
-    from quantcal.train import TrainConfig
+    from quantcal.training.data import Split
+    from quantcal.training.train import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 4

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import _refs
-from quantcal import metrics as M
-from quantcal import recal
+from quantcal.calibration import metrics as M
+from quantcal.calibration import recal
 
 NAMES = recal.available()
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import _refs
-from quantcal import _images, recal, recal_splits
+from quantcal.calibration import recal, recal_splits
+from quantcal.training import images as _images
 
 
 def _nll(z, y, t):
@@ -123,8 +124,10 @@ def test_fit_notes_flag_small_fits_with_what_was_fitted():
     (note,) = recal.fit_notes("temperature", n_fit=499)
     assert note.startswith("temperature was fitted on 499 images, fewer than the 500 this report")
     assert "(at least 500, and 50 per fitted parameter; it fits 1 parameter)" in note
-    assert "a larger recalibration split settles it (data.val_size; when cross-fitted on test, " \
+    assert (
+        "a larger recalibration split settles it (data.val_size; when cross-fitted on test, "
         "a larger test split)" in note
+    )
     (note,) = recal.fit_notes("vector", n_fit=999, n_classes=10)
     assert "fewer than the 1000 this report trusts" in note and "it fits 20 parameters)" in note
     assert recal.fit_notes("vector", n_fit=1000, n_classes=10) == []
@@ -136,8 +139,9 @@ def test_fit_notes_flag_small_fits_with_what_was_fitted():
 
 def test_fit_notes_flag_an_ece_rise_whose_interval_lies_above_zero():
     (note,) = recal.fit_notes("matrix", ece_diff_vs_none=(0.0123, 0.0111, 0.0206))
-    assert note.startswith("matrix raised the held-out ECE by +1.23 [+1.11, +2.06] points vs no "
-                           "recalibration (paired)")
+    assert note.startswith(
+        "matrix raised the held-out ECE by +1.23 [+1.11, +2.06] points vs no recalibration (paired)"
+    )
     assert note.endswith("over to the test images, and no verdict counts it as a repair")
     assert recal.fit_notes("matrix", ece_diff_vs_none=(0.01, 0.0, 0.02)) == []  # lo = 0
     assert recal.fit_notes("matrix", ece_diff_vs_none=(0.01, -0.001, 0.02)) == []
@@ -151,8 +155,11 @@ def test_fit_notes_flag_an_ece_rise_whose_interval_lies_above_zero():
 # errors that say what was wrong
 # ----------------------------------------------------------------------------------------------
 def test_state_dict_errors_name_what_they_got():
-    with pytest.raises(ValueError, match=r"^state must be a dict produced by a recalibrator's "
-                                         r"state_dict\(\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^state must be a dict produced by a recalibrator's "
+        r"state_dict\(\)\.$",
+    ):
         recal.from_state_dict({"temperature": 2.0})  # a dict without "name"
     with pytest.raises(ValueError, match=r"state must be a dict produced"):
         recal.from_state_dict(["temperature"])
@@ -183,8 +190,11 @@ def test_not_fitted_and_wrong_width_errors_name_the_class():
     with pytest.raises(recal.NotFittedError, match=r"^TemperatureScaling is not fitted"):
         recal.TemperatureScaling()(z)
     r = recal.VectorScaling().fit(z, y)
-    with pytest.raises(ValueError, match=r"^VectorScaling was fitted on C = 4 classes but got "
-                                         r"logits with 3 columns"):
+    with pytest.raises(
+        ValueError,
+        match=r"^VectorScaling was fitted on C = 4 classes but got "
+        r"logits with 3 columns",
+    ):
         r(z[:, :3])
     again = recal.from_state_dict(json.loads(json.dumps(r.state_dict())))
     with pytest.raises(ValueError, match=r"^VectorScaling was fitted on C = 4 classes"):
@@ -212,8 +222,9 @@ def test_repr_names_the_class():
 # ----------------------------------------------------------------------------------------------
 # state dicts: plain JSON, and an identical recalibrator back
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["none", "temperature", "vector", "matrix", "histogram",
-                                  "isotonic"])
+@pytest.mark.parametrize(
+    "name", ["none", "temperature", "vector", "matrix", "histogram", "isotonic"]
+)
 def test_unfitted_state_is_strict_json_and_rebuilds_unfitted(name):
     r = recal.get(name)()
     state = r.state_dict()
@@ -262,9 +273,9 @@ def test_affine_state_round_trip_keeps_every_attribute(name):
     assert again.n_iter == r.n_iter >= 1 and again.converged is True
     assert again.grad_max == r.grad_max and again.n_classes == 3
     assert torch.equal(again(z), r(z))
-    bare = recal.get(name).from_state_dict({k: state[k] for k in
-                                            ("name", "l2", "tol", "max_iter", "weight", "bias",
-                                             "grad_max")})
+    bare = recal.get(name).from_state_dict(
+        {k: state[k] for k in ("name", "l2", "tol", "max_iter", "weight", "bias", "grad_max")}
+    )
     assert bare.n_iter == 0 and bare.converged is False  # no diagnostics: claims no fit
 
 
@@ -292,8 +303,10 @@ def test_temperature_constant_rows_give_t_1_without_solving(monkeypatch):
     y = torch.arange(12) % 3
     ts, caught = _fit_recording(recal.TemperatureScaling(), z, y)
     msg = _one(caught, from_fit=True)
-    assert msg == ("temperature scaling: every logit row is constant, so every T gives the "
-                   "same NLL; using T = 1.")
+    assert msg == (
+        "temperature scaling: every logit row is constant, so every T gives the "
+        "same NLL; using T = 1."
+    )
     assert ts.temperature == 1.0 and ts.n_iter == 0 == len(calls)
     assert ts.converged is True and ts.grad_log_t == 0.0
     assert ts.nll == pytest.approx(math.log(3), abs=1e-15)
@@ -308,8 +321,9 @@ def test_temperature_separable_data_stop_at_t_min_with_its_gradient(monkeypatch)
     z[torch.arange(40), y] = z.amax(1) + 0.02 * torch.rand(40, generator=g, dtype=torch.float64)
     ts, caught = _fit_recording(recal.TemperatureScaling(), z, y)
     msg = _one(caught, from_fit=True)
-    assert msg.startswith("temperature scaling: the validation data are separable (every label "
-                          "has the top logit")
+    assert msg.startswith(
+        "temperature scaling: the validation data are separable (every label has the top logit"
+    )
     assert msg.endswith("using the bound T = 0.01.")
     assert ts.temperature == recal.T_MIN and ts.converged is False
     assert ts.n_iter == 1 == len(calls)  # one NLL evaluation, at the bound
@@ -329,8 +343,9 @@ def test_temperature_uninformative_logits_stop_at_t_max_with_its_gradient(monkey
     assert 0 <= float((z.mean(1) - z[torch.arange(30), y]).mean()) < 1
     ts, caught = _fit_recording(recal.TemperatureScaling(), z, y)
     msg = _one(caught, from_fit=True)
-    assert msg.startswith("temperature scaling: the logits are no better than uniform (NLL keeps "
-                          "falling as T grows)")
+    assert msg.startswith(
+        "temperature scaling: the logits are no better than uniform (NLL keeps falling as T grows)"
+    )
     assert msg.endswith("using the bound T = 100.")
     assert ts.temperature == recal.T_MAX and ts.converged is False
     assert ts.n_iter == 1 == len(calls)
@@ -356,8 +371,10 @@ def test_temperature_interior_optimum_beyond_t_max_stops_at_the_bound(monkeypatc
     z, y = _two_class(501, 499, gap=2.0)
     ts, caught = _fit_recording(recal.TemperatureScaling(), z, y)
     msg = _one(caught)
-    assert msg == ("temperature scaling: the logits are no better than uniform (NLL keeps "
-                   "falling as T grows); stopping at the bound T = 100.")
+    assert msg == (
+        "temperature scaling: the logits are no better than uniform (NLL keeps "
+        "falling as T grows); stopping at the bound T = 100."
+    )
     assert ts.temperature == recal.T_MAX and ts.converged is False
     assert ts.n_iter == len(calls)
     assert ts.nll == pytest.approx(_nll(z, y, 100.0), rel=1e-12)
@@ -371,8 +388,10 @@ def test_temperature_interior_optimum_below_t_min_stops_at_the_bound(monkeypatch
     z[-1, 0] = 1e-6
     ts, caught = _fit_recording(recal.TemperatureScaling(), z, y)
     msg = _one(caught)
-    assert msg == ("temperature scaling: the validation data look separable (NLL keeps falling "
-                   "as T -> 0); stopping at the bound T = 0.01.")
+    assert msg == (
+        "temperature scaling: the validation data look separable (NLL keeps falling "
+        "as T -> 0); stopping at the bound T = 0.01."
+    )
     assert ts.temperature == recal.T_MIN and ts.converged is False
     assert ts.n_iter == len(calls)
     assert ts.nll == pytest.approx(_nll(z, y, 0.01), rel=1e-12)
@@ -422,8 +441,10 @@ def test_temperature_stops_after_max_iter_evaluations_with_a_warning(monkeypatch
     msg = _one(caught)
     assert ts.n_iter == 2 == len(calls) and ts.converged is False
     assert abs(ts.grad_log_t) > 1e-3
-    assert msg == (f"temperature scaling did not converge in 2 evaluations (|dNLL/dlogT| = "
-                   f"{abs(ts.grad_log_t):.3g}).")
+    assert msg == (
+        f"temperature scaling did not converge in 2 evaluations (|dNLL/dlogT| = "
+        f"{abs(ts.grad_log_t):.3g})."
+    )
     calls.clear()
     ts, caught = _fit_recording(recal.TemperatureScaling(max_iter=1), z, y)
     assert "did not converge in 1 evaluations" in _one(caught)
@@ -502,8 +523,10 @@ def test_affine_warns_when_lbfgs_stops_above_tol(monkeypatch):
     r, caught = _fit_recording(recal.MatrixScaling(max_iter=1), z, y)
     msg = _one(caught, from_fit=True)
     assert r.converged is False and r.grad_max > 1e-6
-    assert msg == (f"MatrixScaling: L-BFGS stopped with max |gradient| = {r.grad_max:.3g} > 1e-06 "
-                   f"after {r.n_iter} iterations.")
+    assert msg == (
+        f"MatrixScaling: L-BFGS stopped with max |gradient| = {r.grad_max:.3g} > 1e-06 "
+        f"after {r.n_iter} iterations."
+    )
     assert r.n_iter >= 1
 
 
@@ -574,14 +597,18 @@ def test_histogram_mass_edges_run_from_0_to_1():
 
 
 # ----------------------------------------------------------------------------------------------
-# quantcal.recal_splits: which images each recalibrator is fitted on (module docstring)
+# quantcal.calibration.recal_splits: which images each recalibrator is fitted on (module docstring)
 # ----------------------------------------------------------------------------------------------
 def _cell(seed, n=96, c=4, scale=2.5):
     """A logits dict with distinct val and test splits (over-confident, so T > 1)."""
     zv, yv = _refs.calibrated_logits(n, c, seed=seed)
     zt, yt = _refs.calibrated_logits(n, c, seed=seed + 100)
-    return {"val_logits": torch.from_numpy(zv * scale), "val_labels": torch.from_numpy(yv),
-            "test_logits": torch.from_numpy(zt * scale), "test_labels": torch.from_numpy(yt)}
+    return {
+        "val_logits": torch.from_numpy(zv * scale),
+        "val_labels": torch.from_numpy(yv),
+        "test_logits": torch.from_numpy(zt * scale),
+        "test_labels": torch.from_numpy(yt),
+    }
 
 
 def test_fold_takes_val_from_the_fit_part_and_test_from_the_apply_part():

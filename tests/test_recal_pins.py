@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import _refs
-from quantcal import recal
+from quantcal.calibration import recal
 
 NAMES = recal.available()
 EPS64 = float(np.finfo(np.float64).eps)
@@ -110,8 +110,14 @@ def test_fit_notes_flag_a_paired_ece_rise():
         "(paired): its fit does not carry over to the test images, and no verdict counts it as "
         "a repair"
     )
-    for diff in [(0.02, 0.0, 0.04), (0.02, -0.01, 0.05), (0.01, 0.5, None), (None, 0.01, 0.02),
-                 (0.01, None, 0.02), None]:
+    for diff in [
+        (0.02, 0.0, 0.04),
+        (0.02, -0.01, 0.05),
+        (0.01, 0.5, None),
+        (None, 0.01, 0.02),
+        (0.01, None, 0.02),
+        None,
+    ]:
         assert recal.fit_notes("histogram", ece_diff_vs_none=diff) == [], diff
     notes = recal.fit_notes("temperature", n_fit=100, ece_diff_vs_none=(0.01, 0.002, 0.02))
     assert len(notes) == 2 and "fitted on 100 images" in notes[0] and "+1.00" in notes[1]
@@ -160,15 +166,32 @@ def test_unfitted_defaults_match_the_signatures():
     """The documented defaults: temperature tol 1e-10, max_iter 100; affine l2 1e-4, tol 1e-6,
     max_iter 1000; histogram 15 bins, equal-mass; none unfitted."""
     assert recal.TemperatureScaling().state_dict() == {
-        "name": "temperature", "temperature": None, "n_iter": 0, "grad_log_t": None,
-        "converged": False, "nll": None, "tol": 1e-10, "max_iter": 100,
+        "name": "temperature",
+        "temperature": None,
+        "n_iter": 0,
+        "grad_log_t": None,
+        "converged": False,
+        "nll": None,
+        "tol": 1e-10,
+        "max_iter": 100,
     }
     assert recal.VectorScaling().state_dict() == {
-        "name": "vector", "l2": 1e-4, "tol": 1e-6, "max_iter": 1000, "weight": None,
-        "bias": None, "n_iter": 0, "grad_max": None, "converged": False,
+        "name": "vector",
+        "l2": 1e-4,
+        "tol": 1e-6,
+        "max_iter": 1000,
+        "weight": None,
+        "bias": None,
+        "n_iter": 0,
+        "grad_max": None,
+        "converged": False,
     }
     assert recal.HistogramBinning().state_dict() == {
-        "name": "histogram", "n_bins": 15, "binning": "mass", "edges": None, "values": None,
+        "name": "histogram",
+        "n_bins": 15,
+        "binning": "mass",
+        "edges": None,
+        "values": None,
     }
     assert recal.Identity().state_dict() == {"name": "none", "fitted": False}
     # a minimal temperature state (only what fixed() sets) rebuilds with the same defaults
@@ -295,8 +318,10 @@ def test_temperature_constant_rows_use_t_one_without_evaluating(ts_evals):
     """Constant rows: every T gives NLL = log C, zero gradient; T = 1 with no NLL evaluation."""
     z = torch.full((20, 4), 3.0, dtype=torch.float64)
     y = torch.arange(20) % 4
-    msg = ("temperature scaling: every logit row is constant, so every T gives the same NLL; "
-           "using T = 1.")
+    msg = (
+        "temperature scaling: every logit row is constant, so every T gives the same NLL; "
+        "using T = 1."
+    )
     with pytest.warns(RuntimeWarning, match=_exact(msg)):
         ts = recal.TemperatureScaling().fit(z, y)
     assert ts.temperature == 1.0 and ts.converged is True and ts.grad_log_t == 0.0
@@ -310,8 +335,10 @@ def test_temperature_separable_data_stop_at_t_min_with_its_nll_and_gradient(ts_e
     y = torch.arange(60) % 3
     z = torch.nn.functional.one_hot(y, 3).double() * 0.02  # at T = 0.01 the margin is 2
     z[::2] += 1.0  # a per-row shift changes nothing
-    msg = ("temperature scaling: the validation data are separable (every label has the top "
-           "logit, so NLL keeps falling as T -> 0); using the bound T = 0.01.")
+    msg = (
+        "temperature scaling: the validation data are separable (every label has the top "
+        "logit, so NLL keeps falling as T -> 0); using the bound T = 0.01."
+    )
     with pytest.warns(RuntimeWarning, match=_exact(msg)):
         ts = recal.TemperatureScaling().fit(z, y)
     _check_at_bound(ts, z, y, 0.01, ts_evals)
@@ -323,8 +350,10 @@ def test_temperature_no_better_than_uniform_stops_at_t_max(ts_evals):
     detected before solving, with the NLL and gradient at T = 100."""
     y = torch.arange(30) % 3
     z = -0.9 * torch.nn.functional.one_hot(y, 3).double()  # mean_k z_k − z_y = 0.6
-    msg = ("temperature scaling: the logits are no better than uniform (NLL keeps falling as T "
-           "grows); using the bound T = 100.")
+    msg = (
+        "temperature scaling: the logits are no better than uniform (NLL keeps falling as T "
+        "grows); using the bound T = 100."
+    )
     with pytest.warns(RuntimeWarning, match=_exact(msg)):
         ts = recal.TemperatureScaling().fit(z, y)
     _check_at_bound(ts, z, y, 100.0, ts_evals)
@@ -340,10 +369,20 @@ def test_temperature_no_better_than_uniform_stops_at_t_max(ts_evals):
     ("n0", "n1", "gap", "t", "why"),
     [
         (900, 100, 0.01, 0.01, "the validation data look separable (NLL keeps falling as T -> 0)"),
-        (900, 100, 1000.0, 100.0,
-         "the logits are no better than uniform (NLL keeps falling as T grows)"),
-        (520, 480, 20.0, 100.0,  # T* = 247, and NLL'(β) is below 1 at the bound
-         "the logits are no better than uniform (NLL keeps falling as T grows)"),
+        (
+            900,
+            100,
+            1000.0,
+            100.0,
+            "the logits are no better than uniform (NLL keeps falling as T grows)",
+        ),
+        (
+            520,
+            480,
+            20.0,
+            100.0,  # T* = 247, and NLL'(β) is below 1 at the bound
+            "the logits are no better than uniform (NLL keeps falling as T grows)",
+        ),
     ],
 )
 def test_temperature_optimum_beyond_the_interval_stops_at_the_nearer_bound(
@@ -386,8 +425,9 @@ def _newton_reference(z, y, beta):
 
 
 @pytest.mark.parametrize(("scale", "expect_bisection"), [(0.5, False), (1e-3, True)])
-def test_temperature_max_iter_counts_evaluations_and_returns_the_last_one(ts_evals, scale,
-                                                                         expect_bisection):
+def test_temperature_max_iter_counts_evaluations_and_returns_the_last_one(
+    ts_evals, scale, expect_bisection
+):
     """max_iter counts NLL evaluations; a fit that runs out warns that it did not converge and
     returns the last temperature it evaluated, with that point's nll and grad_log_t (the class
     docstring's attributes), and the warning shows the same |dNLL/dlogT|. The first evaluation is
@@ -395,8 +435,10 @@ def test_temperature_max_iter_counts_evaluations_and_returns_the_last_one(ts_eva
     the geometric midpoint of the bracket when the step leaves it."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (300,), generator=g)
-    z = (torch.randn(300, 3, generator=g, dtype=torch.float64)
-         + 2 * torch.nn.functional.one_hot(y, 3)) * scale  # under-confident: optimum β > 1
+    z = (
+        torch.randn(300, 3, generator=g, dtype=torch.float64)
+        + 2 * torch.nn.functional.one_hot(y, 3)
+    ) * scale  # under-confident: optimum β > 1
     d1, d2 = _newton_reference(z, y, 1.0)
     assert d1 < 0 and d2 < 1  # the bracket becomes [1, 100]
     step = 1.0 - d1 / d2
@@ -404,8 +446,10 @@ def test_temperature_max_iter_counts_evaluations_and_returns_the_last_one(ts_eva
     want_beta = math.sqrt(1.0 * 100.0) if expect_bisection else step
     for max_iter, beta in ((1, 1.0), (2, want_beta)):
         ts_evals.clear()
-        pattern = (rf"^temperature scaling did not converge in {max_iter} evaluations "
-                   r"\(\|dNLL/dlogT\| = ")
+        pattern = (
+            rf"^temperature scaling did not converge in {max_iter} evaluations "
+            r"\(\|dNLL/dlogT\| = "
+        )
         with pytest.warns(RuntimeWarning, match=pattern) as rec:
             ts = recal.TemperatureScaling(max_iter=max_iter).fit(z, y)
         assert ts_evals == pytest.approx([1.0, want_beta][:max_iter], rel=1e-12)
@@ -423,8 +467,10 @@ def test_temperature_newton_counts_its_evaluations_and_converges_fast(ts_evals):
     them (quadratic convergence) also when the curvature NLL'' is below 1."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (400,), generator=g)
-    z = (torch.randn(400, 4, generator=g, dtype=torch.float64)
-         + 1.5 * torch.nn.functional.one_hot(y, 4)) * 0.5
+    z = (
+        torch.randn(400, 4, generator=g, dtype=torch.float64)
+        + 1.5 * torch.nn.functional.one_hot(y, 4)
+    ) * 0.5
     assert _newton_reference(z, y, 1.0)[1] < 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -493,8 +539,10 @@ def test_affine_fit_that_stops_early_warns_with_its_numbers(monkeypatch, cls):
 
     monkeypatch.setattr(scipy.optimize, "minimize", spy)
     z, y = _data(300, 4, scale=3.0, seed=28)
-    pattern = (rf"^{cls.__name__}: L-BFGS stopped with max \|gradient\| = \S+ > 1e-12 after "
-               rf"(\d+) iterations\.$")
+    pattern = (
+        rf"^{cls.__name__}: L-BFGS stopped with max \|gradient\| = \S+ > 1e-12 after "
+        rf"(\d+) iterations\.$"
+    )
     with pytest.warns(RuntimeWarning, match=pattern) as rec:
         r = cls(tol=1e-12, max_iter=1).fit(z, y)
     shown = int(re.search(pattern, str(rec[0].message)).group(1))

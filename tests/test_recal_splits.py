@@ -1,4 +1,4 @@
-"""Which images each recalibrator is fitted on (``quantcal.recal_splits``).
+"""Which images each recalibrator is fitted on (``quantcal.calibration.recal_splits``).
 
 A normal study fits on the cell's validation logits and measures on its test logits; a
 test-only source cross-fits two stratified halves of test. Both rules are stated in the
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import _refs
-from quantcal import _images, recal, recal_splits
+from quantcal.calibration import recal, recal_splits
+from quantcal.training import images as _images
 
 
 def test_crossfit_folds_never_measure_an_image_with_its_own_fit():
@@ -38,8 +39,10 @@ def _cell(seed, scale, n_val=300, n_test=200, c=4):
     zv, yv = _refs.calibrated_logits(n_val, c, seed=seed)
     zt, yt = _refs.calibrated_logits(n_test, c, seed=seed + 100)
     return {
-        "val_logits": torch.from_numpy(zv * scale), "val_labels": torch.from_numpy(yv),
-        "test_logits": torch.from_numpy(zt * scale), "test_labels": torch.from_numpy(yt),
+        "val_logits": torch.from_numpy(zv * scale),
+        "val_labels": torch.from_numpy(yv),
+        "test_logits": torch.from_numpy(zt * scale),
+        "test_labels": torch.from_numpy(yt),
     }
 
 
@@ -157,8 +160,9 @@ def test_crossfit_temperature_fp32_uses_the_fp32_models_folds():
     z, t = recal_splits.recalibrate("temperature_fp32", lg, fp32, folds=folds)
     temps = []
     for fit_idx, apply_idx in folds:
-        ts = recal.TemperatureScaling().fit(fp32["test_logits"][fit_idx],
-                                            fp32["test_labels"][fit_idx])
+        ts = recal.TemperatureScaling().fit(
+            fp32["test_logits"][fit_idx], fp32["test_labels"][fit_idx]
+        )
         temps.append(ts.temperature)
         assert torch.equal(z[apply_idx], lg["test_logits"][apply_idx] / ts.temperature)
     assert t == pytest.approx(sum(temps) / 2, rel=1e-12) and temps[0] != temps[1]
@@ -175,6 +179,7 @@ def test_crossfit_warnings_reach_the_notes():
     sep = torch.nn.functional.one_hot(y, 4).double() * 0.02
     d = {"val_logits": sep, "val_labels": y, "test_logits": sep, "test_labels": y}
     notes = []
-    recal_splits.recalibrate("temperature", d, d, notes,
-                             folds=recal_splits.crossfit_folds(y, seed=0))
+    recal_splits.recalibrate(
+        "temperature", d, d, notes, folds=recal_splits.crossfit_folds(y, seed=0)
+    )
     assert len(notes) == 1 and "separable" in notes[0]

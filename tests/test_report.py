@@ -7,7 +7,7 @@ import re
 import pytest
 
 from _results import result_row, write_results
-from quantcal import report
+from quantcal.report import html as report
 
 _row = result_row
 _write = write_results

@@ -11,10 +11,11 @@ import re
 import pytest
 
 from _results import result_row, write_results
-from quantcal import report, tables
-from quantcal.plots import FULL_COUNT, MIN_ALPHA, bin_alpha, draw_reliability
-from quantcal.report_glossary import glossary_section
-from quantcal.report_plans import plans_section
+from quantcal.report import html as report
+from quantcal.report import tables
+from quantcal.report.glossary import glossary_section
+from quantcal.report.plans import plans_section
+from quantcal.report.plots import FULL_COUNT, MIN_ALPHA, bin_alpha, draw_reliability
 
 _row = result_row
 _write = write_results

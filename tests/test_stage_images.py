@@ -1,4 +1,4 @@
-"""One policy for which images a study stage may read (``quantcal._images``): a checkpoint
+"""One policy for which images a study stage may read (``quantcal.training.images``): a checkpoint
 quantcal did not train, on a dataset whose val is carved from train (digits), has its plans
 searched and its layers attributed on one stratified half of test, never on train or val, and
 its plans scored on the other half only; a model quantcal trained keeps using val. A plan keeps
@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantcal import _images, data, models, quant, study
+from quantcal import models, quant
 from quantcal.quant import plan as plan_mod
+from quantcal.study import runner as study
+from quantcal.training import data
+from quantcal.training import images as _images
 from test_plan import Net, _batches, _data
 
 ARCH = {"arch": "ghostnet_vgg16", "width": 0.1}
@@ -195,7 +198,7 @@ def test_the_upper_bound_refuses_what_the_point_estimate_accepts():
 def test_a_search_refuses_the_plan_whose_bound_breaks_the_budget(monkeypatch):
     """With bounds 2 points above each point ECE rise, the plan a point-estimate search finds
     (within 5 points, but not 3) is refused for a dearer one whose bound keeps the budget."""
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     net = Net().eval()
     x, y = _data(net)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from quantcal import study
-from quantcal.studyconfig import load_study
+from quantcal.study import runner as study
+from quantcal.study.config import load_study
 
 MICRO = {
     "name": "micro",
@@ -75,7 +75,8 @@ def test_resolved_config_round_trips(finished):
 
 
 def test_rerun_does_no_training_or_inference(finished, monkeypatch):
-    from quantcal import quant, train
+    from quantcal import quant
+    from quantcal.training import train
 
     def boom(*a, **k):
         raise AssertionError("a finished study must not recompute")
@@ -91,7 +92,8 @@ def test_rerun_does_no_training_or_inference(finished, monkeypatch):
 def test_resume_after_kill_between_and_inside_stages(tmp_path, monkeypatch):
     """Kill the run inside the logits stage of the second model, then resume: the first model's
     cells are not recomputed and no row is lost or duplicated."""
-    from quantcal import quant, train
+    from quantcal import quant
+    from quantcal.training import train
 
     calls = {"quantize": 0, "train": 0}
     real_quantize, real_train = quant.quantize, train.train
@@ -222,7 +224,7 @@ def test_bad_study_files_name_the_problem(raw, match):
 
 
 def test_builtin_studies_parse():
-    from quantcal.studyconfig import builtin_studies
+    from quantcal.study.config import builtin_studies
 
     names = builtin_studies()
     assert {"demo", "paper_cifar100", "paper_pathmnist", "cifar100_small"} <= set(names)
@@ -247,8 +249,8 @@ def test_report_gives_verdicts_first_and_explains_cells_beyond_repair(finished, 
     import re
     import shutil
 
-    from quantcal import report
-    from quantcal.verdicts import OUTCOMES
+    from quantcal.findings.verdicts import OUTCOMES
+    from quantcal.report import html as report
 
     details = json.loads((finished / "details.json").read_text())
     diag = details["diagnostics"]
@@ -287,7 +289,7 @@ def test_compare_two_runs_pairs_cells_and_finds_the_one_changed(finished, tmp_pa
     import torch
 
     from quantcal import cli
-    from quantcal.compare import compare_runs
+    from quantcal.findings.compare import compare_runs
 
     run_b = tmp_path / "b"
     shutil.copytree(finished, run_b)
@@ -381,7 +383,7 @@ def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, mon
 def test_train_size_trains_on_a_stratified_subset_and_says_so(tmp_path):
     import numpy as np
 
-    from quantcal import data
+    from quantcal.training import data
 
     full = data.load_dataset("digits", seed=0)
     cut = data.with_train_size(full, 500, seed=0)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from quantcal import claims, metrics, report, study
-from quantcal.studyconfig import from_toml_dict
+from quantcal.calibration import metrics
+from quantcal.findings import claims
+from quantcal.report import html as report
+from quantcal.study import runner as study
+from quantcal.study.config import from_toml_dict
 
 # A model without an equalizable pair (sigmoid is not positively homogeneous) beside ReLU nets.
 _NO_PAIRS = """

@@ -11,7 +11,9 @@ import re
 import pytest
 
 from _results import result_row, write_results
-from quantcal import cli, report, tables
+from quantcal import cli
+from quantcal.report import html as report
+from quantcal.report import tables
 
 # ---------------------------------------------------------------------------------------------
 # Hand-made rows written to a results.csv (the pattern of test_report.py)
@@ -438,7 +440,7 @@ def test_cli_exit_0_when_every_cell_is_ok(tmp_path, capsys):
 
 
 def test_cli_without_format_still_writes_the_report(tmp_path, capsys):
-    from quantcal._runfolder import MARKER
+    from quantcal.study.runfolder import MARKER
 
     _write(tmp_path, _cells("ghostnet_vgg16"))
     (tmp_path / MARKER).write_text("{}")  # a folder quantcal made (else report refuses it)

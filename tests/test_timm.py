@@ -227,8 +227,8 @@ def test_a_timm_arch_runs_in_a_study(tmp_path):
     channels and image size, trained, quantized and scored like a registry model; the timm
     version enters the training cache key; a width other than 1 and an unknown name are clear
     errors."""
-    from quantcal import study
-    from quantcal.studyconfig import load_study
+    from quantcal.study import runner as study
+    from quantcal.study.config import load_study
 
     raw = {
         "name": "timm_micro",

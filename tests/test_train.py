@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from _torchrun import run_two_processes
-from quantcal import train as tr
-from quantcal.data import Split, Splits
-from quantcal.train import TrainConfig, load_checkpoint, lr_multiplier, predict_logits
+from quantcal.training import train as tr
+from quantcal.training.data import Split, Splits
+from quantcal.training.train import TrainConfig, load_checkpoint, lr_multiplier, predict_logits
 
 
 def _split(n=48, classes=3, size=8, seed=0):

@@ -8,9 +8,9 @@ from statistics import NormalDist
 import pytest
 
 from _results import hand_row
-from quantcal import claims
-from quantcal._rows import aggregate
-from quantcal.verdicts import Budget, verdicts
+from quantcal.findings import claims
+from quantcal.findings.rows import aggregate
+from quantcal.findings.verdicts import Budget, verdicts
 
 _row = hand_row  # seed=, ece_hi= ... by keyword
 

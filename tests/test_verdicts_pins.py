@@ -10,7 +10,7 @@ import pytest
 
 from _results import hand_row
 from _results import paired as _paired
-from quantcal.verdicts import Budget, summary, verdict_table, verdicts
+from quantcal.findings.verdicts import Budget, summary, verdict_table, verdicts
 
 _row = hand_row
 
@@ -42,7 +42,7 @@ _TS_RAW_WHY = "fp32's best is raw, the rows pair temperature only with fp32 + te
 # Budget
 # ---------------------------------------------------------------------------------------------
 def test_budget_fractions_include_zero_and_exclude_booleans():
-    """"a fraction in [0, 1]": 0 is one (a deployer who accepts no loss at all); True is not a
+    """ "a fraction in [0, 1]": 0 is one (a deployer who accepts no loss at all); True is not a
     number of points."""
     b = Budget(max_accuracy_drop=0.0, max_ece_rise=0.0, max_ece=0.0)
     assert (b.max_accuracy_drop, b.max_ece_rise, b.max_ece) == (0.0, 0.0, 0.0)
@@ -162,8 +162,7 @@ def test_cannot_be_repaired_says_how_the_best_recalibrator_moved_accuracy():
 def test_cannot_be_repaired_without_any_recalibrator():
     v = _one(_unrepaired())
     assert v.reason == (
-        "raw ECE 4.5 %; no recalibrator was measured; fp32's best is 2.0 % "
-        "(budget +1, at most 5 %)"
+        "raw ECE 4.5 %; no recalibrator was measured; fp32's best is 2.0 % (budget +1, at most 5 %)"
     )
     assert (v.recal, v.recal_fit) == ("", "")
 
@@ -268,7 +267,7 @@ def test_a_prediction_changing_repair_at_the_same_accuracy_says_no_change():
 
 
 def test_a_recalibrator_costing_exactly_the_accuracy_budget_is_a_repair():
-    """"does not cost more than max_accuracy_drop" and "within max_accuracy_drop of fp32", at
+    """ "does not cost more than max_accuracy_drop" and "within max_accuracy_drop of fp32", at
     equality (binary-exact numbers: 0.875 − 0.8125 == 0.0625)."""
     fp32 = _row("fp32", "none", 0.875, 0.020)
     rows = [fp32, _row("W8A8", "none", 0.875, 0.060), _row("W8A8", "vector", 0.8125, 0.020)]
@@ -385,7 +384,7 @@ def test_a_known_parameter_count_ranks_before_an_unknown_one():
     ],
 )
 def test_within_noise_is_at_most_half_the_interval(ts_ece, ts_half, named):
-    """"its ECE above the lowest by at most half its own interval": temperature is named over a
+    """ "its ECE above the lowest by at most half its own interval": temperature is named over a
     lower histogram only within that distance."""
     v = _one(
         _over_line(
@@ -487,8 +486,9 @@ def test_accuracy_won_back_to_exactly_the_budget_is_not_short():
     ]
     v = _one(rows, Budget(max_accuracy_drop=0.0625))
     assert v.outcome == "not safe: accuracy lost"
-    assert v.reason.endswith("; vector changes predictions: accuracy 50.0 → 81.2 %, but its ECE "
-                             "9.0 % is over budget")
+    assert v.reason.endswith(
+        "; vector changes predictions: accuracy 50.0 → 81.2 %, but its ECE 9.0 % is over budget"
+    )
 
 
 def test_an_accuracy_change_of_five_images_in_ten_thousand_is_said():
@@ -598,7 +598,7 @@ def test_like_fp32_cannot_be_repaired_says_what_the_best_usable_reaches():
 
 
 def test_fp32_exactly_at_max_ece_is_not_over_it():
-    """"fp32 itself is over max_ece": at 5 % exactly it is not, so a cell over 5 % is simply not
+    """ "fp32 itself is over max_ece": at 5 % exactly it is not, so a cell over 5 % is simply not
     safe, not "as trustworthy as fp32"."""
     rows = [_row("fp32", "none", 0.90, 0.05), _row("W8A8", "none", 0.90, 0.055)]
     assert _one(rows).outcome == "not safe: confidence cannot be repaired"
@@ -685,7 +685,7 @@ def test_a_model_without_fp32_is_skipped_and_the_next_one_judged():
 
 
 def test_verdicts_come_in_precision_order():
-    """"in model then precision order": fp32, W8A8, W4A8, W4A4 (most bits first)."""
+    """ "in model then precision order": fp32, W8A8, W4A8, W4A4 (most bits first)."""
     rows = [_FP32] + [_row(p, "none", 0.90, 0.020) for p in ("W4A4", "W8A8", "W4A8")]
     assert [v.precision for v in verdicts(rows)] == ["W8A8", "W4A8", "W4A4"]
 

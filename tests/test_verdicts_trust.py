@@ -10,9 +10,10 @@ import pytest
 
 from _results import hand_row
 from _results import paired as _paired
-from quantcal import claims, recal
-from quantcal.report_why import _decomposition, _nll_sentence, why_section
-from quantcal.verdicts import OUTCOMES, Budget, summary, verdicts
+from quantcal.calibration import recal
+from quantcal.findings import claims
+from quantcal.findings.verdicts import OUTCOMES, Budget, summary, verdicts
+from quantcal.report.why import _decomposition, _nll_sentence, why_section
 
 _row = hand_row
 
@@ -113,7 +114,7 @@ def test_as_trustworthy_as_fp32_without_a_repair():
 
 def test_report_colours_and_words_the_new_outcome(tmp_path):
     from _results import result_row, write_results
-    from quantcal import report
+    from quantcal.report import html as report
 
     rows = [
         result_row("net", "fp32", "none", 0.147, 0, 0, 0, mean_confidence=0.99),
@@ -129,7 +130,7 @@ def test_report_colours_and_words_the_new_outcome(tmp_path):
 
 
 def test_max_ece_is_a_study_key():
-    from quantcal import study
+    from quantcal.study import runner as study
 
     assert study.load_study(None).max_ece == 0.05
     assert study.load_study(None, {"report.max_ece": 0.1}).to_toml_dict()["report"] == {

@@ -37,7 +37,7 @@ def build(num_classes: int, in_chans: int) -> nn.Module:
 
 
 def main(out: str = "digits_cnn.pt") -> None:
-    from quantcal import data
+    from quantcal.training import data
 
     torch.manual_seed(0)
     train = data.load_dataset("digits").train

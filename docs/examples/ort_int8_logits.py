@@ -23,7 +23,7 @@ def main(checkpoint: str = "digits_cnn.pt") -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
-    from quantcal import data
+    from quantcal.training import data
 
     sys.path.insert(0, str(Path(__file__).parent))
     from digits_cnn import build

@@ -99,8 +99,8 @@ def parse_float_list(text: str, what: str) -> list[float]:
 def check_dataset_name(name: str, what: str) -> str:
     """``name`` if it is a registered dataset or ``npz:PATH`` (the file itself is checked when
     it is loaded); else a ValueError naming ``what`` and the closest valid name."""
-    from quantcal import data
     from quantcal._registry import closest
+    from quantcal.training import data
 
     known = data.list_datasets()
     if not isinstance(name, str) or not name.strip():

@@ -173,14 +173,15 @@ def report_failed_attributions(failed: list[dict]) -> int:
 
 def finish(out: Path, t0: float, quiet: bool) -> int:
     """Print the summary table, notes and failures of a finished run; its exit status."""
-    from quantcal import report, study
+    from quantcal.report import html as report
+    from quantcal.study import runner as study
 
     if not (out / "results.csv").exists():
         print(f"partial run in {out}: other shards still have cells to compute")
         return report_failures(study.failed_rows(out), out)
     rows = report.load_rows(out)
     if not quiet:
-        from quantcal.verdicts import verdict_table
+        from quantcal.findings.verdicts import verdict_table
 
         print()
         print(report.summary_table(rows))

@@ -48,7 +48,7 @@ def _check_run(d: Path) -> Path:
         raise ValueError(f"{d} is a file; give the output folder of a run")
     if not (d / "config.toml").is_file():
         raise ValueError(f"{d} is not a quantcal run folder (no config.toml)")
-    from quantcal.evaluate import GIVEN_FILE
+    from quantcal.study.evaluate import GIVEN_FILE
 
     if not (d / "cache").is_dir() and not (d / GIVEN_FILE).is_file():
         raise ValueError(
@@ -67,7 +67,7 @@ def resolve(args: argparse.Namespace) -> CompareRequest:
 
 
 def execute(req: CompareRequest) -> int:
-    from quantcal.compare import compare_runs, format_comparison
+    from quantcal.findings.compare import compare_runs, format_comparison
 
     result = compare_runs(req.run_a, req.run_b, metric=req.metric, n_resamples=req.bootstrap)
     if not result["rows"]:

@@ -231,9 +231,9 @@ def _normalisation(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _recal(args: argparse.Namespace, default: str) -> tuple[str, ...]:
-    from quantcal import recal
     from quantcal._registry import unknown_name_message
-    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+    from quantcal.calibration import recal
+    from quantcal.study.config import REUSE_FP32_TEMPERATURE
 
     names = split_list(args.recal if args.recal is not None else default)
     if not names:
@@ -287,8 +287,8 @@ def _overrides(args: argparse.Namespace, given: bool) -> dict[str, Any]:
 def _metrics_and_budget(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The metrics settings (n_bins, bootstrap, level) and the [report] budget of ``--set``
     for --onnx/--logits, checked by the study loader itself (so the messages name the keys)."""
-    from quantcal import study
-    from quantcal.studyconfig import apply_overrides
+    from quantcal.study import runner as study
+    from quantcal.study.config import apply_overrides
 
     # A stand-in model: only the metrics and report keys of this study are read.
     stub = {"name": "eval", "model": [{"arch": "resnet20", "width": 1.0}]}
@@ -325,7 +325,7 @@ def _quantized(args: argparse.Namespace) -> tuple[tuple[str, Path, Path], ...]:
 
 def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
     from quantcal._inputs import check_dataset_name, check_input_file
-    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+    from quantcal.study.config import REUSE_FP32_TEMPERATURE
 
     what = "--onnx" if args.onnx else "--logits"
     refuse(
@@ -429,9 +429,9 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
 
 
 def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
-    from quantcal import study
     from quantcal._inputs import check_input_file, check_number
-    from quantcal.studyconfig import apply_overrides
+    from quantcal.study import runner as study
+    from quantcal.study.config import apply_overrides
 
     if args.model is None or args.dataset is None:
         raise ValueError("--checkpoint needs --model (the code that builds it) and --dataset")
@@ -496,7 +496,7 @@ def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
 
 
 def execute(req: StudyEvalRequest | GivenEvalRequest) -> int:
-    from quantcal import study
+    from quantcal.study import runner as study
 
     t0 = time.perf_counter()
     if isinstance(req, GivenEvalRequest):
@@ -515,7 +515,9 @@ def execute(req: StudyEvalRequest | GivenEvalRequest) -> int:
 
 def _execute_given(req: GivenEvalRequest) -> None:
     """Score ``--onnx`` or ``--logits`` predictions into ``req.out``."""
-    from quantcal import _runfolder, data, evaluate
+    from quantcal.study import evaluate
+    from quantcal.study import runfolder as _runfolder
+    from quantcal.training import data
 
     _runfolder.check(req.out, force=req.force, identity=req.identity)
     notes: list[str] = []
@@ -532,7 +534,7 @@ def _execute_given(req: GivenEvalRequest) -> None:
         assert req.onnx is not None and req.dataset is not None
         splits = data.load_dataset(req.dataset, seed=req.seed)
         if req.transform is not None:
-            from quantcal.study import import_factory
+            from quantcal.study.runner import import_factory
 
             try:
                 splits = data.with_transform(splits, import_factory(req.transform), req.transform)

@@ -68,7 +68,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def resolve_data(args: argparse.Namespace) -> DownloadRequest | ExportRequest:
-    from quantcal import data
+    from quantcal.training import data
 
     if args.data_command == "export":
         out = Path(args.out).expanduser()
@@ -97,7 +97,7 @@ def resolve_data(args: argparse.Namespace) -> DownloadRequest | ExportRequest:
 
 
 def execute_data(req: DownloadRequest | ExportRequest) -> int:
-    from quantcal import data
+    from quantcal.training import data
 
     if isinstance(req, ExportRequest):
         path = data.export_npz(req.name, req.out, root=req.root)
@@ -114,8 +114,10 @@ def resolve_list(args: argparse.Namespace) -> ListRequest:
 
 
 def execute_list(req: ListRequest) -> int:
-    from quantcal import data, models, objectives, quant, recal
-    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE, builtin_studies
+    from quantcal import models, quant
+    from quantcal.calibration import recal
+    from quantcal.study.config import REUSE_FP32_TEMPERATURE, builtin_studies
+    from quantcal.training import data, objectives
 
     print("models:          " + ", ".join(models.list_models()))
     print("datasets:        " + ", ".join(data.list_datasets()) + ", npz:PATH")

@@ -171,8 +171,11 @@ def resolve(args: argparse.Namespace) -> PlanRequest:
 
 
 def execute(req: PlanRequest) -> int:
-    from quantcal import _images, data, quant, study
+    from quantcal import quant
     from quantcal._io import atomic_write_json
+    from quantcal.study import runner as study
+    from quantcal.training import data
+    from quantcal.training import images as _images
 
     splits = data.load_dataset(req.dataset, seed=req.seed)
     if req.mean is not None:
@@ -191,7 +194,7 @@ def execute(req: PlanRequest) -> int:
     device = study.resolve_device(req.common.device)
     model.to(device)
     # the checkpoint was trained elsewhere: where val is carved from train, search on one
-    # stratified half of test (the study's rule, quantcal._images)
+    # stratified half of test (the study's rule, quantcal.training.images)
     policy = _images.stage_images(
         outside_checkpoint=True,
         val_from_train=lambda: data.val_held_out_of_train(req.dataset),

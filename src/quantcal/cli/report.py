@@ -53,7 +53,7 @@ def add_parser(sub: Any) -> None:
 
 
 def resolve(args: argparse.Namespace) -> ReportRequest:
-    from quantcal import _runfolder
+    from quantcal.study import runfolder as _runfolder
 
     out = Path(args.run_dir)
     if not out.exists():
@@ -70,18 +70,19 @@ def resolve(args: argparse.Namespace) -> ReportRequest:
     if args.format is None:  # writes report.html and figures/: only into quantcal's folders
         _runfolder.check_owned(out, force=bool(args.force), action="write report.html into")
     if (out / "results.csv").exists():
-        from quantcal.report import check_results_columns
+        from quantcal.report.html import check_results_columns
 
         check_results_columns(out / "results.csv")
     return ReportRequest(out, args.format, bool(args.force))
 
 
 def execute(req: ReportRequest) -> int:
-    from quantcal import report, study
+    from quantcal.report import html as report
+    from quantcal.study import runner as study
 
     out = req.run_dir
     if req.format is not None:  # print the table; write nothing
-        from quantcal import tables
+        from quantcal.report import tables
 
         if not (out / "results.csv").exists():
             raise FileNotFoundError(

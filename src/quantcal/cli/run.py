@@ -41,7 +41,7 @@ class RunRequest:
 
 
 def add_parser(sub: Any) -> None:
-    from quantcal.studyconfig import builtin_studies
+    from quantcal.study.config import builtin_studies
 
     p = sub.add_parser(
         "run",
@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
 
 
 def resolve(args: argparse.Namespace) -> RunRequest:
-    from quantcal import study
+    from quantcal.study import runner as study
 
     overrides = parse_set(args.set)
     if args.dataset:
@@ -105,7 +105,7 @@ def resolve(args: argparse.Namespace) -> RunRequest:
 
 
 def execute(req: RunRequest) -> int:
-    from quantcal import study
+    from quantcal.study import runner as study
 
     t0 = time.perf_counter()
     study.run_study(

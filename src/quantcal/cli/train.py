@@ -50,9 +50,10 @@ def add_parser(sub: Any) -> None:
 
 
 def resolve(args: argparse.Namespace) -> TrainRequest:
-    from quantcal import models, train
+    from quantcal import models
     from quantcal._inputs import check_dataset_name, check_number
     from quantcal._registry import unknown_name_message
+    from quantcal.training import train
 
     if args.model not in models.list_models():
         raise ValueError(
@@ -73,9 +74,11 @@ def resolve(args: argparse.Namespace) -> TrainRequest:
 
 
 def execute(req: TrainRequest) -> int:
-    from quantcal import _runfolder, data, metrics, train
     from quantcal._io import atomic_torch_save, atomic_write_json
-    from quantcal.study import build_model, resolve_device
+    from quantcal.calibration import metrics
+    from quantcal.study import runfolder as _runfolder
+    from quantcal.study.runner import build_model, resolve_device
+    from quantcal.training import data, train
 
     _runfolder.check(req.out, force=req.force, identity=_identity(req))
     device = resolve_device(req.common.device)

@@ -133,7 +133,7 @@ class AttributionResult:
     modes: tuple[str, ...] = MODES
     notes: list[str] = field(default_factory=list)
     #: Which images these are, set by the caller: a study records ``{"split": "val" |
-    #: "test_half", "n_images": N, "why": ...}`` (``quantcal._images``).
+    #: "test_half", "n_images": N, "why": ...}`` (``quantcal.training.images``).
     images: dict[str, Any] | None = None
 
     def ranked(self, by: str = "alone_nll") -> list[LayerAttribution]:
@@ -289,7 +289,7 @@ class _Replay:
 
 
 def _metrics(z: torch.Tensor, y: torch.Tensor, n_bins: int) -> dict[str, float]:
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     return {
         "nll": metrics.nll(z, y),

@@ -37,7 +37,7 @@ are fitted on one (``fit``) and every budget is checked on the other (``check``)
 never judged on the images its recalibrator saw. The search never reads the images it is scored
 on: a study passes ``val`` (or, for a checkpoint trained elsewhere whose ``val`` was carved from
 the train split it has seen, one stratified half of test, and scores the plan on the other half;
-see ``quantcal._images``) and reports the found plan's numbers beside the uniform precisions
+see ``quantcal.training.images``) and reports the found plan's numbers beside the uniform precisions
 (``[quant] plans``), which shows whether the budget held out of sample.
 
 **Costs** (:func:`layer_costs`): weight bytes (each quantized layer's weight at its bits, rounded
@@ -96,7 +96,7 @@ def check_budget(
 ) -> None:
     """ValueError naming the setting unless both budgets are fractions in [0, 1]
     (``max_ece_rise`` may be None: accuracy only) and ``recal`` a registered recalibrator."""
-    from quantcal import recal as recalibrators
+    from quantcal.calibration import recal as recalibrators
 
     for name, v in (("max_accuracy_drop", max_accuracy_drop), ("max_ece_rise", max_ece_rise)):
         if v is None and name == "max_ece_rise":
@@ -353,7 +353,7 @@ def compose_plan(
 def _halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    from quantcal import data
+    from quantcal.training import data
 
     n = labels.shape[0]
     if n < 4:
@@ -391,7 +391,7 @@ class _Scorer:
     ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
         """(metrics on the check half, its logits as is, and after the recalibrator fitted on
         the fit half, or None when ECE is not measured)."""
-        from quantcal import metrics, recal
+        from quantcal.calibration import metrics, recal
 
         zc, yc = z[self.check], self.y[self.check]
         out = {
@@ -435,7 +435,7 @@ def paired_upper_bounds(
     ``accuracy(fp32) − accuracy(plan)`` and ``ECE(plan) − ECE(fp32)`` (each pair is (logits as
     is, recalibrated logits or None); the ECE bound only with both recalibrated), by a paired
     bootstrap over the images (Efron & Tibshirani 1993, ch. 16)."""
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     level = 2 * confidence - 1
     kw = {"n_resamples": n_resamples, "level": level, "seed": seed}

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from quantcal._cache import heal_work_file
 from quantcal.quant.apply import LayerTarget, QuantizedLayer, _set_submodule
 from quantcal.quant.methods import (
     MethodContext,
@@ -43,6 +42,7 @@ from quantcal.quant.methods import (
     register_method,
 )
 from quantcal.quant.methods.ptq import layers_with_ranges
+from quantcal.study.cache import heal_work_file
 
 __all__ = ["LSQLayer", "lsq_quantize"]
 
@@ -182,7 +182,7 @@ _CHECKS = {
 @register_method("qat", defaults=_DEFAULTS, needs_train_data=True, checks=_CHECKS)
 def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str, QuantizedLayer]:
     """Initialise with ``ptq``, fine-tune with LSQ fake quantization, return the layers."""
-    from quantcal import train
+    from quantcal.training import train
 
     if ctx.train_data is None:
         raise ValueError(

@@ -51,7 +51,7 @@ listed method and scored on the test split. File layout (every key optional but 
     bootstrap = 1000
     level = 0.95
 
-    [report]                       # the deployer's budget behind each verdict (quantcal.verdicts)
+    [report]                       # the deployer's budget behind each verdict (quantcal.findings.verdicts)
     max_accuracy_drop = 0.01       # top-1 accuracy lost vs fp32 (0.01 = 1 point)
     max_ece_rise = 0.01            # ECE above fp32's (as is; or after the best recalibrator)
     max_ece = 0.05                 # ECE at all, whatever fp32's: a cell as miscalibrated as an
@@ -59,7 +59,7 @@ listed method and scored on the test split. File layout (every key optional but 
                                    # is not" (1.0 turns this off)
 
 ``[train] objectives`` lists training objectives (names or tables, see
-:mod:`quantcal.objectives`); each trains its own model, which then goes through every precision,
+:mod:`quantcal.training.objectives`); each trains its own model, which then goes through every precision,
 range estimator and recalibrator. Default ``["ce"]``; a single ``objective = ...`` is the same as
 a one-item list.
 
@@ -203,7 +203,7 @@ class StudyConfig:
     #: The verdicts' budget: accuracy lost and ECE gained vs fp32 that a deployer accepts.
     max_accuracy_drop: float = 0.01
     max_ece_rise: float = 0.01
-    #: The highest ECE a deployed model may have, whatever fp32's (quantcal.verdicts).
+    #: The highest ECE a deployed model may have, whatever fp32's (quantcal.findings.verdicts).
     max_ece: float = 0.05
     threads: int | None = None
     #: The instruction set of PyTorch's CPU kernels ("avx2", "avx512"), or None (the CPU's best).
@@ -212,8 +212,9 @@ class StudyConfig:
     objectives: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
-        from quantcal import quant, recal
-        from quantcal.train import TrainConfig
+        from quantcal import quant
+        from quantcal.calibration import recal
+        from quantcal.training.train import TrainConfig
 
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
         models = self.models if isinstance(self.models, (list, tuple)) else [self.models]
@@ -521,7 +522,7 @@ class StudyConfig:
 
     def objective_labels(self) -> list[str]:
         """Short labels of the objectives, in order (``ce``, ``focal(gamma=3)``, ...)."""
-        from quantcal import objectives
+        from quantcal.training import objectives
 
         return [objectives.label(o) for o in self.objectives or ()]
 
@@ -685,7 +686,7 @@ def canonical_precision(text: str) -> str:
 def _objectives_axis(field_value: Any, train: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     """The objectives axis from ``objectives=`` or ``[train] objectives`` / ``objective`` (one
     place only), canonical and without duplicates."""
-    from quantcal import objectives
+    from quantcal.training import objectives
 
     given = [
         (where, v)
@@ -786,7 +787,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
 
 def builtin_studies() -> dict[str, Path]:
     """Study files shipped inside the package: name -> path."""
-    folder = Path(__file__).with_name("studies")
+    folder = Path(__file__).parents[1] / "studies"
     return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 

@@ -21,7 +21,7 @@ __all__ = ["compare_runs", "format_comparison"]
 
 def _identity() -> tuple[str, ...]:
     """The leading columns of results.csv that name a cell and its recalibrator."""
-    from quantcal.study import RESULT_COLUMNS
+    from quantcal.study.runner import RESULT_COLUMNS
 
     return RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1]
 
@@ -32,7 +32,8 @@ METRICS = ("ece", "accuracy", "nll", "brier")
 def _recalibrated(run: str | Path) -> dict[tuple, tuple[Any, Any]]:
     """A run's recalibrated test logits by cell identity: from its cache (a study, an eval of
     a checkpoint) or from the predictions an eval of given logits or ONNX keeps."""
-    from quantcal import evaluate, study
+    from quantcal.study import evaluate
+    from quantcal.study import runner as study
 
     if (Path(run) / evaluate.GIVEN_FILE).is_file():
         return evaluate.recalibrated_given_logits(run)
@@ -40,7 +41,7 @@ def _recalibrated(run: str | Path) -> dict[tuple, tuple[Any, Any]]:
 
 
 def _interval(metric: str, z, y, n_resamples: int, seed: int, n_bins: int):
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     value = metrics.calibration_report(z, y, n_bins=n_bins)[metric]
     lo, hi = metrics.bootstrap_ci(metric, z, y, n_resamples=n_resamples, seed=seed, n_bins=n_bins)
@@ -59,7 +60,7 @@ def compare_runs(
     """``{"rows": [...], "only_a": [identity], "only_b": [identity]}``; each row holds the
     identity, ``a`` and ``b`` (the metric of each run), ``diff`` = b − a with ``lo`` and ``hi``,
     ``paired`` (True when both scored the same test images) and ``n_test``."""
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -107,7 +108,7 @@ def compare_runs(
 
 
 def _label(r: dict[str, Any]) -> str:
-    from quantcal._rows import dataset_label, model_label
+    from quantcal.findings.rows import dataset_label, model_label
 
     cell = f"{dataset_label(r['dataset'])} / {model_label(r)} {r['precision']}"
     if r["observer"] != "-":

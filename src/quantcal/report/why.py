@@ -2,7 +2,7 @@
 
 For every quantized cell whose lowest ECE (as is or after a usable recalibrator) stays above
 the fp32 model's best ECE + ``max_ece_rise`` or above the absolute ``max_ece``
-(:mod:`quantcal.verdicts`), it shows what :mod:`quantcal.diagnose` measured: how much of the
+(:mod:`quantcal.findings.verdicts`), it shows what :mod:`quantcal.calibration.diagnose` measured: how much of the
 miscalibration is accuracy collapse and how much confidence distortion, which fp32-confidence
 groups the flipped predictions come from, both confidence histograms, the validation NLL as a
 function of the temperature (with the temperature the study fitted, the one every table
@@ -18,8 +18,8 @@ import io
 import math
 from typing import Any
 
-from quantcal._rows import aggregate, main_rows, model_label, pct, pick
-from quantcal.verdicts import Budget, Verdict, repairs, verdicts
+from quantcal.findings.rows import aggregate, main_rows, model_label, pct, pick
+from quantcal.findings.verdicts import Budget, Verdict, repairs, verdicts
 
 __all__ = ["failing_cells", "fig_why", "why_section"]
 
@@ -229,7 +229,7 @@ def _trust(c) -> str:
     """The fit's notes in a few words: 'raised ECE (paired)', 'fitted on 180 < 500 images'."""
     if c is None:
         return ""
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     words = []
     if c.raised_ece:

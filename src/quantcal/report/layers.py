@@ -1,5 +1,5 @@
 """The report's architecture sections: the controlled ablation (``details.json["ablation"]``,
-:mod:`quantcal.ablation`) and the per-layer attribution of calibration loss
+:mod:`quantcal.findings.ablation`) and the per-layer attribution of calibration loss
 (``details.json["attribution"]``, :mod:`quantcal.quant.attribution`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import html
 import io
 from typing import Any
 
-from quantcal._rows import prec_key
+from quantcal.findings.rows import prec_key
 
 __all__ = ["ablation_section", "attribution_section", "fig_ablation", "fig_attribution"]
 

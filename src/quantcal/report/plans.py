@@ -9,7 +9,7 @@ import html
 import io
 from typing import Any
 
-from quantcal._rows import aggregate, groups, main_rows, model_label, pick, prec_key
+from quantcal.findings.rows import aggregate, groups, main_rows, model_label, pick, prec_key
 
 __all__ = ["fig_front", "plans_section"]
 

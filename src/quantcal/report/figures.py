@@ -9,7 +9,7 @@ import io
 import math
 from typing import Any
 
-from quantcal._rows import (
+from quantcal.findings.rows import (
     aggregate,
     dataset_label,
     groups,
@@ -137,7 +137,7 @@ def fig_reliability(rows: list[dict], details: dict, dataset: str, model: str) -
     methods = [
         m for m in ("none", "temperature") if pick(main, dataset=dataset, model=model, recal=m)
     ]
-    from quantcal.plots import draw_reliability
+    from quantcal.report.plots import draw_reliability
 
     fig = _figure(3.2 * max(1, len(methods)), 2.9 * max(1, len(precs)))
     axes = fig.subplots(max(1, len(precs)), max(1, len(methods)), squeeze=False)

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from quantcal._rows import dataset_label as _ds_label
-from quantcal._rows import groups as _groups
-from quantcal._rows import main_rows as _main_rows
-from quantcal._rows import model_label as _model_label
-from quantcal._rows import prec_key as _prec_key
+from quantcal.findings.rows import dataset_label as _ds_label
+from quantcal.findings.rows import groups as _groups
+from quantcal.findings.rows import main_rows as _main_rows
+from quantcal.findings.rows import model_label as _model_label
+from quantcal.findings.rows import prec_key as _prec_key
 
 __all__ = [
     "COLUMNS",

@@ -215,7 +215,7 @@ def prediction_notes(
     ``subject`` names the model in the notes; ``preprocessing`` says where its inputs are set."""
     import warnings
 
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     notes: list[str] = []
     k = int(val_logits.shape[1]) if val_logits.dim() == 2 else 0

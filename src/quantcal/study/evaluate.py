@@ -276,7 +276,7 @@ def _check_pair(logits: Any, labels: Any, what: str) -> None:
             f"the labels of {what} run from {lo} to {hi} but the logits have {k} columns "
             f"(classes 0 to {k - 1}): the labels and the logits belong to different tasks"
         )
-    from quantcal import metrics
+    from quantcal.calibration import metrics
 
     try:  # metrics refuse what they cannot score as logits (probabilities, say)
         metrics.accuracy(logits, labels)
@@ -353,9 +353,9 @@ def score_predictions(
     diagnostics (``diagnose.diagnose``: gap decomposition, prediction flips, NLL vs T) explain
     each quantized model against the reference. Every input is checked first (ValueError naming
     it: :func:`check_predictions`, same labels in the same order)."""
-    from quantcal import diagnose, recal
-    from quantcal.study import Group, QuantCell, _score
-    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE, ModelSpec, content_hash
+    from quantcal.calibration import diagnose, recal
+    from quantcal.study.config import REUSE_FP32_TEMPERATURE, ModelSpec, content_hash
+    from quantcal.study.runner import Group, QuantCell, _score
 
     allowed = recal.available() + ([REUSE_FP32_TEMPERATURE] if quantized else [])
     bad = [m for m in methods if m not in allowed]
@@ -443,9 +443,9 @@ def evaluate_logits(
     adopts another). Every input is checked before anything is written. ``budget`` (the
     [report] keys, e.g. ``{"max_ece_rise": 0.02}``) sets the verdicts' budget. Returns the
     folder."""
-    from quantcal import _runfolder
     from quantcal._io import atomic_torch_save, atomic_write_json, atomic_write_text
-    from quantcal.study import environment_record, reliability_details, write_csv
+    from quantcal.study import runfolder as _runfolder
+    from quantcal.study.runner import environment_record, reliability_details, write_csv
 
     rows, diagnostics = score_predictions(
         val,
@@ -506,7 +506,7 @@ def evaluate_logits(
         ),
     )
     if report:
-        from quantcal import report as report_mod
+        from quantcal.report import html as report_mod
 
         report_mod.write_report(out)
     return out
@@ -522,8 +522,8 @@ def recalibrated_given_logits(out_dir: str | Path) -> dict[tuple, tuple[Any, Any
     identity as results.csv writes it (as ``study.recalibrated_test_logits`` does for a run):
     each recalibrator refitted exactly as the row was scored. ValueError when the folder keeps
     no predictions."""
-    from quantcal.recal_splits import crossfit_folds, recalibrate
-    from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+    from quantcal.calibration.recal_splits import crossfit_folds, recalibrate
+    from quantcal.study.config import REUSE_FP32_TEMPERATURE
 
     path = Path(out_dir) / GIVEN_FILE
     if not path.is_file():
@@ -588,7 +588,7 @@ def verdict(
         v = quantcal.verdict(fp32_logits, int8_logits, labels)
         print(v.outcome, "-", v.reason)
     """
-    from quantcal import verdicts as verdicts_mod
+    from quantcal.findings import verdicts as verdicts_mod
 
     labels = torch.as_tensor(labels)
     if val is None:

@@ -1,7 +1,7 @@
 """The deployer's verdict per model and precision, from a budget the study sets.
 
 For each quantized cell (dataset, model, precision; the first range estimator and
-range-calibration sample; seeds aggregated by :func:`quantcal._rows.aggregate`), with the same
+range-calibration sample; seeds aggregated by :func:`quantcal.findings.rows.aggregate`), with the same
 model's fp32 cell as the reference and a :class:`Budget` (``[report]`` in a study file; defaults:
 ``max_accuracy_drop`` 0.01 and ``max_ece_rise`` 0.01, one point each vs fp32, and ``max_ece``
 0.05, an absolute ECE of 5 % that no deployed model should exceed whatever fp32 does):
@@ -44,8 +44,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantcal import recal as _recal
-from quantcal._rows import Estimate, aggregate, groups, main_rows, pick, prec_key
+from quantcal.calibration import recal as _recal
+from quantcal.findings.rows import Estimate, aggregate, groups, main_rows, pick, prec_key
 
 __all__ = ["OUTCOMES", "Budget", "Repair", "Verdict", "summary", "verdicts"]
 
@@ -592,7 +592,7 @@ def verdict_table(rows: list[dict], budget: Budget | None = None) -> str:
     """The verdicts as plain text for the terminal: one line per model and precision (outcome,
     the recalibrator that repairs it, ≈ when the deciding interval straddles its line), then the
     summary sentences; "" when no cell has an fp32 reference."""
-    from quantcal.tables import short_models
+    from quantcal.report.tables import short_models
 
     vs = verdicts(rows, budget)
     if not vs:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_bytes, atomic_write_text
-from quantcal._rows import (
+from quantcal.findings.rows import (
     aggregate,
     dataset_label,
     groups,
@@ -28,8 +28,7 @@ from quantcal._rows import (
     pick,
     prec_key,
 )
-from quantcal.plots import FULL_COUNT
-from quantcal.report_figures import (
+from quantcal.report.figures import (
     fig_acc_vs_ece,
     fig_layers,
     fig_precision,
@@ -37,11 +36,12 @@ from quantcal.report_figures import (
     fig_reliability,
     worst_inspect,
 )
-from quantcal.report_glossary import PAPER, glossary_section, paper_citation
-from quantcal.report_layers import ablation_section, attribution_section
-from quantcal.report_plans import plans_section
-from quantcal.report_repair import repair_section, repair_summary
-from quantcal.report_why import why_section
+from quantcal.report.glossary import PAPER, glossary_section, paper_citation
+from quantcal.report.layers import ablation_section, attribution_section
+from quantcal.report.plans import plans_section
+from quantcal.report.plots import FULL_COUNT
+from quantcal.report.repair import repair_section, repair_summary
+from quantcal.report.why import why_section
 
 __all__ = ["findings", "load_rows", "summary_table", "write_report"]
 
@@ -77,7 +77,7 @@ def _num(v: str) -> float | None:
 def check_results_columns(path: str | Path) -> None:
     """A ValueError unless ``path`` is a results.csv with the columns quantcal writes (the
     identity of a cell, its recalibrator and status), naming the missing ones."""
-    from quantcal.study import RESULT_COLUMNS
+    from quantcal.study.runner import RESULT_COLUMNS
 
     path = Path(path)
     try:
@@ -113,9 +113,9 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def short_labels(rows: list[dict], details: dict | None = None) -> tuple[list[dict], dict]:
     """Copies of ``rows`` and ``details`` whose ``arch`` is a short display name
-    (:func:`quantcal.tables.short_models`: ``/abs/nets.py:build`` -> ``nets.py:build``), the
+    (:func:`quantcal.report.tables.short_models`: ``/abs/nets.py:build`` -> ``nets.py:build``), the
     same in both so that rows and details still match; the files on disk keep the full path."""
-    from quantcal.tables import short_models
+    from quantcal.report.tables import short_models
 
     short = short_models(r["arch"] for r in rows if isinstance(r.get("arch"), str))
     if all(k == v for k, v in short.items()):
@@ -161,13 +161,13 @@ def _ci(r: dict, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Findings: the registered claims (quantcal.claims), judged on this run's numbers and intervals
+# Findings: the registered claims (quantcal.findings.claims), judged on this run's numbers and intervals
 # ---------------------------------------------------------------------------------------------
 def findings(rows: list[dict], details: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One entry per claim this study tests (``claim``, ``verdict``, ``evidence``, and the
-    claim's ``key``, ``source``, ``rows``; see :mod:`quantcal.claims`), then a caveat when the
+    claim's ``key``, ``source``, ``rows``; see :mod:`quantcal.findings.claims`), then a caveat when the
     test split is small."""
-    from quantcal.claims import evaluate
+    from quantcal.findings.claims import evaluate
 
     out = [c.as_dict() for c in evaluate(rows, details) if c.tested]
     n_test = _mean([r.get("n_test") for r in _main_rows(rows)]) or 0
@@ -190,7 +190,7 @@ def untested_claims(
     rows: list[dict], details: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """The registered claims this study does not test, each with what it would need."""
-    from quantcal.claims import evaluate
+    from quantcal.findings.claims import evaluate
 
     return [c.as_dict() for c in evaluate(rows, details) if not c.tested]
 
@@ -418,7 +418,7 @@ def _budget(config_text: str):
     """The study's verdict budget from its config.toml ([report]), else the defaults."""
     import tomllib
 
-    from quantcal.verdicts import Budget
+    from quantcal.findings.verdicts import Budget
 
     try:
         section = tomllib.loads(config_text).get("report", {}) if config_text else {}
@@ -461,8 +461,8 @@ def _estimate_html(e, fp32=None) -> str:
 def _verdict_section(rows: list[dict], budget) -> str:
     """The verdict table: per model and precision, the outcome (colour and text), the numbers
     behind it (intervals as tooltips and in the key numbers below) and the reason."""
-    from quantcal.verdicts import LIKE_FP32_RECAL, SAFE_AFTER_RECAL, verdicts
-    from quantcal.verdicts import summary as summary_notes
+    from quantcal.findings.verdicts import LIKE_FP32_RECAL, SAFE_AFTER_RECAL, verdicts
+    from quantcal.findings.verdicts import summary as summary_notes
 
     vs = verdicts(rows, budget)
     if not vs:
@@ -548,7 +548,7 @@ def _figure_name(kind: str, dataset: str, model: str) -> str:
 def _notes_section(rows: list[dict], run: Path) -> list[str]:
     """Each distinct note of the rows with the cells it applies to, and any cache entries that
     were damaged and rebuilt (their numbers equal a clean run's; listed so nothing is hidden)."""
-    from quantcal._cache import healed_entries
+    from quantcal.study.cache import healed_entries
 
     parts: list[str] = []
     by_note: dict[str, set[str]] = {}
@@ -607,7 +607,7 @@ def _notes_section(rows: list[dict], run: Path) -> list[str]:
 def _trains_nothing(config: dict[str, Any]) -> bool:
     """The study's training recipe reaches no result (``studyconfig.recipe_unused``), read off
     its config.toml as written (a moved run folder's checkpoints need not exist here)."""
-    from quantcal.studyconfig import recipe_unused
+    from quantcal.study.config import recipe_unused
 
     models = config.get("model")
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):

@@ -99,7 +99,7 @@ def _recal_text(name: str) -> str:
     if name in RECALIBRATORS:
         return RECALIBRATORS[name]
     try:
-        from quantcal import recal
+        from quantcal.calibration import recal
 
         doc = (recal.get(name).__doc__ or "").strip().split("\n")[0]
     except (ValueError, KeyError):

@@ -123,7 +123,7 @@ def test_halves(labels: Any, seed: int) -> tuple[Any, Any]:
     import numpy as np
     import torch
 
-    from quantcal import data
+    from quantcal.training import data
 
     y = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
     n = len(y)

@@ -17,11 +17,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from quantcal import _images
-from quantcal.studyconfig import REUSE_FP32_TEMPERATURE
+from quantcal.study.config import REUSE_FP32_TEMPERATURE
+from quantcal.training import images as _images
 
-__all__ = ["REUSE_FP32_TEMPERATURE", "FitFn", "crossfit_folds", "fit_and_apply", "fold",
-           "recalibrate"]
+__all__ = [
+    "REUSE_FP32_TEMPERATURE",
+    "FitFn",
+    "crossfit_folds",
+    "fit_and_apply",
+    "fold",
+    "recalibrate",
+]
 
 FitFn = Callable[[str, dict], tuple[Any, "float | None"]]
 
@@ -29,7 +35,7 @@ FitFn = Callable[[str, dict], tuple[Any, "float | None"]]
 def fit_and_apply(method: str, fit_on: dict, apply_to: dict) -> tuple[Any, float | None]:
     """Fit ``method`` on ``fit_on``'s validation logits and apply it to ``apply_to``'s test
     logits; returns (test logits, temperature or None)."""
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     r = recal.get(method)().fit(fit_on["val_logits"], fit_on["val_labels"])
     temp = getattr(r, "temperature", None)
@@ -70,7 +76,7 @@ def recalibrate(
     With ``folds`` (see :func:`crossfit_folds`) every recalibrator is fitted on one part of the
     test split and applied to the other, and the parts are put back in order; the temperature
     returned is the folds' mean."""
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     if folds is not None:
         z, temps = None, []

@@ -37,9 +37,9 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
     ``ablation_base`` beside a variant. Each record holds ``ece_rise`` and ``accuracy_drop``
     (``variant``, ``base`` and ``contrast``, each ``{"value", "lo", "hi"}``), ``property``,
     ``value`` and ``n_test``."""
-    from quantcal import metrics
+    from quantcal.calibration import metrics
+    from quantcal.calibration.recal_splits import crossfit_folds, recalibrate
     from quantcal.models.ablation import ABLATION_BASE, ABLATION_VARIANTS, BASE_PROPERTIES
-    from quantcal.recal_splits import crossfit_folds, recalibrate
 
     cfg = runner.config
     recals = [m for m in RECALS if m in cfg.recal]

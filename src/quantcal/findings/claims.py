@@ -16,7 +16,7 @@ Which claims a study tests is decided from its rows, never from its name:
 - the extras need what they compare (a reused fp32 temperature; several range-calibration
   samples; several training objectives).
 
-Seeds are aggregated one way everywhere (:func:`quantcal._rows.aggregate`): per-seed values
+Seeds are aggregated one way everywhere (:func:`quantcal.findings.rows.aggregate`): per-seed values
 (each a paired difference with its bootstrap interval where the column is one), then their mean
 with an interval that holds the test-image variance within seeds and the training variance
 between them. The paper: Kuang & Wong, "On Calibration of Modern Quantized Efficient Neural
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantcal._rows import Estimate, aggregate, groups, main_rows, ok, pct, pick, prec_key
+from quantcal.findings.rows import Estimate, aggregate, groups, main_rows, ok, pct, pick, prec_key
 
 __all__ = ["CLAIMS", "Claim", "evaluate", "register_claim"]
 
@@ -289,7 +289,7 @@ def temperature_scaling_helps(rows: list[dict]) -> Claim:
     of the cells the verdict is *not supported*, when it raised it in more than half but mostly
     within noise *undecided*, whatever the other cells say; fits on fewer images
     than :func:`quantcal.recal.min_fit_images` (the ``n_fit`` column) are counted too."""
-    from quantcal import recal
+    from quantcal.calibration import recal
 
     main = main_rows(rows)
     evidence, verdicts, numbers = [], [], []
@@ -858,7 +858,7 @@ def _nan_low(v: float, default: float = -1.0) -> float:
     return v if v == v else default
 
 
-# Repair by stronger quantization (``details.json["repair"]``, :mod:`quantcal.repair`)
+# Repair by stronger quantization (``details.json["repair"]``, :mod:`quantcal.findings.repair`)
 # ---------------------------------------------------------------------------------------------
 def _restores(gap: dict[str, float], budget: float) -> bool:
     """What is still lost (vs fp32) is within ``budget``, or not measurably above 0."""
@@ -870,7 +870,7 @@ def repair_restores(rows: list[dict], details: dict[str, Any]) -> Claim:
     """Does better quantization restore calibration, or only accuracy? Per model, range
     estimator and method other than ``ptq``, at the lowest quantized precision: the accuracy it
     gains over min-max PTQ and what is still lost against fp32, as is and after temperature
-    scaling, each with a paired interval over the test images (:mod:`quantcal.repair`).
+    scaling, each with a paired interval over the test images (:mod:`quantcal.findings.repair`).
 
     A method *gains accuracy* when its accuracy gain over ptq lies above 0, and *restores* it
     when it is also within 5 points of fp32; it *restores calibration* when its ECE gap to

@@ -38,8 +38,8 @@ def contrasts(runner: Any, plan: list) -> list[dict[str, Any]]:
     ``accuracy``, ``ece``, ``ece_gap`` and ``accuracy_gap`` (vs fp32) and, for methods other
     than ``ptq`` when the study has it, ``ece_vs_ptq`` and ``accuracy_vs_ptq``, each interval
     as ``{"value", "lo", "hi"}``."""
-    from quantcal import metrics
-    from quantcal.recal_splits import crossfit_folds, recalibrate
+    from quantcal.calibration import metrics
+    from quantcal.calibration.recal_splits import crossfit_folds, recalibrate
 
     cfg = runner.config
     if len(cfg.quant_methods) < 2:

@@ -1,5 +1,5 @@
 """The report's repair section: accuracy, ECE and ECE after temperature scaling per
-quantization method and precision (``details.json["repair"]``, :mod:`quantcal.repair`), the
+quantization method and precision (``details.json["repair"]``, :mod:`quantcal.findings.repair`), the
 gaps to fp32 with paired intervals, and a figure of accuracy against ECE per method."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from quantcal._rows import prec_key
-from quantcal.report_layers import _figure_html, _png, _pts
+from quantcal.findings.rows import prec_key
+from quantcal.report.layers import _figure_html, _png, _pts
 
 __all__ = ["fig_repair", "repair_section", "repair_summary"]
 

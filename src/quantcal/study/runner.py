@@ -16,7 +16,7 @@ run killed at any moment redoes only what is missing:
 
 Each stage has its own version. Every entry is verified on read (tensor files against the
 SHA-256 recorded in the JSON beside them); a damaged one is removed with a message and computed
-again (see ``quantcal._cache``). The output folder must be quantcal's (``quantcal._runfolder``).
+again (see ``quantcal.study.cache``). The output folder must be quantcal's (``quantcal.study.runfolder``).
 
 Before computing anything, the inputs of this shard's groups are checked (datasets load, model
 factories import, checkpoints fit): bad input raises ``ValueError`` and nothing is computed. A cell
@@ -43,18 +43,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantcal import _images, _isa, _runfolder
-from quantcal._cache import Cache
-from quantcal._digest import FileDigests
+from quantcal import _isa
 from quantcal._io import atomic_write_bytes, atomic_write_json, atomic_write_text, torch_bytes
-from quantcal.recal_splits import FitFn, crossfit_folds, fit_and_apply, fold, recalibrate
-from quantcal.studyconfig import (
+from quantcal.calibration.recal_splits import (
+    FitFn,
+    crossfit_folds,
+    fit_and_apply,
+    fold,
+    recalibrate,
+)
+from quantcal.study import runfolder as _runfolder
+from quantcal.study.cache import Cache
+from quantcal.study.config import (
     REUSE_FP32_TEMPERATURE,
     ModelSpec,
     StudyConfig,
     content_hash,
     load_study,
 )
+from quantcal.study.digest import FileDigests
+from quantcal.training import images as _images
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -131,7 +139,7 @@ RESULT_COLUMNS = (
 @dataclass(frozen=True)
 class Group:
     """One trained network: a dataset, an architecture at a width, a training objective (its
-    label, see :func:`quantcal.objectives.label`), a seed."""
+    label, see :func:`quantcal.training.objectives.label`), a seed."""
 
     dataset: str
     model: ModelSpec
@@ -206,7 +214,7 @@ def expand_cells(config: StudyConfig) -> list[tuple[Group, list[QuantCell]]]:
 
 def _objective_spec(config: StudyConfig, g: Group) -> dict[str, Any]:
     """The canonical objective of a group (looked up by its label)."""
-    from quantcal import objectives
+    from quantcal.training import objectives
 
     for spec in config.objectives or ():
         if objectives.label(spec) == g.objective:
@@ -453,9 +461,9 @@ def plan_notes(record: dict[str, Any], precision: str) -> list[str]:
 
 
 def stage_images(config: StudyConfig, g: Group) -> _images.StageImages:
-    """Which images group ``g``'s stages may read (``quantcal._images``): the one policy behind
+    """Which images group ``g``'s stages may read (``quantcal.training.images``): the one policy behind
     where recalibrators are fitted, and what the plan search and the attribution read."""
-    from quantcal import data
+    from quantcal.training import data
 
     return _images.stage_images(
         outside_checkpoint=g.model.checkpoint is not None,
@@ -675,7 +683,7 @@ class _Runner:
             return known
 
     def data_digest(self, dataset: str) -> str:
-        from quantcal import data
+        from quantcal.training import data
 
         if dataset not in self._data_digests:
             if dataset.lower().startswith("npz:"):
@@ -784,7 +792,7 @@ class _Runner:
     # -- data ------------------------------------------------------------------------------
     def splits(self, g: Group):
         """The group's splits, normalised as its model expects (said once on stderr)."""
-        from quantcal import data
+        from quantcal.training import data
 
         base = self.base_splits(g)
         norm = self.normalization(g)
@@ -813,7 +821,7 @@ class _Runner:
         return self._normalized[key]
 
     def base_splits(self, g: Group):
-        from quantcal import data
+        from quantcal.training import data
 
         key = _split_args(self.config, g)
         if key not in self._splits:
@@ -881,14 +889,14 @@ class _Runner:
     # -- train stage -----------------------------------------------------------------------
     def train_config(self, g: Group):
         """The group's training recipe (``train.TrainConfig``)."""
-        from quantcal import train
+        from quantcal.training import train
 
         return train.TrainConfig.from_dict(
             {**self.config.train, "objective": _objective_spec(self.config, g), "seed": g.seed}
         )
 
     def trained_model(self, g: Group):
-        from quantcal import train
+        from quantcal.training import train
 
         key = self.train_key(g)
         folder = self.cache / "train" / key
@@ -979,7 +987,8 @@ class _Runner:
 
     def logits(self, cell: QuantCell, model, train_key: str) -> tuple[dict, dict, str]:
 
-        from quantcal import models, quant, train
+        from quantcal import models, quant
+        from quantcal.training import train
 
         key = _logits_key(self.config, cell, train_key)
         path = self.cache / "logits" / f"{key}.pt"
@@ -1065,7 +1074,7 @@ class _Runner:
     def input_notes(self, model, splits) -> list[str]:
         """A note when the validation inputs, as preprocessed, are not what the model's first
         BatchNorm saw in training (``diagnose.input_statistics_notes``)."""
-        from quantcal import diagnose
+        from quantcal.calibration import diagnose
 
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else self.device
@@ -1383,7 +1392,7 @@ def _fp32_model_notes(logits, labels) -> list[str]:
     """Notes on the fp32 model from its validation logits, for every row of its group (near
     chance, an extreme temperature): ``diagnose.prediction_notes``, the one source of the sanity
     notes every path that yields a model's predictions gets."""
-    from quantcal import diagnose
+    from quantcal.calibration import diagnose
 
     return diagnose.prediction_notes(
         logits, labels, subject="the fp32 model", preprocessing="mean/std"
@@ -1457,13 +1466,13 @@ def _score(
     report_on: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
-    ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`quantcal.recal_splits.crossfit_folds`,
+    ``recal_fit`` is ``val`` or ``test_crossfit`` (:func:`quantcal.calibration.recal_splits.crossfit_folds`,
     seeded by the group's seed; the bootstrap then resamples test images with their out-of-fold
     recalibrated logits, so the intervals hold the test sampling but not the variability of the
     half-size fits).
     ``report_on`` (search half, report half) of test: the row is scored on the report half
     only, every recalibrator fitted on the search half (a plan searched on that half)."""
-    from quantcal import metrics, recal
+    from quantcal.calibration import metrics, recal
 
     fit_column = recal_fit
     if report_on is not None:
@@ -1617,10 +1626,10 @@ def write_results(out_dir: Path, rows: list[dict], plan, runner: _Runner) -> Pat
 
 
 def _diagnostics(runner: _Runner, plan) -> list[dict[str, Any]]:
-    """:func:`quantcal.diagnose.diagnose` of every quantized cell of the first range estimator
+    """:func:`quantcal.calibration.diagnose.diagnose` of every quantized cell of the first range estimator
     and range-calibration sample against its fp32 cell, from the cached logits (a cell whose
     logits are not cached, e.g. a failed one, is skipped)."""
-    from quantcal import diagnose
+    from quantcal.calibration import diagnose
 
     cfg = runner.config
     out = []
@@ -1715,16 +1724,16 @@ def _attributions(runner: _Runner, plan) -> list[dict[str, Any]]:
 
 
 def _ablation_contrasts(runner: _Runner, plan) -> list[dict[str, Any]]:
-    """Paired contrasts of the ablation family (:mod:`quantcal.ablation`) from cached logits."""
-    from quantcal import ablation
+    """Paired contrasts of the ablation family (:mod:`quantcal.findings.ablation`) from cached logits."""
+    from quantcal.findings import ablation
 
     return ablation.contrasts(runner, plan)
 
 
 def _repair_contrasts(runner: _Runner, plan) -> list[dict[str, Any]]:
-    """Paired contrasts of the quantization methods (:mod:`quantcal.repair`) from cached
+    """Paired contrasts of the quantization methods (:mod:`quantcal.findings.repair`) from cached
     logits."""
-    from quantcal import repair
+    from quantcal.findings import repair
 
     return repair.contrasts(runner, plan)
 
@@ -1830,7 +1839,7 @@ def run_study(
     write_results(out, rows, plan, runner)
     runner.say(f"write  {out / 'results.csv'} ({len(rows)} rows)")
     if report:
-        from quantcal import report as report_mod
+        from quantcal.report import html as report_mod
 
         report_mod.write_report(out)
         runner.say(f"write  {out / 'report.html'}")
@@ -1947,7 +1956,7 @@ def assemble(
         )
     write_results(out, rows, plan, runner)
     if report:
-        from quantcal import report as report_mod
+        from quantcal.report import html as report_mod
 
         report_mod.write_report(out)
     return out
