@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from quantcal.training import data
+from quantcal.training.augment import crop_flip
 from quantcal.training.data import (
     ChecksumError,
     DatasetNotFoundError,
@@ -160,7 +161,7 @@ def test_wrong_checksum_is_checked_before_unpickling(cifar_root, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("pickle.load was reached before the md5 check")
 
-    monkeypatch.setattr(data.pickle, "load", boom)
+    monkeypatch.setattr(pickle, "load", boom)
     with pytest.raises(ChecksumError):
         _load_cifar(root, dataclasses.replace(src, md5="f" * 32))
 
@@ -390,7 +391,7 @@ def test_crop_flip_matches_per_sample_numpy(size, pad):
     dy = torch.randint(0, 2 * pad + 1, (9,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (9,), generator=g)
     flip = torch.randint(0, 2, (9,), generator=g).bool()
-    got = data._crop_flip(x, dy, dx, flip, pad)
+    got = crop_flip(x, dy, dx, flip, pad)
     assert got.dtype == torch.uint8 and got.shape == x.shape
     for i in range(9):
         ref = _np_crop_flip(x[i].numpy(), int(dy[i]), int(dx[i]), bool(flip[i]), pad)

@@ -17,6 +17,7 @@ from torch import nn
 from _torchrun import run_two_processes
 from quantcal.training import train as tr
 from quantcal.training.data import Split, Splits
+from quantcal.training.environment import Dist, init_process_group, resolve_device
 from quantcal.training.train import TrainConfig, load_checkpoint, lr_multiplier, predict_logits
 
 
@@ -359,12 +360,12 @@ def test_predict_logits_rejects_bad_inputs():
 def test_ddp_rank_without_its_gpu_is_a_clear_error():
     # two torchrun processes on a machine with fewer GPUs: rank 1 has no cuda:1 (found on a
     # one-GPU machine, where NCCL then failed with "invalid device ordinal")
-    info = tr._Dist(rank=1, world_size=2, local_rank=1)
+    info = Dist(rank=1, world_size=2, local_rank=1)
     missing = torch.cuda.device_count()  # index one past the last GPU (0 on a CPU machine)
     with pytest.raises(ValueError, match="nproc_per_node"):
-        tr._resolve_device(f"cuda:{missing}", info)
+        resolve_device(f"cuda:{missing}", info)
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError, match=r"device='cpu'"):
-            tr._resolve_device("cuda", info)
-    assert tr._resolve_device("cpu", info) == torch.device("cpu")
-    assert tr._init_process_group(tr._Dist(), torch.device("cpu")) == tr._Dist()
+            resolve_device("cuda", info)
+    assert resolve_device("cpu", info) == torch.device("cpu")
+    assert init_process_group(Dist(), torch.device("cpu")) == Dist()

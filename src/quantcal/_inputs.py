@@ -94,25 +94,3 @@ def parse_float_list(text: str, what: str) -> list[float]:
             raise ValueError(f"{what} must hold finite numbers, got {text!r}")
         out.append(v)
     return out
-
-
-def check_dataset_name(name: str, what: str) -> str:
-    """``name`` if it is a registered dataset or ``npz:PATH`` (the file itself is checked when
-    it is loaded); else a ValueError naming ``what`` and the closest valid name."""
-    from quantcal._registry import closest
-    from quantcal.training import data
-
-    known = data.list_datasets()
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{what} must name a dataset ({', '.join(known)} or npz:PATH)")
-    if name.lower().startswith("npz:"):
-        if not name[4:].strip():
-            raise ValueError(f"{what}: 'npz:' needs a file path, e.g. 'npz:data.npz'")
-    elif name.lower() not in known:
-        hint = closest(name.lower(), known)
-        raise ValueError(
-            f"{what}: unknown dataset {name!r}"
-            + (f" (did you mean {hint!r}?)" if hint else "")
-            + f"; choose from {known} or give 'npz:PATH' (a MedMNIST-layout file)"
-        )
-    return name

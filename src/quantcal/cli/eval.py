@@ -324,8 +324,9 @@ def _quantized(args: argparse.Namespace) -> tuple[tuple[str, Path, Path], ...]:
 
 
 def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
-    from quantcal._inputs import check_dataset_name, check_input_file
+    from quantcal._inputs import check_input_file
     from quantcal.study.config import REUSE_FP32_TEMPERATURE
+    from quantcal.training.data import check_dataset_name
 
     what = "--onnx" if args.onnx else "--logits"
     refuse(

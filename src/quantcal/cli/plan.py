@@ -109,11 +109,11 @@ def _check_out(out: Path, force: bool) -> None:
 def resolve(args: argparse.Namespace) -> PlanRequest:
     from quantcal import quant
     from quantcal._inputs import (
-        check_dataset_name,
         check_input_file,
         check_number,
         parse_float_list,
     )
+    from quantcal.training.data import check_dataset_name
 
     checkpoint = check_input_file(args.checkpoint, "--checkpoint")
     check_dataset_name(args.dataset, "--dataset")

@@ -51,9 +51,10 @@ def add_parser(sub: Any) -> None:
 
 def resolve(args: argparse.Namespace) -> TrainRequest:
     from quantcal import models
-    from quantcal._inputs import check_dataset_name, check_number
+    from quantcal._inputs import check_number
     from quantcal._registry import unknown_name_message
     from quantcal.training import train
+    from quantcal.training.data import check_dataset_name
 
     if args.model not in models.list_models():
         raise ValueError(

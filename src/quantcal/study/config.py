@@ -719,7 +719,7 @@ def _objectives_axis(field_value: Any, train: Mapping[str, Any]) -> tuple[dict[s
 def _check_datasets(names: tuple[str, ...]) -> None:
     """Each name is a registered dataset or ``npz:PATH`` (the file itself is checked when the
     run starts: a study file may be written on one machine and run on another)."""
-    from quantcal._inputs import check_dataset_name
+    from quantcal.training.data import check_dataset_name
 
     for name in names:
         check_dataset_name(name, "data.datasets")
