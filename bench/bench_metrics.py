@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from _race import race
-from quantcal.calibration import metrics, recal
+from quantcal.calibration import bootstrap, metrics, recal
 
 
 def _ms(seconds: float) -> str:
@@ -76,7 +76,7 @@ def bench_bootstrap(n: int, resamples: int, repeats: int, peer_calls: int) -> No
     z = torch.randn(n, c, generator=g) * 3.0
     y = torch.randint(0, c, (n,), generator=g)
     probs = torch.softmax(z, 1)  # computed once for the peer, outside its timing
-    idx = torch.from_numpy(metrics._bootstrap_indices(n, peer_calls, seed=0))
+    idx = torch.from_numpy(bootstrap._bootstrap_indices(n, peer_calls, seed=0))
 
     def peer() -> list[float]:
         return [

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from _race import race
-from quantcal.calibration import metrics
+from quantcal.calibration import metrics, rows, smooth
 
 
 def _ms(seconds: float) -> str:
@@ -48,10 +48,10 @@ def _data(n: int, sharpen: float, c: int = 10, seed: int = 0) -> tuple[torch.Ten
 
 def bench(n: int, sharpen: float, repeats: int, relplot) -> None:
     z, y = _data(n, sharpen)
-    conf_t, correct_t = metrics._top_label(z, y)
+    conf_t, correct_t = rows.top_label(z, y)
     conf = conf_t.double().numpy()
     correct = correct_t.double().numpy()
-    ours_value, ours_sigma = metrics._SmoothEce(conf, conf - correct).search()
+    ours_value, ours_sigma = smooth._SmoothEce(conf, conf - correct).search()
     kind = "calibrated" if sharpen == 1.0 else f"over-confident (x{sharpen})"
     print(f"\n[N = {n:,}] {kind} 10-class float32 logits (median of {repeats})")
     print(

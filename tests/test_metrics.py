@@ -9,7 +9,11 @@ import pytest
 import torch
 
 import _refs
+from quantcal.calibration import binning as bins
+from quantcal.calibration import bootstrap as boot
 from quantcal.calibration import metrics as M
+from quantcal.calibration import rows as row_pass
+from quantcal.calibration import smooth as smece
 
 
 def _random(n=600, c=7, scale=3.0, seed=0, dtype=torch.float64):
@@ -178,9 +182,9 @@ def test_confidence_on_every_bin_edge_goes_to_the_lower_bin(dtype):
     n_bins = 15
     conf = np.arange(1, n_bins + 1) / n_bins
     z = torch.from_numpy(_refs.rows_at_confidence(conf, 16)).to(dtype)
-    got_conf, _ = M._top_label(z, torch.zeros(n_bins, dtype=torch.long))
+    got_conf, _ = row_pass.top_label(z, torch.zeros(n_bins, dtype=torch.long))
     assert np.allclose(got_conf.double().numpy(), conf, rtol=1e-6)  # on the edges (rounded)
-    np.testing.assert_array_equal(M._bin_width(got_conf, n_bins).numpy(), np.arange(n_bins))
+    np.testing.assert_array_equal(bins.bin_width(got_conf, n_bins).numpy(), np.arange(n_bins))
     rel = M.reliability(z, torch.zeros(n_bins, dtype=torch.long), n_bins=n_bins)
     np.testing.assert_array_equal(rel.count, np.ones(n_bins))
 
@@ -192,20 +196,20 @@ def test_exact_tie_edges_in_every_dtype(dtype):
     for k in (8, 4, 2, 1):
         rows.append([0.0] * k + [-60.0] * (8 - k))
     z = torch.tensor(rows, dtype=dtype)
-    conf, correct = M._top_label(z, torch.zeros(4, dtype=torch.long))
+    conf, correct = row_pass.top_label(z, torch.zeros(4, dtype=torch.long))
     np.testing.assert_array_equal(conf.double().numpy(), [1 / 8, 1 / 4, 1 / 2, 1.0])
     assert correct.all()  # the prediction is the first index among ties ...
-    _, correct = M._top_label(z, torch.tensor([1, 1, 1, 0]))
+    _, correct = row_pass.top_label(z, torch.tensor([1, 1, 1, 0]))
     np.testing.assert_array_equal(correct.numpy(), [False, False, False, True])  # ... not any
-    np.testing.assert_array_equal(M._bin_width(conf, 8).numpy(), [0, 1, 3, 7])
+    np.testing.assert_array_equal(bins.bin_width(conf, 8).numpy(), [0, 1, 3, 7])
 
 
 def test_bin_rule_at_zero_one_and_just_above_an_edge():
     conf = torch.tensor([0.0, 1.0, 0.5, 0.5 + 1e-6, 0.5 - 1e-6], dtype=torch.float32)
-    np.testing.assert_array_equal(M._bin_width(conf, 4).numpy(), [0, 3, 1, 2, 1])
-    np.testing.assert_array_equal(M._bin_width(conf, 1).numpy(), [0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(bins.bin_width(conf, 4).numpy(), [0, 3, 1, 2, 1])
+    np.testing.assert_array_equal(bins.bin_width(conf, 1).numpy(), [0, 0, 0, 0, 0])
     conf64 = torch.tensor([0.5 + 1e-12, 0.5 * (1 + 1e-15)], dtype=torch.float64)
-    np.testing.assert_array_equal(M._bin_width(conf64, 4).numpy(), [2, 1])
+    np.testing.assert_array_equal(bins.bin_width(conf64, 4).numpy(), [2, 1])
 
 
 def test_single_sample_one_class_present_all_correct_all_wrong():
@@ -234,8 +238,8 @@ def test_heavy_ties_never_split_across_mass_bins():
     g = torch.Generator().manual_seed(3)
     z = torch.round(torch.randn(2000, 4, generator=g)).clamp(-2, 1) * 0.75
     y = torch.randint(0, 4, (2000,), generator=g)
-    conf, _ = M._top_label(z, y)
-    idx = M._bin_mass(conf, 15)
+    conf, _ = row_pass.top_label(z, y)
+    idx = bins.bin_mass(conf, 15)
     values, counts = torch.unique(conf, return_counts=True)
     assert values.numel() < 40 and counts.max() > 2000 / 15  # heavy ties indeed
     for v in values:
@@ -249,9 +253,9 @@ def test_heavy_ties_never_split_across_mass_bins():
 
 def test_mass_bins_are_equal_without_ties():
     conf = torch.rand(150, dtype=torch.float64)
-    counts = torch.bincount(M._bin_mass(conf, 15), minlength=15)
+    counts = torch.bincount(bins.bin_mass(conf, 15), minlength=15)
     assert (counts == 10).all()
-    counts = torch.bincount(M._bin_mass(torch.rand(10, dtype=torch.float64), 3), minlength=3)
+    counts = torch.bincount(bins.bin_mass(torch.rand(10, dtype=torch.float64), 3), minlength=3)
     assert counts.tolist() == [3, 4, 3]
 
 
@@ -349,7 +353,7 @@ def test_bootstrap_interval_contains_estimate_and_is_deterministic():
 def test_bootstrap_fast_path_equals_a_numpy_loop_on_the_same_indices():
     z, y = _random(n=120, c=4, scale=2.0)
     zn, yn = z.numpy(), y.numpy()
-    idx = M._bootstrap_indices(120, 40, seed=11)
+    idx = boot._bootstrap_indices(120, 40, seed=11)
     refs = {
         "ece": lambda a, b: _refs.ece(a, b),
         "mce": lambda a, b: _refs.ece(a, b, norm="max"),
@@ -384,7 +388,7 @@ def test_paired_bootstrap_diff():
     est, lo, hi = M.paired_bootstrap_diff("ece", z, z / 3.0, y, n_resamples=200, seed=4)
     assert est == pytest.approx(M.ece(z, y) - M.ece(z / 3.0, y), abs=1e-12)
     assert 0 < lo < est < hi  # the over-confident logits are clearly worse
-    idx = M._bootstrap_indices(z.shape[0], 200, seed=4)
+    idx = boot._bootstrap_indices(z.shape[0], 200, seed=4)
     slow = np.array([M.ece(z[i], y[i]) - M.ece(z[i] / 3.0, y[i]) for i in idx])
     assert (lo, hi) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])), abs=1e-10)
     with pytest.raises(ValueError, match="same shape"):
@@ -397,7 +401,7 @@ def test_paired_bootstrap_contrast_is_a_difference_of_differences():
     est, lo, hi = M.paired_bootstrap_contrast("ece", quad, [1, -1, -1, 1], y, n_resamples=150)
     by_hand = M.ece(z, y) - M.ece(z / 3.0, y) - M.ece(z / 2.0, y) + M.ece(z / 4.0, y)
     assert est == pytest.approx(by_hand, abs=1e-12)
-    idx = M._bootstrap_indices(z.shape[0], 150, seed=0)
+    idx = boot._bootstrap_indices(z.shape[0], 150, seed=0)
     slow = np.array([sum(w * M.ece(q[i], y[i]) for w, q in zip([1, -1, -1, 1], quad)) for i in idx])
     assert (lo, hi) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])), abs=1e-10)
     # the same model on both sides of a difference cancels exactly, resample by resample
@@ -524,7 +528,7 @@ def test_smooth_ece_bandwidth_is_the_bisected_fixed_point(scale):
     z, y = _random(n=400, c=5, scale=scale, seed=7)
     conf, pred = _refs.top_label(z.numpy())
     hit = (pred == y.numpy()).astype(np.float64)
-    value, sigma = M._SmoothEce(conf, conf - hit).search()
+    value, sigma = smece._SmoothEce(conf, conf - hit).search()
     step = 2.0**-10
     assert sigma / step == int(sigma / step) and 2 * step <= sigma <= 1.0
     # bisection invariants: smECE_σ ≤ σ at σ*, and one step below, σ < smECE_σ (or σ < 0.001)
@@ -550,7 +554,7 @@ def test_smooth_ece_properties():
     assert M.smooth_ece(z[perm], y[perm]) == pytest.approx(M.smooth_ece(z, y), abs=1e-14)
     # numpy and torch inputs, and float64 numpy confidences, give the same value
     assert M.smooth_ece(z.numpy(), y.numpy()) == M.smooth_ece(z, y)
-    conf, correct = M._top_label(z, y)
+    conf, correct = row_pass.top_label(z, y)
     assert M.smooth_ece_from_confidences(conf, correct) == M.smooth_ece(z, y)
     assert M.smooth_ece_from_confidences(conf.numpy(), correct.numpy()) == M.smooth_ece(z, y)
 
@@ -559,7 +563,7 @@ def test_smooth_ece_at_confidence_zero_and_one():
     z, _ = _random(n=50, c=5, seed=6)
     z = z * 1000.0  # every softmax saturates: confidence exactly 1.0
     pred = z.argmax(1)
-    conf, _ = M._top_label(z, pred)
+    conf, _ = row_pass.top_label(z, pred)
     assert (conf == 1.0).all()
     assert M.smooth_ece(z, (pred + 1) % 5) == 1.0  # always wrong at confidence 1
     assert M.smooth_ece(z, pred) == 0.0  # always right at confidence 1
@@ -689,7 +693,7 @@ def test_smooth_ece_matches_relplot_on_a_fine_grid(case, monkeypatch):
         assert M.smooth_ece(z, y, bandwidth=sigma) == pytest.approx(want, abs=1e-6), sigma
     if case in ("calibrated", "random n=500 scale=0.5"):  # σ* < 0.1: the whole search agrees
         want, sigma = relplot.smECE(f, hit, return_width=True)
-        assert M._SmoothEce(f, f - hit).search()[1] == sigma
+        assert smece._SmoothEce(f, f - hit).search()[1] == sigma
         assert M.smooth_ece(z, y) == pytest.approx(want, abs=1e-6)
 
 
@@ -699,7 +703,7 @@ def test_smooth_ece_agrees_with_relplot_default(case):
     z, y = _RELPLOT_CASES[case]
     f, hit = relplot.multiclass_logits_to_confidences(z.numpy(), y.numpy())
     want, sigma = relplot.smECE(f, hit, return_width=True)
-    assert M._SmoothEce(f, f - hit).search()[1] == sigma
+    assert smece._SmoothEce(f, f - hit).search()[1] == sigma
     # relplot's 1e-3 grid and (at σ* ~ 0.3) its kernel cut: up to 3e-5 on these inputs
     assert M.smooth_ece(z, y) == pytest.approx(want, abs=1e-4)
 

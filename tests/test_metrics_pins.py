@@ -18,6 +18,8 @@ import torch
 
 import _refs
 from quantcal.calibration import metrics as M
+from quantcal.calibration import rows as row_pass
+from quantcal.calibration import smooth as smece
 
 
 def _random(n=600, c=7, scale=3.0, seed=0, dtype=torch.float64):
@@ -61,9 +63,9 @@ def test_chunked_row_passes_match_the_reference_and_count_bad_rows_once():
 
 def test_row_passes_return_the_documented_dtypes():
     z, y = _random(n=50, c=4, dtype=torch.float16)
-    conf, correct = M._top_label(z, y)
+    conf, correct = row_pass.top_label(z, y)
     assert conf.dtype == torch.float32 and correct.dtype == torch.bool
-    rows = M._softmax_rows(z.double(), y, 6)
+    rows = row_pass.softmax_rows(z.double(), y, 6)
     assert rows.conf.dtype == torch.float64 and rows.correct.dtype == torch.bool
     assert rows.nll.dtype == rows.brier.dtype == torch.float64
     assert rows.classwise.shape == (3, 4 * 6) and rows.classwise.dtype == torch.float64
@@ -429,8 +431,10 @@ def test_fast_fft_len_is_the_smallest_5_smooth_length():
         while nxt < n or not smooth(nxt):
             nxt += 1
         want.append(nxt)
-    assert [M._fast_fft_len(n) for n in range(1, 3001)] == want
-    assert M._fast_fft_len(2**14 + 1) == min(m for m in range(2**14 + 1, 2**15 + 1) if smooth(m))
+    assert [smece._fast_fft_len(n) for n in range(1, 3001)] == want
+    assert smece._fast_fft_len(2**14 + 1) == min(
+        m for m in range(2**14 + 1, 2**15 + 1) if smooth(m)
+    )
 
 
 def test_smooth_ece_where_the_residual_changes_sign_at_confidence_one():
@@ -463,7 +467,7 @@ def test_cuda_inputs_mixed_with_cpu_ones():
     zc = z.cuda()
     assert M.ece(zc, y) == pytest.approx(M.ece(z, y), abs=1e-12)  # labels follow the logits
     assert M.smooth_ece(zc, y.cuda()) == pytest.approx(M.smooth_ece(z, y), abs=1e-12)
-    conf, correct = M._top_label(zc, y.cuda())
+    conf, correct = row_pass.top_label(zc, y.cuda())
     assert M.smooth_ece_from_confidences(conf, correct) == pytest.approx(
         M.smooth_ece_from_confidences(conf.cpu(), correct.cpu()), abs=1e-12
     )

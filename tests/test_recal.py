@@ -12,7 +12,7 @@ import torch
 
 import _refs
 from quantcal.calibration import metrics as M
-from quantcal.calibration import recal
+from quantcal.calibration import recal, recal_toplabel
 
 NAMES = recal.available()
 
@@ -235,11 +235,11 @@ def test_top_label_output_has_the_requested_confidence_and_water_fills():
     z[1] = torch.tensor([40.0, -40.0, 0.0, 0.0, 0.0])  # extreme: softmax underflows in float32
     q = torch.rand(400, generator=g, dtype=torch.float64) * 0.8 + 0.2
     q[0], q[1], q[2], q[3] = 0.3, 1.0, 0.0, 1.0 / 5  # 1.0 / 0.0: clipped to the documented range
-    out = recal._with_top_confidence(z, q)
+    out = recal_toplabel._with_top_confidence(z, q)
     p = torch.softmax(out, 1)
     assert torch.isfinite(out).all()
     assert (out.argmax(1) == z.argmax(1)).all()
-    eta = recal._ETA
+    eta = recal_toplabel._ETA
     lo = 1.0 / (1.0 + 4 * (1.0 - eta))
     torch.testing.assert_close(p.amax(1), q.clamp(lo, 1 - eta), rtol=0, atol=1e-12)
     others = p.masked_fill(torch.nn.functional.one_hot(z.argmax(1), 5).bool(), -1.0)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import _refs
-from quantcal.calibration import recal
+from quantcal.calibration import recal, recal_scaling, recal_toplabel
 
 NAMES = recal.available()
 EPS64 = float(np.finfo(np.float64).eps)
@@ -284,13 +284,13 @@ def test_messages_name_the_recalibrator_class():
 def ts_evals(monkeypatch):
     """The β of every NLL evaluation (``_ts_terms`` call) of a temperature fit."""
     betas = []
-    orig = recal._ts_terms
+    orig = recal_scaling._ts_terms
 
     def spy(zc, zc2, zy, beta):
         betas.append(beta)
         return orig(zc, zc2, zy, beta)
 
-    monkeypatch.setattr(recal, "_ts_terms", spy)
+    monkeypatch.setattr(recal_scaling, "_ts_terms", spy)
     return betas
 
 
@@ -618,7 +618,7 @@ def test_top_label_confidence_uses_the_logits_dtype_for_q():
     logits gives max softmax == q to float64 accuracy."""
     z, _ = _data(50, 4, scale=2.0, seed=30)
     q = torch.linspace(0.3, 0.95, 50, dtype=torch.float32)
-    p = torch.softmax(recal._with_top_confidence(z, q), 1)
+    p = torch.softmax(recal_toplabel._with_top_confidence(z, q), 1)
     torch.testing.assert_close(p.amax(1), q.double(), rtol=0, atol=1e-13)
 
 
