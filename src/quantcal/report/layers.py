@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from typing import Any
 
 from quantcal.findings.rows import prec_key
+from quantcal.report.markup import figure_html, figure_png, pts
 
 __all__ = ["ablation_section", "attribution_section", "fig_ablation", "fig_attribution"]
 
@@ -22,24 +21,6 @@ _KIND_COLOURS = {
     "block": "tab:gray",
 }
 TOP = 10
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _figure_html(caption: str, png: bytes) -> str:
-    b64 = base64.b64encode(png).decode()
-    return (
-        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
-        f"<figcaption class='muted'>{html.escape(caption)}</figcaption></figure>"
-    )
-
-
-def _pts(e: dict[str, float]) -> str:
-    return f"{100 * e['value']:+.2f} [{100 * e['lo']:+.2f}, {100 * e['hi']:+.2f}]"
 
 
 # ----------------------------------------------------------------------------- ablation
@@ -98,7 +79,7 @@ def fig_ablation(records: list[dict[str, Any]]) -> bytes:
     fig.suptitle(
         "Ablation: how much more each property loses than the base (> 0: more)", fontsize=10
     )
-    return _png(fig)
+    return figure_png(fig)
 
 
 def ablation_section(details: dict[str, Any]) -> tuple[str, list]:
@@ -132,10 +113,10 @@ def ablation_section(details: dict[str, Any]) -> tuple[str, list]:
                     f"{r['property']}: {r['base_value']} → {r['value']}",
                 )
             )
-            + f"<td>{_pts(r['ece_rise']['variant'])}</td>"
-            + f"<td>{_pts(r['ece_rise']['base'])}</td>"
-            + f"<td><b>{_pts(r['ece_rise']['contrast'])}</b></td>"
-            + f"<td>{_pts(r['accuracy_drop']['contrast'])}</td></tr>"
+            + f"<td>{pts(r['ece_rise']['variant'])}</td>"
+            + f"<td>{pts(r['ece_rise']['base'])}</td>"
+            + f"<td><b>{pts(r['ece_rise']['contrast'])}</b></td>"
+            + f"<td>{pts(r['accuracy_drop']['contrast'])}</td></tr>"
             for r in rs
         )
         head = "".join(
@@ -157,7 +138,7 @@ def ablation_section(details: dict[str, Any]) -> tuple[str, list]:
             caption = "Ablation contrasts against the base (raw ECE), 95 % paired intervals"
             png = fig_ablation(rs)
             figs.append(("ablation", caption, png))
-            parts.append(_figure_html(caption, png))
+            parts.append(figure_html(caption, png))
     return "\n".join(parts), figs
 
 
@@ -213,7 +194,7 @@ def fig_attribution(recs: list[dict[str, Any]]) -> bytes:
         ncols=min(6, len(kinds_seen)),
         fontsize=7,
     )
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _num(v: Any) -> float:
@@ -287,5 +268,5 @@ def attribution_section(details: dict[str, Any], top: int = 5) -> tuple[str, lis
         )
         png = fig_attribution(chosen)
         figs.append(("attribution", caption, png))
-        parts.append(_figure_html(caption, png))
+        parts.append(figure_html(caption, png))
     return "\n".join(parts), figs

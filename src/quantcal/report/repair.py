@@ -8,7 +8,7 @@ import html
 from typing import Any
 
 from quantcal.findings.rows import prec_key
-from quantcal.report.layers import _figure_html, _png, _pts
+from quantcal.report.markup import figure_html, figure_png, pts
 
 __all__ = ["fig_repair", "repair_section", "repair_summary"]
 
@@ -89,7 +89,7 @@ def fig_repair(records: list[dict[str, Any]]) -> bytes:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def repair_section(details: dict[str, Any]) -> tuple[str, list]:
@@ -132,10 +132,10 @@ def repair_section(details: dict[str, Any]) -> tuple[str, list]:
         body.append(
             "<tr>"
             + "".join(f"<td class='text'>{html.escape(str(x))}</td>" for x in cells)
-            + f"<td>{100 * r['accuracy']:.1f}</td><td>{_pts(vs) if vs else '–'}</td>"
-            + f"<td>{100 * r['ece']:.1f}</td><td>{_pts(r['ece_gap'])}</td>"
+            + f"<td>{100 * r['accuracy']:.1f}</td><td>{pts(vs) if vs else '–'}</td>"
+            + f"<td>{100 * r['ece']:.1f}</td><td>{pts(r['ece_gap'])}</td>"
             + (
-                f"<td>{100 * t['ece']:.1f}</td><td>{_pts(t['ece_gap'])}</td>"
+                f"<td>{100 * t['ece']:.1f}</td><td>{pts(t['ece_gap'])}</td>"
                 if t
                 else "<td>–</td><td>–</td>"
             )
@@ -151,7 +151,7 @@ def repair_section(details: dict[str, Any]) -> tuple[str, list]:
     )
     caption = "Accuracy against ECE per quantization method (filled: as is; hollow: after TS)"
     png = fig_repair(records)
-    parts.append(_figure_html(caption, png))
+    parts.append(figure_html(caption, png))
     return "\n".join(parts), [("repair", caption, png)]
 
 

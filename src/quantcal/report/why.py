@@ -2,12 +2,12 @@
 
 For every quantized cell whose lowest ECE (as is or after a usable recalibrator) stays above
 the fp32 model's best ECE + ``max_ece_rise`` or above the absolute ``max_ece``
-(:mod:`quantcal.findings.verdicts`), it shows what :mod:`quantcal.calibration.diagnose` measured: how much of the
-miscalibration is accuracy collapse and how much confidence distortion, which fp32-confidence
-groups the flipped predictions come from, both confidence histograms, the validation NLL as a
-function of the temperature (with the temperature the study fitted, the one every table
-prints), and what each recalibrator reaches, with debiased ECE beside binned ECE and the notes
-on its fit.
+(:mod:`quantcal.findings.verdicts`), it shows what :mod:`quantcal.calibration.diagnose`
+measured: how much of the miscalibration is accuracy collapse and how much confidence
+distortion, which fp32-confidence groups the flipped predictions come from, both confidence
+histograms, the validation NLL as a function of the temperature (with the temperature the study
+fitted, the one every table prints), and what each recalibrator reaches, with debiased ECE
+beside binned ECE and the notes on its fit.
 """
 
 from __future__ import annotations
