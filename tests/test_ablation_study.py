@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from quantcal import study
 from quantcal.calibration import metrics
 from quantcal.findings import claims
 from quantcal.models.ablation import ABLATION_VARIANTS
 from quantcal.report import html as report
-from quantcal.study import runner as study
 
 #: The preset, made cheaper: fewer epochs and resamples, one quantized precision.
 FAST = {
@@ -134,7 +134,7 @@ def test_a_variant_without_logits_is_named_not_dropped_silently(run):
     from quantcal.findings import ablation
 
     said = []
-    runner, plan = study._assembler(run, said.append)
+    runner, plan = study.open_run(run, said.append)
     real = runner.cached_logits
 
     def missing_se(cell, tkey):

@@ -6,7 +6,10 @@ run) and checks three rules:
 
 1. **No import cycles**: the graph of "module A imports module B" has no strongly connected
    component of more than one module (and no module imports itself). Importing a package's
-   attribute counts as importing the submodule of that name when one exists.
+   attribute counts as importing the submodule of that name when one exists, and importing
+   ``quantcal.a.b`` counts as importing the package ``quantcal.a`` too (its ``__init__`` runs
+   first). A package that re-exports lazily (``__getattr__`` with ``importlib``, as
+   ``quantcal`` and ``quantcal.study`` do) imports nothing until an attribute is read.
 2. **No private imports across modules**: no module imports a name that starts with ``_`` from
    another module (``from quantcal.x import _helper``), and a private module (``_sequential``)
    is imported only from inside its own package.
@@ -92,10 +95,24 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, st
     return out
 
 
+def _with_packages(name: str, target: str, known: dict[str, Path]) -> set[str]:
+    """``target`` and the packages Python initialises to import it (``quantcal.a.b`` runs
+    ``quantcal/a/__init__.py`` first), leaving out the importer's own packages."""
+    parts = target.split(".")
+    out = {".".join(parts[:i]) for i in range(2, len(parts))} | {target}
+    return {m for m in out if m in known and not (name == m or name.startswith(m + "."))}
+
+
 def graph() -> dict[str, set[str]]:
     known = modules()
     return {
-        name: {target for target, _, _ in imports(name, path, known) if target in known}
+        name: set().union(
+            *(
+                _with_packages(name, t, known)
+                for t, _, _ in imports(name, path, known)
+                if t in known
+            )
+        )
         for name, path in known.items()
     }
 
@@ -142,9 +159,9 @@ def private_imports() -> list[str]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for target, attr, line in imports(name, path, known):
             where = f"{path.relative_to(SRC)}:{line}"
-            if attr is not None and attr.startswith("_") and not attr.startswith("__"):
-                if target != name:
-                    bad.append(f"{where} imports the private name {target}.{attr}")
+            private = attr is not None and attr.startswith("_") and not attr.startswith("__")
+            if private and target != name:
+                bad.append(f"{where} imports the private name {target}.{attr}")
             parts = target.split(".")
             for i, part in enumerate(parts):
                 if part.startswith("_") and not part.startswith("__"):
@@ -189,7 +206,8 @@ def test_the_graph_walker_sees_lazy_imports_and_resolves_relative_ones(tmp_path)
             ("quantcal.sub.c", None, 1)
         ]
         edges = graph()
-        assert cycles(edges) == [["quantcal.a", "quantcal.b", "quantcal.sub.c"]]
+        # a imports sub.c, so sub (its package) too
+        assert cycles(edges) == [["quantcal.a", "quantcal.b", "quantcal.sub", "quantcal.sub.c"]]
         assert private_imports() == ["quantcal/a.py:6 imports the private name quantcal.b._x"]
     finally:
         SRC = saved

@@ -1,4 +1,5 @@
-"""The study cache (``_cache``) and file digests (``_digest``), unit by unit, from their contracts.
+"""The study cache (``quantcal.store.cache``) and file digests (``quantcal.store.digest``), unit
+by unit, from their contracts.
 
 README "Runs you can trust": every cached entry is verified when read, a damaged one is removed
 with a message naming the file and computed again, and the report lists what was rebuilt; every
@@ -25,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantcal.study import digest as _digest
-from quantcal.study.cache import Cache, heal_work_file, healed_entries, run_cache_of
-from quantcal.study.digest import FileDigests, sha256_file
+from quantcal.store import digest as _digest
+from quantcal.store.cache import Cache, heal_work_file, healed_entries, run_cache_of
+from quantcal.store.digest import FileDigests, sha256_file
 
 RUN_MARKER = ".quantcal-run"  # README: "a `.quantcal-run` marker" makes a folder quantcal's
 

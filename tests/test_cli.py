@@ -408,7 +408,7 @@ def test_eval_config_lists_no_training_recipe_and_still_reassembles(
     assert (out / "results.csv").read_text() == before
     assert cli.main(["compare", str(out), str(out), "--bootstrap", "20"]) == 0
     # A method that trains keeps its recipe.
-    from quantcal.study import runner as study
+    from quantcal import study
 
     raw = {
         "name": "e",

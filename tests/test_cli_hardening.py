@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from _studies import TINY
-from quantcal import cli
-from quantcal.study import runner as study
-from quantcal.study.runfolder import MARKER
+from quantcal import cli, study
+from quantcal.store.runfolder import MARKER
 
 
 def _study_file(tmp_path: Path, name: str, **quant) -> Path:

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from quantcal import cli
-from quantcal.study.runfolder import MARKER
+from quantcal.store.runfolder import MARKER
 from quantcal.study.runner import RESULT_COLUMNS
 
 

@@ -176,7 +176,7 @@ def test_plan_recalibrators_are_fitted_on_one_half_and_the_budget_checked_on_the
 def test_the_plan_confidence_is_a_study_key_and_false_is_the_point_rule():
     """``[quant] plans.confidence``: a level in [0.5, 1), or false for point estimates; unset,
     the plan cells keep their keys (the spec holds it only when given)."""
-    from quantcal.study import runner as study
+    from quantcal import study
 
     base = {"name": "p", "model": [{"arch": "resnet20", "width": 0.25}]}
     cfg = study.load_study({**base, "quant": {"plans": {"confidence": 0.8}}})

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from _studies import TINY, tiny
-from quantcal import cli
-from quantcal.study import runner as study
-from quantcal.study.runfolder import MARKER
+from quantcal import cli, study
+from quantcal.store.runfolder import MARKER
 from quantcal.training import data
 
 N_ROWS = 2 * 2
@@ -97,7 +96,7 @@ def test_replaced_checkpoint_is_evaluated_again(tmp_path):
 
 @pytest.mark.parametrize("garbage", [b"", b"{not json", b"[1, 2]", b'{"x": {"size": 1}}'])
 def test_damaged_digest_memo_is_ignored(tmp_path, garbage):
-    from quantcal.study.digest import FileDigests, sha256_file
+    from quantcal.store.digest import FileDigests, sha256_file
 
     path = _digits_npz(tmp_path / "d.npz")
     store = tmp_path / "memo.json"
@@ -107,7 +106,7 @@ def test_damaged_digest_memo_is_ignored(tmp_path, garbage):
 
 
 def test_digest_is_memoised_by_size_and_mtime(tmp_path, monkeypatch):
-    from quantcal.study import digest as _digest
+    from quantcal.store import digest as _digest
 
     path = _digits_npz(tmp_path / "d.npz")
     calls = []
@@ -239,7 +238,11 @@ def test_new_result_column_recomputes_rows_without_retraining(clean_run, tmp_pat
     monkeypatch.setattr(train, "train", boom)
     monkeypatch.setattr(train, "predict_logits", boom)
     monkeypatch.setattr(quant, "quantize", boom)
-    monkeypatch.setattr(study, "RESULT_COLUMNS", (*study.RESULT_COLUMNS, "new_column"))
+    from quantcal.study import keys, results, score
+
+    more = (*study.RESULT_COLUMNS, "new_column")
+    for module in (keys, results, score):  # the row key's schema, the CSV, the row itself
+        monkeypatch.setattr(module, "RESULT_COLUMNS", more)
     rows_before = len(list((out / "cache" / "rows").glob("*.json")))
     study.run_study(TINY, out, quiet=True, report=False)
     assert len(list((out / "cache" / "rows").glob("*.json"))) == 2 * rows_before
@@ -421,19 +424,21 @@ def test_diverged_training_is_one_named_cause(tmp_path, capsys):
 def test_full_disk_while_caching_fails_the_cells_not_the_run(tmp_path, monkeypatch, capsys):
     import errno
 
-    real = study.atomic_write_bytes
+    from quantcal.study.stages import logits as logits_stage
+
+    real = logits_stage.atomic_write_bytes
 
     def full(path, data):
         if Path(path).suffix == ".pt" and "logits" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(study, "atomic_write_bytes", full)
+    monkeypatch.setattr(logits_stage, "atomic_write_bytes", full)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(study.load_study(TINY).to_toml())
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 1
     assert "No space left on device" in capsys.readouterr().err
-    monkeypatch.setattr(study, "atomic_write_bytes", real)
+    monkeypatch.setattr(logits_stage, "atomic_write_bytes", real)
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert all(r["status"] == "ok" for r in _rows(tmp_path / "run"))
 

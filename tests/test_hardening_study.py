@@ -21,12 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal import cli, quant
+from quantcal import cli, quant, study
 from quantcal._inputs import check_input_file, check_number
 from quantcal.quant import plan as qplan
 from quantcal.quant.methods import available_methods, get_method
-from quantcal.study import runner as study
-from quantcal.study.cache import heal_work_file, healed_entries, run_cache_of
+from quantcal.store.cache import heal_work_file, healed_entries, run_cache_of
 from quantcal.study.config import from_toml_dict
 from quantcal.training import data, train
 

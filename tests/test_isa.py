@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from _studies import tiny
-from quantcal import _isa
-from quantcal.study import runner as study
+from quantcal import _isa, study
 
 TINY = tiny(name="tiny_isa", isa="avx2")
 _PINS = set(_isa.environment("avx2"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantcal.study import runner as study
+from quantcal import study
 from quantcal.training import objectives
 from quantcal.training.train import TrainConfig
 

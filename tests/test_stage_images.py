@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantcal import models, quant
+from quantcal import models, quant, study
+from quantcal.calibration.recal_splits import crossfit_folds
 from quantcal.quant import plan as plan_mod
-from quantcal.study import runner as study
 from quantcal.training import data
 from quantcal.training import images as _images
 from test_plan import Net, _batches, _data
@@ -111,7 +111,7 @@ def test_the_policy_for_each_kind_of_group():
     # the halves are the recalibration cross-fit's, disjoint and complete, classes kept
     y = torch.arange(40) % 4
     a, b = _images.test_halves(y, 3)
-    (fa, fb), (ga, gb) = study.crossfit_folds(y, 3)
+    (fa, fb), (ga, gb) = crossfit_folds(y, 3)
     assert torch.equal(fa, a) and torch.equal(fb, b) and torch.equal(ga, b) and torch.equal(gb, a)
     assert not set(a.tolist()) & set(b.tolist()) and len(a) + len(b) == 40
     assert torch.bincount(y[a]).tolist() == [5, 5, 5, 5]
@@ -124,7 +124,7 @@ def test_an_outside_checkpoint_is_planned_and_attributed_on_one_test_half(
     cfg = {**STUDY, "model": [{**ARCH, "checkpoint": str(checkpoint)}]}
     out = study.run_study(cfg, tmp_path / "run", quiet=True)
 
-    search, report = study.crossfit_folds(splits.test.labels, 0)[0]
+    search, report = crossfit_folds(splits.test.labels, 0)[0]
     test_x, test_y = _images_of(splits.test)
     val_x, _ = _images_of(splits.val)
     train_x, _ = _images_of(splits.train)

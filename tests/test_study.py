@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from quantcal.study import runner as study
+from quantcal import study
+from quantcal.study import keys
 from quantcal.study.config import load_study
 
 MICRO = {
@@ -293,12 +294,12 @@ def test_compare_two_runs_pairs_cells_and_finds_the_one_changed(finished, tmp_pa
 
     run_b = tmp_path / "b"
     shutil.copytree(finished, run_b)
-    runner, plan = study._assembler(run_b, lambda s: None)
+    runner, plan = study.open_run(run_b, lambda s: None)
     changed = gone = None
     for g, cells in plan:
         tkey = runner.train_key(g)
         for c in cells[1:]:
-            path = runner.cache / "logits" / f"{study._logits_key(runner.config, c, tkey)}.pt"
+            path = runner.cache / "logits" / f"{keys.logits_key(runner.config, c, tkey)}.pt"
             if g.model.arch == "ghostnet_vgg16" and c.precision == "W4A4":
                 d = torch.load(path, weights_only=True)
                 d["test_logits"] = d["test_logits"] * 3 + 1
@@ -406,7 +407,7 @@ def test_train_size_trains_on_a_stratified_subset_and_says_so(tmp_path):
     assert all("stratified 300 of the 1157" in r["notes"] for r in rows)
     cfg_a, cfg_b = load_study(raw), load_study({**raw, "data": {"datasets": ["digits"]}})
     g = study.expand_cells(cfg_a)[0][0]
-    assert study._train_key(cfg_a, g, "d") != study._train_key(cfg_b, g, "d")
+    assert keys.train_key(cfg_a, g, "d") != keys.train_key(cfg_b, g, "d")
 
 
 def test_timm_arch_without_timm_is_a_clear_error(monkeypatch):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from quantcal import study
 from quantcal.calibration import metrics
 from quantcal.findings import claims
 from quantcal.report import html as report
-from quantcal.study import runner as study
+from quantcal.study import keys
 from quantcal.study.config import from_toml_dict
 
 # A model without an equalizable pair (sigmoid is not positively homogeneous) beside ReLU nets.
@@ -114,9 +115,9 @@ def test_ptq_cells_keep_their_cache_keys(tmp_path):
     more = from_toml_dict(_study(tmp_path))
     g = study.expand_cells(base)[0][1][1]
     h = next(c for c in study.expand_cells(more)[0][1] if c.method == "ptq" and not c.is_fp32)
-    assert study._logits_key(base, g, "t") == study._logits_key(more, h, "t")
+    assert keys.logits_key(base, g, "t") == keys.logits_key(more, h, "t")
     a = next(c for c in study.expand_cells(more)[0][1] if c.method == "adaround")
-    assert study._logits_key(more, a, "t") != study._logits_key(more, h, "t")
+    assert keys.logits_key(more, a, "t") != keys.logits_key(more, h, "t")
 
 
 def test_an_unknown_method_lists_the_valid_ones(tmp_path):
@@ -163,9 +164,9 @@ def test_sequential_ranges_and_per_tensor_weights_reach_the_cells(tmp_path):
         )
     )
     c = study.expand_cells(seq)[0][1][1]
-    qc = study._quant_config(seq, c)
+    qc = keys.quant_config(seq, c)
     assert qc.sequential and qc.weight_granularity == "tensor" and qc.name == "W4A4+pt"
-    assert study._logits_key(seq, c, "t") != study._logits_key(plain, c, "t")
+    assert keys.logits_key(seq, c, "t") != keys.logits_key(plain, c, "t")
     assert "sequential = true" in seq.to_toml()
     with pytest.raises(ValueError, match="weight_granularity"):
         from_toml_dict(_study(tmp_path, weight_granularity="row"))

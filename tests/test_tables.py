@@ -440,7 +440,7 @@ def test_cli_exit_0_when_every_cell_is_ok(tmp_path, capsys):
 
 
 def test_cli_without_format_still_writes_the_report(tmp_path, capsys):
-    from quantcal.study.runfolder import MARKER
+    from quantcal.store.runfolder import MARKER
 
     _write(tmp_path, _cells("ghostnet_vgg16"))
     (tmp_path / MARKER).write_text("{}")  # a folder quantcal made (else report refuses it)

@@ -227,7 +227,8 @@ def test_a_timm_arch_runs_in_a_study(tmp_path):
     channels and image size, trained, quantized and scored like a registry model; the timm
     version enters the training cache key; a width other than 1 and an unknown name are clear
     errors."""
-    from quantcal.study import runner as study
+    from quantcal import study
+    from quantcal.study import keys
     from quantcal.study.config import load_study
 
     raw = {
@@ -249,16 +250,16 @@ def test_a_timm_arch_runs_in_a_study(tmp_path):
     assert attribution and "groups" in attribution[0]
     cfg = load_study(raw)
     g = study.expand_cells(cfg)[0][0]
-    key = study._train_key(cfg, g, "digest")
+    key = keys.train_key(cfg, g, "digest")
     from quantcal.models import external
 
     real = external.timm_version
     try:
         external.timm_version = lambda: "0.0.0"  # another timm, other model definitions
-        assert study._train_key(cfg, g, "digest") != key
+        assert keys.train_key(cfg, g, "digest") != key
     finally:
         external.timm_version = real
-    assert study._train_key(cfg, g, "digest") == key
+    assert keys.train_key(cfg, g, "digest") == key
     with pytest.raises(ValueError, match="no width multiplier"):
         study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=0.5)
     with pytest.raises(ValueError, match="closest: resnet18"):

@@ -130,7 +130,7 @@ def test_report_colours_and_words_the_new_outcome(tmp_path):
 
 
 def test_max_ece_is_a_study_key():
-    from quantcal.study import runner as study
+    from quantcal import study
 
     assert study.load_study(None).max_ece == 0.05
     assert study.load_study(None, {"report.max_ece": 0.1}).to_toml_dict()["report"] == {

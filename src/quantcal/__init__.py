@@ -21,12 +21,8 @@ _FUNCTIONS = {"verdict": "quantcal.study.evaluate"}
 __all__ = ["__version__", *_SUBMODULES, *_FUNCTIONS]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from quantcal import models, quant
-    from quantcal.calibration import metrics, recal
-    from quantcal.report import html as report
-    from quantcal.study import runner as study
+    from quantcal import data, metrics, models, quant, recal, report, study, train  # noqa: F401
     from quantcal.study.evaluate import verdict  # noqa: F401
-    from quantcal.training import data, train  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ from quantcal.calibration.recal_registry import get
 __all__ = [
     "MIN_FIT_IMAGES",
     "MIN_FIT_PER_PARAMETER",
+    "REUSE_FP32_TEMPERATURE",
     "fit_notes",
     "fit_parameters",
     "keeps_predictions",
@@ -20,14 +21,16 @@ __all__ = [
 MIN_FIT_IMAGES = 500
 #: The fewest images per fitted parameter.
 MIN_FIT_PER_PARAMETER = 50
-_REUSE_FP32 = "temperature_fp32"  # studyconfig.REUSE_FP32_TEMPERATURE (no import cycle)
+#: The ``[recal] methods`` entry that applies the fp32 model's temperature, fitted on the fp32
+#: model's own validation logits, to a quantized cell (the deployer who calibrates once).
+REUSE_FP32_TEMPERATURE = "temperature_fp32"
 
 
 def fit_parameters(name: str, n_classes: int | None = None) -> int | None:
     """How many numbers ``name`` fits: none 0, temperature (and the fp32 model's temperature
     reused) 1, vector 2·C, matrix C² + C, histogram and isotonic 15; None when it depends on an
     unknown C or the name is not a recalibrator."""
-    if name == _REUSE_FP32:
+    if name == REUSE_FP32_TEMPERATURE:
         return 1
     try:
         cls = get(name)
@@ -48,7 +51,7 @@ def min_fit_images(name: str, n_classes: int | None = None) -> int:
 def keeps_predictions(name: str) -> bool:
     """Whether ``name`` keeps every top-1 prediction (``preserves_argmax``); False when it is
     not a known recalibrator."""
-    if name == _REUSE_FP32:
+    if name == REUSE_FP32_TEMPERATURE:
         return True
     try:
         return bool(get(name).preserves_argmax)

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from quantcal.study.config import REUSE_FP32_TEMPERATURE
+from quantcal.calibration.recal_notes import REUSE_FP32_TEMPERATURE
 from quantcal.training import images as _images
 
 __all__ = [

@@ -516,8 +516,8 @@ def execute(req: StudyEvalRequest | GivenEvalRequest) -> int:
 
 def _execute_given(req: GivenEvalRequest) -> None:
     """Score ``--onnx`` or ``--logits`` predictions into ``req.out``."""
+    from quantcal.store import runfolder as _runfolder
     from quantcal.study import evaluate
-    from quantcal.study import runfolder as _runfolder
     from quantcal.training import data
 
     _runfolder.check(req.out, force=req.force, identity=req.identity)

@@ -53,7 +53,7 @@ def add_parser(sub: Any) -> None:
 
 
 def resolve(args: argparse.Namespace) -> ReportRequest:
-    from quantcal.study import runfolder as _runfolder
+    from quantcal.store import runfolder as _runfolder
 
     out = Path(args.run_dir)
     if not out.exists():

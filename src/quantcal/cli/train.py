@@ -77,7 +77,7 @@ def resolve(args: argparse.Namespace) -> TrainRequest:
 def execute(req: TrainRequest) -> int:
     from quantcal._io import atomic_torch_save, atomic_write_json
     from quantcal.calibration import metrics
-    from quantcal.study import runfolder as _runfolder
+    from quantcal.store import runfolder as _runfolder
     from quantcal.study.runner import build_model, resolve_device
     from quantcal.training import data, train
 

@@ -21,7 +21,7 @@ __all__ = ["compare_runs", "format_comparison"]
 
 def _identity() -> tuple[str, ...]:
     """The leading columns of results.csv that name a cell and its recalibrator."""
-    from quantcal.study.runner import RESULT_COLUMNS
+    from quantcal.findings.rows import RESULT_COLUMNS
 
     return RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1]
 

@@ -14,6 +14,7 @@ from pathlib import PurePath
 from statistics import NormalDist
 
 __all__ = [
+    "RESULT_COLUMNS",
     "Estimate",
     "aggregate",
     "dataset_label",
@@ -25,6 +26,57 @@ __all__ = [
     "pick",
     "prec_key",
 ]
+
+#: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
+#: precision, observer, quantization method, range-calibration sample and recalibration method).
+RESULT_COLUMNS = (
+    "dataset",
+    "arch",
+    "width",
+    "objective",
+    "seed",
+    "precision",
+    "observer",
+    "method",
+    "ptq_sample",
+    "recal",
+    "recal_fit",
+    "status",
+    "error",
+    "notes",
+    "accuracy",
+    "accuracy_lo",
+    "accuracy_hi",
+    "ece",
+    "ece_lo",
+    "ece_hi",
+    "mce",
+    "adaptive_ece",
+    "classwise_ece",
+    "debiased_ece",
+    "ece_l2",
+    "smooth_ece",
+    "nll",
+    "brier",
+    "mean_confidence",
+    "temperature",
+    "ece_diff_vs_fp32",
+    "ece_diff_vs_fp32_lo",
+    "ece_diff_vs_fp32_hi",
+    "ece_diff_vs_none",
+    "ece_diff_vs_none_lo",
+    "ece_diff_vs_none_hi",
+    "params",
+    "macs",
+    "weight_bytes",
+    "bops",
+    "quantized_layers",
+    "n_test",
+    "n_fit",
+    "n_classes",
+    "n_bins",
+    "row_id",
+)
 
 _PREC_ORDER = {"fp32": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
 

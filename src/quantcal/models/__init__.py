@@ -8,9 +8,9 @@ builds any name of ``list_models()``: the study's "shufflenetv2", "augshufflenet
 :mod:`~quantcal.models.repvgg`); or the controlled ablation family "ablation_base",
 "ablation_separable", "ablation_no_residual", "ablation_relu6", "ablation_hardswish",
 "ablation_se", "ablation_reparam" (a ResNet-20-like skeleton changing one property at a time at a
-matched deploy budget; :mod:`quantcal.models.ablation`). ``describe(model)`` gives parameters,
-MACs and weight bytes;
-``to_deploy(model)`` (in :mod:`quantcal.models.deploy`, loaded on first use) gives the
+matched deploy budget; :mod:`quantcal.models.ablation`). ``describe(model)`` (in
+:mod:`quantcal.models.stats`) gives parameters, MACs and weight bytes; ``to_deploy(model)`` (in
+:mod:`quantcal.models.deploy`; both loaded on first use) gives the
 reparameterized, BN-folded eval-mode copy.
 """
 
@@ -31,15 +31,23 @@ from quantcal.models import (  # noqa: F401
     shufflenet,
 )
 from quantcal.models.registry import create_model, list_models, register_model
-from quantcal.models.stats import ModelStats, describe
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from quantcal.models.deploy import to_deploy
+    from quantcal.models.stats import ModelStats, describe
+
+#: Names loaded from their module on first use: the deploy graph and the cost statistics read
+#: quantization settings (``quant``), which itself imports this package.
+_LAZY = {
+    "to_deploy": "quantcal.models.deploy",
+    "describe": "quantcal.models.stats",
+    "ModelStats": "quantcal.models.stats",
+}
 
 __all__ = ["ModelStats", "create_model", "describe", "list_models", "register_model", "to_deploy"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "to_deploy":
-        return importlib.import_module("quantcal.models.deploy").to_deploy
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'quantcal.models' has no attribute {name!r}")

@@ -87,7 +87,7 @@ def _num(v: str) -> float | None:
 def check_results_columns(path: str | Path) -> None:
     """A ValueError unless ``path`` is a results.csv with the columns quantcal writes (the
     identity of a cell, its recalibrator and status), naming the missing ones."""
-    from quantcal.study.runner import RESULT_COLUMNS
+    from quantcal.findings.rows import RESULT_COLUMNS
 
     path = Path(path)
     try:

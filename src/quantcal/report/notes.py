@@ -14,7 +14,7 @@ __all__ = ["notes_section"]
 def notes_section(rows: list[dict], run: Path) -> list[str]:
     """Each distinct note of the rows with the cells it applies to, and any cache entries that
     were damaged and rebuilt (their numbers equal a clean run's; listed so nothing is hidden)."""
-    from quantcal.study.cache import healed_entries
+    from quantcal.store.cache import healed_entries
 
     parts: list[str] = []
     by_note: dict[str, set[str]] = {}

@@ -20,6 +20,7 @@ from typing import Any
 from quantcal import _toml
 from quantcal._inputs import check_input_file, check_number
 from quantcal._registry import closest
+from quantcal.calibration.recal_splits import REUSE_FP32_TEMPERATURE
 from quantcal.study.builtin import builtin_studies
 from quantcal.study.config_checks import (
     canonical_precision,
@@ -51,7 +52,6 @@ __all__ = [
 
 #: Recalibration pseudo-method: apply the temperature fitted on the fp32 model's validation
 #: logits to every precision (the deployment shortcut that skips a refit after quantization).
-REUSE_FP32_TEMPERATURE = "temperature_fp32"
 DEFAULT_RECAL = ("none", "temperature", REUSE_FP32_TEMPERATURE, "vector", "histogram", "isotonic")
 #: Where recalibrators are fitted. ``val``: the validation split. ``test_crossfit``: two
 #: stratified halves of the test split, each recalibrated by a fit on the other (nothing is

@@ -111,7 +111,7 @@ def dataset_digest(name: str, *, file_digest: Callable[[str], str] | None = None
     registered): the SHA-256 of its loaded splits' images, labels and positions (seed 0).
     Raises :class:`DatasetNotFoundError` for a missing ``npz:`` file.
     """
-    from quantcal.study.digest import sha256_file
+    from quantcal.store.digest import sha256_file
 
     if name.lower().startswith("npz:"):
         path = npz_file(Path(name[4:]).expanduser())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_json
-from quantcal.study.runfolder import MARKER
+from quantcal.store.runfolder import MARKER
 
 #: The key under which :meth:`Cache.write_json` records the SHA-256 of an entry's content.
 CHECKSUM = "_sha256"
