@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from _race import race
 from quantcal import models, quant
-from quantcal.quant.apply import LayerTarget, _set_submodule
+from quantcal.quant.apply import LayerTarget
+from quantcal.quant.graph import set_submodule
 from quantcal.quant.methods import MethodContext
 from quantcal.quant.methods.ptq import layers_with_ranges
 from quantcal.quant.methods.qat import LSQLayer
@@ -54,7 +55,7 @@ def main() -> None:
     target = LayerTarget.of(qat, quant.parse_precision(args.precision))
     layers = layers_with_ranges(qat, target, MethodContext(calib=[x]))
     for name, layer in layers.items():
-        _set_submodule(qat, name, LSQLayer(layer))
+        set_submodule(qat, name, LSQLayer(layer))
     qat.requires_grad_(True)
     for m in qat.modules():
         if isinstance(m, LSQLayer):

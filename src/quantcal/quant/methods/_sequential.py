@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer, _device_of, _set_submodule
+from quantcal.quant.graph import device_of, set_submodule
+from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.target import LayerTarget
 
 #: ``on_layer(name, fp32_module, quantized_path_inputs, fp32_path_inputs_or_None) -> layer``, or
 #: ``(layer, fp32_outputs)`` when it has already run the fp32 module on the fp32 inputs (the
@@ -58,7 +60,7 @@ def run_sequential(
     original modules beside it on its own copies of every value. Under ``torch.no_grad``
     except inside ``on_layer`` (which may optimise).
     """
-    device = _device_of(gm)
+    device = device_of(gm)
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -105,7 +107,7 @@ def run_sequential(
                     if isinstance(layer, tuple):
                         layer, given[name] = layer
                     done[name] = layer
-                    _set_submodule(gm, name, layer)
+                    set_submodule(gm, name, layer)
                 if path == 1 and name in given:
                     env[node] = given.pop(name)
                     continue

@@ -33,15 +33,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer
-from quantcal.quant.methods import (
+from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.methods._sequential import run_sequential
+from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
+from quantcal.quant.methods.registry import (
     MethodContext,
     integer_option,
     number_option,
     register_method,
 )
-from quantcal.quant.methods._sequential import run_sequential
-from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
+from quantcal.quant.target import LayerTarget
 
 __all__ = ["GAMMA", "ZETA", "adaround_layer", "rectified_sigmoid"]
 

@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer, observe_ranges
-from quantcal.quant.methods import MethodContext, integer_option, register_method
+from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.methods._sequential import (
     channel_dim,
     channel_sums,
     run_sequential,
 )
 from quantcal.quant.methods.ptq import fp32_ranges_if_shared, layer_from
+from quantcal.quant.methods.registry import MethodContext, integer_option, register_method
+from quantcal.quant.target import LayerTarget, observe_ranges
 
 __all__ = ["EqualizationPair", "absorb_biases", "cross_layer_equalize", "equalization_pairs"]
 
@@ -189,7 +190,7 @@ def cross_layer_equalize(
 def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[torch.Tensor]) -> int:
     """Bias absorption over the ReLU pairs whose second layer has no zero padding (exact for
     pre-activations above ``c``); returns how many pairs absorbed a nonzero ``c``."""
-    from quantcal.quant.apply import _run_with_pre_hooks
+    from quantcal.quant.graph import run_with_pre_hooks
 
     chosen, skipped = [], []
     for p in pairs:
@@ -214,7 +215,7 @@ def absorb_biases(gm: fx.GraphModule, pairs: list[EqualizationPair], xs: list[to
         return 0
     stats: dict[str, list[torch.Tensor]] = {p.first: [] for p in chosen}
     firsts = {p.first: gm.get_submodule(p.first) for p in chosen}
-    _run_with_pre_hooks(
+    run_with_pre_hooks(
         gm, firsts, lambda name, out: stats[name].append(out.detach()), xs, outputs=True
     )
     absorbed = 0

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer, observe_ranges
-from quantcal.quant.methods import MethodContext, register_method
+from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.methods._sequential import clip_fraction, run_sequential
+from quantcal.quant.methods.registry import MethodContext, register_method
+from quantcal.quant.target import LayerTarget, observe_ranges
 
 
 def _observed(target: LayerTarget, name: str, xs: list[Any]) -> tuple[float, float]:

@@ -34,15 +34,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from quantcal.quant.apply import LayerTarget, QuantizedLayer, _set_submodule
-from quantcal.quant.methods import (
+from quantcal.quant.graph import set_submodule
+from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.methods.ptq import layers_with_ranges
+from quantcal.quant.methods.registry import (
     MethodContext,
     integer_option,
     number_option,
     register_method,
 )
-from quantcal.quant.methods.ptq import layers_with_ranges
-from quantcal.study.cache import heal_work_file
+from quantcal.quant.target import LayerTarget
+from quantcal.store.cache import heal_work_file
 
 __all__ = ["LSQLayer", "lsq_quantize"]
 
@@ -193,7 +195,7 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
     init = layers_with_ranges(gm, target, ctx)
     wrapped = {name: LSQLayer(layer) for name, layer in init.items()}
     for name, w in wrapped.items():
-        _set_submodule(gm, name, w)
+        set_submodule(gm, name, w)
     gm.requires_grad_(True)
     for w in wrapped.values():  # the wrapped layer's own buffers are not trained
         w.layer.requires_grad_(False)
