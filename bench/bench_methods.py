@@ -73,7 +73,7 @@ def main() -> None:
     else:
         if not (args.checkpoint and args.npz):
             ap.error("--checkpoint and --npz are needed without --quick")
-        from quantcal.study.runner import load_weights
+        from quantcal.study.factories import load_weights
 
         splits = data.load_dataset(f"npz:{args.npz}", val_size=5000, ptq_calib_size=1000)
         model = models.create_model(

@@ -6,8 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from quantcal.findings.rows import RESULT_COLUMNS
 from quantcal.report import html as report
-from quantcal.study.runner import RESULT_COLUMNS
 
 
 def result_row(arch, precision, recal, ece, diff, lo, hi, acc=0.9, **kw) -> dict:

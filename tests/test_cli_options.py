@@ -10,8 +10,8 @@ import json
 import pytest
 
 from quantcal import cli
+from quantcal.findings.rows import RESULT_COLUMNS
 from quantcal.store.runfolder import MARKER
-from quantcal.study.runner import RESULT_COLUMNS
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -203,7 +203,7 @@ def test_describe_reports_a_plans_weight_bytes_and_bops():
 def test_a_plan_whose_top_level_breaks_the_budget_is_said():
     """The fragile layer costs W4A8 most of its accuracy: with W4A8 as the top level no plan
     keeps a 2-point budget; the result says so and a study cell gets a note."""
-    from quantcal.study.runner import plan_notes
+    from quantcal.study.notes import plan_notes
 
     net = Net().eval()
     x, y = _data(net)

@@ -535,7 +535,7 @@ def _execute_given(req: GivenEvalRequest) -> None:
         assert req.onnx is not None and req.dataset is not None
         splits = data.load_dataset(req.dataset, seed=req.seed)
         if req.transform is not None:
-            from quantcal.study.runner import import_factory
+            from quantcal.study.factories import import_factory
 
             try:
                 splits = data.with_transform(splits, import_factory(req.transform), req.transform)

@@ -78,7 +78,8 @@ def execute(req: TrainRequest) -> int:
     from quantcal._io import atomic_torch_save, atomic_write_json
     from quantcal.calibration import metrics
     from quantcal.store import runfolder as _runfolder
-    from quantcal.study.runner import build_model, resolve_device
+    from quantcal.study.environment import resolve_device
+    from quantcal.study.factories import build_model
     from quantcal.training import data, train
 
     _runfolder.check(req.out, force=req.force, identity=_identity(req))

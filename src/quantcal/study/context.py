@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from quantcal.store.cache import Cache
+from quantcal.store.digest import FileDigests
 from quantcal.study.cells import Group, QuantCell
 from quantcal.study.config import StudyConfig
-from quantcal.store.digest import FileDigests
 
 __all__ = ["Context"]
 
