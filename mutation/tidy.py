@@ -5,6 +5,9 @@ Usage: ``python mutation/tidy.py GROUP``
 * an entry whose mutant is killed now is dropped;
 * an entry whose mutant was renumbered (a source edit earlier in the same function) moves to
   the new number when exactly one unexplained survivor of that function makes the same change;
+* an entry whose function moved to another module (or lost its leading underscore when it
+  became public) follows it the same way: exactly one unexplained survivor of a function of that
+  name makes the same change (identifiers compared without their leading underscores);
 * the survivors still unexplained are printed with their changes, to kill or list by hand.
 
 The reasons are kept as written: read the moved entries (``git diff``) before committing.
@@ -13,6 +16,7 @@ The reasons are kept as written: read the moved entries (``git diff``) before co
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,8 +28,19 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def _public(text: str) -> str:
+    """``text`` with identifiers' leading underscores dropped (``_bin_mass`` -> ``bin_mass``)."""
+    return re.sub(r"(?<![\w.])_+(?=[A-Za-z])", "", _norm(text))
+
+
 def _base(mutant: str) -> str:
     return mutant.rsplit("__mutmut_", 1)[0]
+
+
+def _function(mutant: str) -> str:
+    """The mutated function's name without its module (``x_bin_mass``, ``xǁClassǁmethod``)."""
+    leaf = _base(mutant).rsplit(".", 1)[-1]
+    return _public(leaf[2:]) if leaf.startswith("x_") else _public(leaf)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     moved = 0
     for m in unexplained:
         same = [s for s in stale if _base(s) == _base(m) and describes(listed[s], m)]
+        if not same:  # moved to another module, or made public
+            same = [
+                s
+                for s in stale
+                if _function(s) == _function(m)
+                and _public(listed[s].get("change", "")) == _public(diffs.get(m, ""))
+            ]
         if len(same) == 1:
             keep[m] = listed[same[0]]
             stale.remove(same[0])

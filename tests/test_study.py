@@ -368,15 +368,17 @@ def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, mon
 
     from quantcal import cli
 
+    from quantcal.study import runner
+
     other = tmp_path / "other"
     shutil.copytree(finished, other)
-    real = study.recalibrated_test_logits
+    real = runner.recalibrated_test_logits
 
     def renamed(run, **kw):  # the other run's cells under another dataset name
         out = real(run, **kw)
         return {("x", *k[1:]): v for k, v in out.items()} if str(run) == str(other) else out
 
-    monkeypatch.setattr(study, "recalibrated_test_logits", renamed)
+    monkeypatch.setattr(runner, "recalibrated_test_logits", renamed)
     assert cli.main(["compare", str(finished), str(other), "--bootstrap", "10"]) == 2
     assert "share no cell" in capsys.readouterr().err
 
