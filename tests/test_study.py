@@ -367,7 +367,6 @@ def test_compare_of_runs_sharing_no_cell_says_so(finished, tmp_path, capsys, mon
     import shutil
 
     from quantcal import cli
-
     from quantcal.study import runner
 
     other = tmp_path / "other"
