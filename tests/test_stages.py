@@ -128,3 +128,10 @@ def test_a_new_stage_plugs_in_with_one_line(tmp_path, monkeypatch):
     assert 0.5 < Probe.seen["W8A8"] <= 1.0  # W8A8 agrees with fp32 on most images
     rows = list(study.iter_rows(tmp_path / "run"))
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)  # the rows are untouched
+
+
+def test_the_study_package_gives_every_public_name_of_the_runner():
+    import quantcal.study as package
+
+    assert sorted(package.__all__) == sorted(runner.__all__)
+    assert all(getattr(package, name) is getattr(runner, name) for name in runner.__all__)

@@ -9,7 +9,7 @@ report reads it by its name. The ablation and repair contrasts plug in this way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,27 +38,31 @@ def _identity(g) -> dict[str, Any]:
     }
 
 
-def _inspect(ctx: Context, plan) -> list[dict[str, Any]]:
-    """Per quantized cell, the per-layer inspection its logits stage recorded."""
-    out = []
+def _logits_records(ctx: Context, plan) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
+    """(group, cell, logits record) of every quantized cell whose logits are cached."""
     for g, cells in plan:
         tkey = ctx.train_key(g)
         for cell in cells[1:]:
-            lm = ctx.store.read_json(
-                ctx.cache / "logits" / f"{logits_key(ctx.config, cell, tkey)}.json"
-            )
-            if lm is not None and lm.get("inspect"):
-                out.append(
-                    {
-                        **_identity(g),
-                        "precision": cell.precision,
-                        "observer": cell.observer,
-                        "method": cell.method,
-                        "ptq_sample": cell.sample,
-                        "layers": lm["inspect"],
-                    }
-                )
-    return out
+            path = ctx.cache / "logits" / f"{logits_key(ctx.config, cell, tkey)}.json"
+            lm = ctx.store.read_json(path)
+            if lm is not None:
+                yield g, cell, lm
+
+
+def _inspect(ctx: Context, plan) -> list[dict[str, Any]]:
+    """Per quantized cell, the per-layer inspection its logits stage recorded."""
+    return [
+        {
+            **_identity(g),
+            "precision": cell.precision,
+            "observer": cell.observer,
+            "method": cell.method,
+            "ptq_sample": cell.sample,
+            "layers": lm["inspect"],
+        }
+        for g, cell, lm in _logits_records(ctx, plan)
+        if lm.get("inspect")
+    ]
 
 
 def _training(ctx: Context, plan) -> list[dict[str, Any]]:
@@ -75,16 +79,11 @@ def _training(ctx: Context, plan) -> list[dict[str, Any]]:
 
 def _plans(ctx: Context, plan) -> list[dict[str, Any]]:
     """Per plan cell, the search's record (absent from details.json when there is none)."""
-    out = []
-    for g, cells in plan:
-        tkey = ctx.train_key(g)
-        for cell in cells[1:]:
-            lm = ctx.store.read_json(
-                ctx.cache / "logits" / f"{logits_key(ctx.config, cell, tkey)}.json"
-            )
-            if lm is not None and lm.get("plan"):
-                out.append({**_identity(g), "precision": cell.precision, **lm["plan"]})
-    return out
+    return [
+        {**_identity(g), "precision": cell.precision, **lm["plan"]}
+        for g, cell, lm in _logits_records(ctx, plan)
+        if lm.get("plan")
+    ]
 
 
 def _stage_images(ctx: Context, plan) -> list[dict[str, Any]]:
