@@ -128,6 +128,25 @@ def test_a_new_stage_plugs_in_with_one_line(tmp_path, monkeypatch):
     assert 0.5 < Probe.seen["W8A8"] <= 1.0  # W8A8 agrees with fp32 on most images
     rows = list(study.iter_rows(tmp_path / "run"))
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)  # the rows are untouched
+    _each_declared_record_is_on_disk(tmp_path / "run")
+
+
+def _each_declared_record_is_on_disk(run) -> None:
+    """Every cached stage wrote, for every item it applies to, the entries its keys name."""
+    ctx, plan = study.open_run(run)
+    seen = 0
+    for g, cells in plan:
+        for stage in STAGES:
+            if stage.cache is None:
+                assert stage.keys(ctx, g if stage.scope == "group" else cells[0]) == []
+                continue
+            for item in [g] if stage.scope == "group" else cells:
+                if not stage.applies(ctx, item):
+                    continue
+                for key in stage.keys(ctx, item):
+                    assert list((run / "cache" / stage.cache).glob(f"{key}*")), (stage.name, key)
+                    seen += 1
+    assert seen == 1 + 3 + 3  # a train folder, logits of three cells, one row each
 
 
 def test_the_study_package_gives_every_public_name_of_the_runner():

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantcal._io import atomic_write_text
 from quantcal.findings.rows import RESULT_COLUMNS
-from quantcal.study.keys import logits_key, pending_key, row_key
+from quantcal.study.keys import pending_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from quantcal.study.context import Context
@@ -17,19 +17,19 @@ __all__ = ["collect_rows", "reliability_details", "write_csv"]
 
 
 def collect_rows(ctx: Context, plan) -> tuple[list[dict], int]:
-    """Rows for every (cell, method) of the plan from the cache; returns (rows, missing)."""
-    cfg = ctx.config
+    """Rows for every (cell, method) of the plan from the cache, under the keys the rows stage
+    declares (an error row under the same key, or under the pending key of a cell whose logits
+    never came to exist); returns (rows, missing)."""
+    from quantcal.study.stages.rows import Rows
+
+    rows_stage = Rows()
     rows, missing = [], 0
-    for g, cells in plan:
-        tkey = ctx.train_key(g)
-        fp32_key = logits_key(cfg, cells[0], tkey)
+    for _g, cells in plan:
         for cell in cells:
-            lkey = logits_key(cfg, cell, tkey)
-            for m in cfg.recal:
-                rk = row_key(cfg, lkey, fp32_key, m, ctx.recal_fit(g)[0])
+            for m, rk in zip(ctx.config.recal, rows_stage.keys(ctx, cell), strict=True):
                 found = None
                 for path in (
-                    ctx.cache / "rows" / f"{rk}.json",
+                    ctx.cache / rows_stage.cache / f"{rk}.json",
                     ctx.cache / "errors" / f"{rk}.json",
                     ctx.cache / "errors" / f"{pending_key(cell, m)}.json",
                 ):

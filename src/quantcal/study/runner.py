@@ -215,7 +215,13 @@ def iter_rows(out_dir: str | Path) -> Iterator[dict[str, str]]:
         yield from csv.DictReader(fh)
 
 
-def open_run(out_dir: str | Path, log: Callable[[str], None]) -> tuple[Context, list]:
+def open_run(
+    out_dir: str | Path, log: Callable[[str], None] = lambda s: None
+) -> tuple[Context, list]:
+    """(context, plan) of a finished or partial run folder, for reading its cache: the study is
+    its ``config.toml`` (FileNotFoundError when there is none), the instruction set pinned as the
+    run's (its keys hold it), and files that have moved away since are identified by the
+    digests recorded when they were used."""
     out = Path(out_dir)
     cfg_path = out / "config.toml"
     if not cfg_path.is_file():

@@ -38,6 +38,10 @@ class Attribution(Stage):
     name: ClassVar[str] = "attribution"
     reads: ClassVar[tuple[str, ...]] = ("train", "quantize")
     eager: ClassVar[bool] = True
+    cache: ClassVar[str | None] = "attribution"
+
+    def keys(self, ctx: Context, item: QuantCell) -> list[str]:
+        return [path(ctx, item, ctx.train_key(item.group)).stem]
 
     def applies(self, ctx: Context, item: QuantCell) -> bool:
         return item in attribution_cells(ctx.config, [item])

@@ -11,7 +11,9 @@ cell (``scope = "cell"``), and declares:
 - ``eager``: whether the runner asks for it for every item, in the listed order (the stages whose
   results the study keeps: train, logits, rows, attribution), or only a stage that reads it does
   (data, deploy, plan, quantize: a cell whose logits are cached is never quantized again);
-- its cache key and record, where it has one (a ``key`` function, files under ``cache/NAME``);
+- its cached record, where it has one: ``cache`` (the folder under ``out_dir/cache``) and
+  ``keys(ctx, item)`` (the keys of the entries it writes there for the item, from
+  :mod:`quantcal.study.keys`);
 - ``run(ctx, item, need)``: compute (or read from its cache) its output; ``need(name, other)``
   gives the output of a declared stage for this item (or ``other``);
 - ``failed(ctx, cells, exc)``: what a failure means for the cells it leaves without a result
@@ -44,6 +46,11 @@ class Stage:
     scope: ClassVar[str] = "cell"  # "group" or "cell"
     reads: ClassVar[tuple[str, ...]] = ()
     eager: ClassVar[bool] = False
+    cache: ClassVar[str | None] = None  # the folder of its records under out_dir/cache
+
+    def keys(self, ctx: Context, item: Any) -> list[str]:
+        """The cache keys of the records it writes for ``item`` (none when not cached)."""
+        return []
 
     def applies(self, ctx: Context, item: Any) -> bool:
         """Whether the stage runs for ``item`` (every item unless a subclass says otherwise)."""

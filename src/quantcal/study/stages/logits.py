@@ -40,6 +40,10 @@ class Logits(Stage):
     name: ClassVar[str] = "logits"
     reads: ClassVar[tuple[str, ...]] = ("data", "train", "deploy", "plan", "quantize")
     eager: ClassVar[bool] = True
+    cache: ClassVar[str | None] = "logits"
+
+    def keys(self, ctx: Context, item: QuantCell) -> list[str]:
+        return [logits_key(ctx.config, item, ctx.train_key(item.group))]
 
     def failed(self, ctx: Context, cells: list[QuantCell], exc: BaseException) -> bool:
         from quantcal.study.stages.rows import error_rows

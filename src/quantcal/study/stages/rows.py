@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from quantcal._io import atomic_write_text
 from quantcal.calibration.recal_splits import FitFn, fit_and_apply
 from quantcal.study.cells import QuantCell
-from quantcal.study.keys import pending_key, row_key
+from quantcal.study.keys import logits_key, pending_key, row_key
 from quantcal.study.score import base_row, score
 from quantcal.study.stages import data as data_stage
 from quantcal.study.stages.base import Need, Stage
@@ -130,6 +130,15 @@ class Rows(Stage):
     name: ClassVar[str] = "rows"
     reads: ClassVar[tuple[str, ...]] = ("logits",)
     eager: ClassVar[bool] = True
+    cache: ClassVar[str | None] = "rows"
+
+    def keys(self, ctx: Context, item: QuantCell) -> list[str]:
+        g = item.group
+        tkey = ctx.train_key(g)
+        lkey = logits_key(ctx.config, item, tkey)
+        fp32_key = logits_key(ctx.config, QuantCell(g, "fp32", None, None), tkey)
+        fit_on = data_stage.recal_fit(ctx, g)[0]
+        return [row_key(ctx.config, lkey, fp32_key, m, fit_on) for m in ctx.config.recal]
 
     def run(self, ctx: Context, item: QuantCell, need: Need) -> Any:
         cell, g = item, item.group

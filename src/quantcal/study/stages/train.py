@@ -57,6 +57,10 @@ class Train(Stage):
     scope: ClassVar[str] = "group"
     reads: ClassVar[tuple[str, ...]] = ("data",)
     eager: ClassVar[bool] = True
+    cache: ClassVar[str | None] = "train"
+
+    def keys(self, ctx: Context, item: Group) -> list[str]:
+        return [key(ctx, item)]
 
     def failed(self, ctx: Context, cells: list, exc: BaseException) -> bool:
         from quantcal.study.stages.rows import error_rows
