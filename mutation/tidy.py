@@ -6,8 +6,9 @@ Usage: ``python mutation/tidy.py GROUP``
 * an entry whose mutant was renumbered (a source edit earlier in the same function) moves to
   the new number when exactly one unexplained survivor of that function makes the same change;
 * an entry whose function moved to another module (or lost its leading underscore when it
-  became public) follows it the same way: exactly one unexplained survivor of a function of that
-  name makes the same change (identifiers compared without their leading underscores);
+  became public) follows it: the survivors of a function of that name that make the same change
+  (identifiers compared without their leading underscores), paired in mutant-number order when
+  their count equals the stale entries' count;
 * the survivors still unexplained are printed with their changes, to kill or list by hand.
 
 The reasons are kept as written: read the moved entries (``git diff``) before committing.
@@ -35,6 +36,10 @@ def _public(text: str) -> str:
 
 def _base(mutant: str) -> str:
     return mutant.rsplit("__mutmut_", 1)[0]
+
+
+def _number(mutant: str) -> int:
+    return int(mutant.rsplit("__mutmut_", 1)[1])
 
 
 def _function(mutant: str) -> str:
@@ -65,17 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     moved = 0
     for m in unexplained:
         same = [s for s in stale if _base(s) == _base(m) and describes(listed[s], m)]
-        if not same:  # moved to another module, or made public
-            same = [
-                s
-                for s in stale
-                if _function(s) == _function(m)
-                and _public(listed[s].get("change", "")) == _public(diffs.get(m, ""))
-            ]
         if len(same) == 1:
             keep[m] = listed[same[0]]
             stale.remove(same[0])
             moved += 1
+    # Moved to another module, or made public: the same function name and the same change. A
+    # function with several identical changes (k sites of ``stacklevel=2``) pairs its k stale
+    # entries with its k survivors in mutant-number order; any other count is left to a person.
+    left = [m for m in unexplained if m not in keep]
+
+    def moved_key(mutant: str, change: str) -> tuple[str, str]:
+        return _function(mutant), _public(change)
+
+    for m in left:
+        if m in keep:
+            continue
+        k = moved_key(m, diffs.get(m, ""))
+        olds = sorted(
+            (s for s in stale if moved_key(s, listed[s].get("change", "")) == k), key=_number
+        )
+        news = sorted((n for n in left if moved_key(n, diffs.get(n, "")) == k), key=_number)
+        if olds and len(olds) == len(news):
+            for old, new in zip(olds, news, strict=True):
+                keep[new] = listed[old]
+                stale.remove(old)
+                moved += 1
     head = [
         line
         for line in (path.read_text().splitlines() if path.exists() else [])
