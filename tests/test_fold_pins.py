@@ -29,7 +29,8 @@ _CHECK_TAIL = (
 _TRACE_TAIL = (
     "quantcal rewrites fx graphs, so the model must be symbolically traceable: make control flow "
     "independent of tensor values and shapes, or wrap the offending function with torch.fx.wrap "
-    "(a leaf function)."
+    "(a leaf function) and call every conv and linear module outside it: quantize cannot quantize "
+    "what runs inside a wrapped function (it names those computations as left in fp32)."
 )
 
 

@@ -264,3 +264,29 @@ def test_a_timm_arch_runs_in_a_study(tmp_path):
         study.build_model("timm:resnet18", num_classes=10, image_size=32, in_chans=3, width=0.5)
     with pytest.raises(ValueError, match="closest: resnet18"):
         study.build_model("timm:resnet18x", num_classes=10, image_size=32, in_chans=3, width=1)
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_torchvision_swin_names_the_attention_it_runs_in_fp32(name):
+    """torchvision marks ``shifted_window_attention`` with ``torch.fx.wrap``: the whole window
+    attention is one opaque node that takes the block's weights. Its 24 linears and 24 matmuls
+    run in fp32, found at run time and counted (issue #26), and ``on_unsupported="error"``
+    refuses the model."""
+    import dataclasses
+
+    torchvision = pytest.importorskip("torchvision")
+    from quantcal import models
+
+    torch.manual_seed(0)
+    deploy = models.to_deploy(getattr(torchvision.models, name)(num_classes=10).eval())
+    x = [torch.randn(2, 3, 64, 64)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quant.quantize(deploy, quant.parse_precision("W8A8"), x)
+    cov = q.quant_coverage
+    assert cov["total"] - cov["quantized"] == 48  # 12 blocks x (2 linears + 2 matmuls)
+    assert all(e.startswith("shifted_window_attention (") for e in cov["fp32"])
+    assert any("found at run time" in str(w.message) for w in caught)
+    strict = dataclasses.replace(quant.parse_precision("W8A8"), on_unsupported="error")
+    with pytest.raises(ValueError, match="shifted_window_attention"):
+        quant.quantize(deploy, strict, x)

@@ -131,7 +131,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"torch.fx could not trace {type(model).__name__}: the error arose in {where}: "
             f"{type(err).__name__}: {err}. quantcal rewrites fx graphs, so the model must be "
             "symbolically traceable: make control flow independent of tensor values and shapes, "
-            "or wrap the offending function with torch.fx.wrap (a leaf function)."
+            "or wrap the offending function with torch.fx.wrap (a leaf function) and call every "
+            "conv and linear module outside it: quantize cannot quantize what runs inside a "
+            "wrapped function (it names those computations as left in fp32)."
         ) from err
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, class_name=name)

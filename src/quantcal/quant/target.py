@@ -21,6 +21,7 @@ from torch import nn
 from quantcal.quant.config import QuantConfig
 from quantcal.quant.graph import (
     QUANTIZABLE,
+    device_of,
     layer_order,
     run_with_pre_hooks,
     set_submodule,
@@ -150,13 +151,43 @@ def finish_quantized(
     gm.quant_config = target.config
     gm.precision = target.config.name
     gm.quant_method = {"name": method, "options": dict(options or {})}
-    #: (quantized, total) conv/linear computations and the names of those left in fp32.
+    gm.eval()
+    hidden = _hidden(gm, target, xs)
+    #: (quantized, total) conv/linear computations and the names of those left in fp32: the
+    #: graph's, and those found at run time inside opaque calls (``runtime_count``; each call
+    #: site once in ``fp32``, each computation once in ``total``).
     gm.quant_coverage = {
         "quantized": len(target.names),
-        "total": len(target.names) + len(target.left),
-        "fp32": target.left,
+        "total": len(target.names) + len(target.left) + sum(n for _, n in hidden),
+        "fp32": [*target.left, *(entry for entry, _ in hidden)],
     }
-    return gm.eval()
+    return gm
+
+
+def _hidden(gm: torch.fx.GraphModule, target: LayerTarget, xs: list[Any]) -> list[tuple[str, int]]:
+    """The conv/linear/matmul calls that ran in fp32 inside opaque calls on the first
+    range-calibration input, named in a warning (an error with ``on_unsupported="error"``)."""
+    from quantcal.quant.runtime_count import hidden_computations
+
+    if not xs:
+        return []
+    hidden = hidden_computations(gm, xs[0].to(device_of(gm)).clone())
+    if hidden:
+        k = len(target.names)
+        n = k + len(target.left) + sum(count for _, count in hidden)
+        message = (
+            f"quantize: {k} of {n} conv/linear computations quantized; left in fp32 inside "
+            f"calls the traced graph does not show (a function marked torch.fx.wrap, or a leaf "
+            f"module), found at run time: {', '.join(entry for entry, _ in hidden)}"
+        )
+        if target.config.on_unsupported == "error":
+            raise ValueError(
+                message + ". Call nn.Conv*/nn.Linear modules (not their weights through "
+                "F.conv2d/F.linear) outside such functions, or pass "
+                "QuantConfig(on_unsupported='warn') to measure the model with them in fp32"
+            )
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return hidden
 
 
 def _warn_bias_overflow(qlayers: dict[str, QuantizedLayer], bits: int | None) -> None:
