@@ -621,3 +621,26 @@ def test_a_deploy_form_with_another_output_shape_is_infinitely_off(batch):
 def test_a_deploy_form_returning_a_non_tensor_is_not_compared():
     deploy = to_deploy(nn.Identity(), reparameterize=lambda m: _Pair(), check_input=torch.ones(2))
     assert deploy.deploy_check is None
+
+
+def test_an_ill_conditioned_fold_is_named_as_the_fold_not_a_reparameterization():
+    """Issue #26: a BatchNorm with a running variance near 1e-9 makes the float32 fold drift;
+    the deploy check says the fold did it (the graph before folding computes the model's
+    function) and names the BatchNorm, instead of blaming a reparameterize() the model lacks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, eps=1e-10), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    with torch.no_grad():
+        net[1].running_var.fill_(1e-9)
+        net[1].running_mean.fill_(1e5)
+        net[0].bias.fill_(1e5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deploy = to_deploy(net, check_input=torch.randn(8, 1, 4, 4))
+    (message,) = [str(w.message) for w in caught]
+    assert "folding the BatchNorms changed the outputs" in message
+    assert "smallest: 1 (running variance 1e-09, eps 1e-10)" in message
+    assert "reparameterize" not in message
+    check = deploy.deploy_check
+    assert check["max_abs_diff"] > DEPLOY_CHECK_RTOL * check["max_abs_output"]

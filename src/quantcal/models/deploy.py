@@ -333,26 +333,61 @@ def _functional_batchnorms(gm: fx.GraphModule) -> list[str]:
 DEPLOY_CHECK_RTOL = 1e-3
 
 
-def _check_equivalent(reference: Any, gm: nn.Module, x: torch.Tensor) -> dict[str, float] | None:
-    """Compare the deploy graph's output on ``x`` with the model's; warn when they differ."""
+def _max_diff(reference: torch.Tensor, out: Any) -> float:
+    if not isinstance(out, torch.Tensor) or out.shape != reference.shape:
+        return math.inf
+    return float((out.double() - reference.double()).abs().max()) if out.numel() else 0.0
+
+
+def _smallest_variances(unfolded: nn.Module, k: int = 3) -> str:
+    """The BatchNorms with the smallest running variance (the ill-conditioned folds first)."""
+    found = [
+        (float(m.running_var.min()), name, float(m.eps))
+        for name, m in unfolded.named_modules()
+        if isinstance(m, _BNS) and getattr(m, "running_var", None) is not None
+    ]
+    found.sort()
+    return ", ".join(f"{name} (running variance {v:.3g}, eps {e:.3g})" for v, name, e in found[:k])
+
+
+def _check_equivalent(
+    reference: Any, gm: nn.Module, x: torch.Tensor, unfolded: nn.Module | None = None
+) -> dict[str, float] | None:
+    """Compare the deploy graph's output on ``x`` with the model's; warn when they differ,
+    naming the step that changed them: the BatchNorm fold when the graph before folding
+    (``unfolded``) still computes the model's function, else the re-parameterization."""
     with torch.no_grad():
         out = gm(x)
     if not (isinstance(reference, torch.Tensor) and isinstance(out, torch.Tensor)):
         return None
-    if out.shape != reference.shape:
-        diff, scale = math.inf, float(reference.abs().max()) if reference.numel() else 0.0
-    else:
-        diff = float((out.double() - reference.double()).abs().max()) if out.numel() else 0.0
-        scale = float(reference.abs().max()) if reference.numel() else 0.0
+    diff = _max_diff(reference, out)
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
     result = {"max_abs_diff": diff, "max_abs_output": scale}
-    if not diff <= DEPLOY_CHECK_RTOL * max(scale, 1e-12):
+    tolerance = DEPLOY_CHECK_RTOL * max(scale, 1e-12)
+    if not diff <= tolerance:
+        before_fold = math.inf
+        if unfolded is not None:
+            with torch.no_grad():
+                before_fold = _max_diff(reference, unfolded(x))
+        if before_fold <= tolerance:
+            cause = (
+                "The graph computes it before its BatchNorms are folded (max |difference| "
+                f"{before_fold:.3g}), so folding the BatchNorms changed the outputs: a running "
+                "variance near zero scales the conv by 1/sqrt(var + eps) and float32 rounding "
+                f"with it; smallest: {_smallest_variances(unfolded)}. Every number measured on "
+                "this model is suspect: check those statistics (re-estimate them, or raise eps)."
+            )
+        else:
+            cause = (
+                "A reparameterize()/fuse()/switch_to_deploy() method or helper changed the "
+                "outputs; every number measured on this model is suspect. Check the "
+                "re-parameterization (or pass the helper that does it: to_deploy(model, "
+                "reparameterize=fn))."
+            )
         warnings.warn(
             f"to_deploy: the deploy form does not compute the model's function: on "
             f"{x.shape[0]} input(s) max |deploy - model| = {diff:.3g} against max |model| = "
-            f"{scale:.3g}. A reparameterize()/fuse()/switch_to_deploy() method or helper changed "
-            "the outputs; every number measured on this model is suspect. Check the "
-            "re-parameterization (or pass the helper that does it: to_deploy(model, "
-            "reparameterize=fn)).",
+            f"{scale:.3g}. {cause}",
             UserWarning,
             stacklevel=3,
         )
@@ -406,6 +441,7 @@ def to_deploy(
         work = _reparameterize(work).eval()
     gm = trace(work)
     lift_functional_layers(gm)
+    unfolded = copy.deepcopy(gm) if check_input is not None else None
     left = _fold_batchnorms(gm) + _functional_batchnorms(gm)
     if left:
         warnings.warn(
@@ -419,5 +455,5 @@ def to_deploy(
     gm.eval()
     gm.deploy_check = None
     if check_input is not None:
-        gm.deploy_check = _check_equivalent(reference, gm, check_input)
+        gm.deploy_check = _check_equivalent(reference, gm, check_input, unfolded)
     return gm
