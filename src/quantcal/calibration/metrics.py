@@ -31,8 +31,10 @@ Where the code lives (this module re-exports the public names): input validation
 :mod:`~quantcal.calibration.binning`, row passes in :mod:`~quantcal.calibration.rows`, the ECE
 family and scoring rules in :mod:`~quantcal.calibration.scores`, smooth ECE in
 :mod:`~quantcal.calibration.smooth`, the reliability diagram in
-:mod:`~quantcal.calibration.reliability` and bootstrap intervals in
-:mod:`~quantcal.calibration.bootstrap`.
+:mod:`~quantcal.calibration.reliability`, bootstrap intervals in
+:mod:`~quantcal.calibration.bootstrap`, and selective prediction and failure detection (AURC,
+risk at a coverage, AUROC and FPR at 95 % TPR of right against wrong) in
+:mod:`~quantcal.calibration.selective`.
 """
 
 from __future__ import annotations
@@ -61,22 +63,38 @@ from quantcal.calibration.scores import (
     mean_confidence,
     nll,
 )
+from quantcal.calibration.selective import (
+    RiskCoverage,
+    aurc,
+    coverage_at_risk,
+    excess_aurc,
+    failure_auroc,
+    failure_fpr_at_tpr,
+    risk_coverage,
+    selective_risk,
+)
 from quantcal.calibration.smooth import smooth_ece, smooth_ece_from_confidences
 
 __all__ = [
     "BINNINGS",
     "NORMS",
     "Reliability",
+    "RiskCoverage",
     "accuracy",
     "adaptive_ece",
+    "aurc",
     "bootstrap_ci",
     "bootstrap_metric_names",
     "brier",
     "calibration_report",
     "classwise_ece",
+    "coverage_at_risk",
     "debiased_ece",
     "debiased_ece_sq",
     "ece",
+    "excess_aurc",
+    "failure_auroc",
+    "failure_fpr_at_tpr",
     "mce",
     "mean_confidence",
     "nll",
@@ -84,6 +102,8 @@ __all__ = [
     "paired_bootstrap_diff",
     "plot_reliability",
     "reliability",
+    "risk_coverage",
+    "selective_risk",
     "smooth_ece",
     "smooth_ece_from_confidences",
 ]
