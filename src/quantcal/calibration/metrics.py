@@ -34,7 +34,8 @@ family and scoring rules in :mod:`~quantcal.calibration.scores`, smooth ECE in
 :mod:`~quantcal.calibration.reliability`, bootstrap intervals in
 :mod:`~quantcal.calibration.bootstrap`, and selective prediction and failure detection (AURC,
 risk at a coverage, AUROC and FPR at 95 % TPR of right against wrong) in
-:mod:`~quantcal.calibration.selective`.
+:mod:`~quantcal.calibration.selective`, and unknown-input detection (MSP, max logit, energy) in
+:mod:`~quantcal.calibration.ood`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from quantcal.calibration.bootstrap import (
     paired_bootstrap_diff,
 )
 from quantcal.calibration.checks import ArrayLike  # noqa: F401  (a public type, not in __all__)
+from quantcal.calibration.ood import OOD_SCORES, ood_auroc, ood_fpr_at_tpr, ood_score
 from quantcal.calibration.reliability import Reliability, plot_reliability, reliability
 from quantcal.calibration.scores import (
     NORMS,
@@ -78,6 +80,7 @@ from quantcal.calibration.smooth import smooth_ece, smooth_ece_from_confidences
 __all__ = [
     "BINNINGS",
     "NORMS",
+    "OOD_SCORES",
     "Reliability",
     "RiskCoverage",
     "accuracy",
@@ -98,6 +101,9 @@ __all__ = [
     "mce",
     "mean_confidence",
     "nll",
+    "ood_auroc",
+    "ood_fpr_at_tpr",
+    "ood_score",
     "paired_bootstrap_contrast",
     "paired_bootstrap_diff",
     "plot_reliability",

@@ -46,6 +46,7 @@ from quantcal.training.loaders import CIFAR100_STD as CIFAR100_STD
 from quantcal.training.loaders import DATASETS, load_npz, npz_file, open_npz
 from quantcal.training.loaders import PATHMNIST_CLASSES as PATHMNIST_CLASSES
 from quantcal.training.loaders import export_npz as export_npz
+from quantcal.training.ood_sets import SYNTHETIC_OOD, synthetic_ood
 from quantcal.training.sources import (
     SOURCES,
     ChecksumError,
@@ -68,6 +69,7 @@ from quantcal.training.transforms import with_train_size as with_train_size
 # the facade ``quantcal.data``) leaves out; they stay importable from here.
 __all__ = [
     "SOURCES",
+    "SYNTHETIC_OOD",
     "ChecksumError",
     "DatasetNotFoundError",
     "Source",
@@ -82,6 +84,7 @@ __all__ = [
     "normalize",
     "per_channel",
     "stratified_split",
+    "synthetic_ood",
     "val_held_out_of_train",
     "with_normalization",
     "with_transform",
