@@ -38,6 +38,7 @@ from quantcal.calibration.rows import top_label
 
 __all__ = [
     "RiskCoverage",
+    "accepted_risk",
     "aurc",
     "coverage_at_risk",
     "excess_aurc",
@@ -45,6 +46,7 @@ __all__ = [
     "failure_fpr_at_tpr",
     "risk_coverage",
     "selective_risk",
+    "threshold_for_risk",
 ]
 
 
@@ -188,3 +190,24 @@ def failure_fpr_at_tpr(logits: ArrayLike, labels: ArrayLike, tpr: float = 0.95) 
     wrong_in = torch.cumsum(wrong, 0)[ends - 1] / n_wrong
     j = int(torch.nonzero(right_in >= tpr - 1e-12)[0])
     return float(wrong_in[j])
+
+
+def threshold_for_risk(logits: ArrayLike, labels: ArrayLike, risk: float = 0.05) -> float:
+    """The lowest confidence threshold (the largest coverage) whose selective risk on these
+    samples is at most ``risk``: accept a sample when its confidence is >= the threshold.
+    ``inf`` when no threshold reaches the risk (accept nothing)."""
+    if not (isinstance(risk, (int, float)) and 0 <= risk <= 1):
+        raise ValueError(f"risk must be in [0, 1], got {risk!r}")
+    curve = risk_coverage(logits, labels)
+    ok = torch.nonzero(curve.risk <= risk + 1e-12).flatten()
+    return float(curve.thresholds[ok[-1]]) if ok.numel() else math.inf
+
+
+def accepted_risk(logits: ArrayLike, labels: ArrayLike, threshold: float) -> tuple[float, float]:
+    """(selective risk, coverage) of accepting the samples whose confidence is >= ``threshold``;
+    the risk is NaN when nothing is accepted."""
+    conf, wrong = _sorted(logits, labels)
+    accepted = conf >= threshold
+    n = int(accepted.sum())
+    coverage = n / conf.numel()
+    return (float(wrong[accepted].mean()) if n else math.nan), coverage
