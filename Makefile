@@ -53,6 +53,7 @@ screenshots: $(STAMP)
 ddp-soak: $(STAMP)
 	for i in $$(seq 20); do \
 	  $(BIN)/python -m pytest -q -p no:randomly tests/test_train.py tests/test_quant_methods_ddp.py \
+	    tests/test_study_ddp.py \
 	    -k "ddp or torchrun" || { echo "ddp-soak: failed on run $$i of 20"; exit 1; }; \
 	done; echo "ddp-soak: 20 of 20 runs passed"
 

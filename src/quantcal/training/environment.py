@@ -4,6 +4,7 @@ joining and leaving the process group (gloo on CPU, nccl on CUDA), BatchNorm buf
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -104,16 +105,37 @@ def determinism(on: bool, device: torch.device) -> Iterator[None]:
 
 
 def leave_process_group(finished: bool) -> None:
-    """Destroy the process group this call created. After a run that finished on every rank,
-    the ranks first meet at a barrier: a rank that tears gloo down while its peer still has a
-    collective in flight makes gloo's C++ side abort ("terminate called without an active
-    exception"), which a loaded machine made happen now and then. After an error the barrier
-    is skipped (the peer may never reach it)."""
+    """End a training's use of the process group it created.
+
+    After a run that finished on every rank, the ranks meet at a barrier (a rank that tears gloo
+    down while its peer still has a collective in flight makes gloo's C++ side abort, "terminate
+    called without an active exception") and the group is *kept* for the next training of this
+    process (a study trains the fp32 model and then its QAT cells): destroying it and joining
+    again through the same torchrun store sometimes read the previous group's stale gloo
+    addresses and hung one rank in ``init_process_group`` while its peer waited in DDP's first
+    collective. The kept group is destroyed at interpreter exit (no collective is in flight
+    then). After an error the barrier is skipped (the peer may never reach it) and the group is
+    destroyed at once."""
     import torch.distributed as dist
 
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
+    if not finished:
+        dist.destroy_process_group()
+        return
+    dist.barrier()
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_destroy_at_exit)
+        _EXIT_HOOK = True
+
+
+_EXIT_HOOK = False
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sync_buffers(model: nn.Module) -> None:

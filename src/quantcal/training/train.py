@@ -143,7 +143,7 @@ def train(
         finished = True
         return result
     finally:
-        if dist_info.created:
+        if dist_info.world_size > 1:  # the group this call created, or one an earlier kept
             leave_process_group(finished)
 
 
