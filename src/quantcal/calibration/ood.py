@@ -18,11 +18,11 @@ how quantization moves detection.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
+from quantcal.calibration import separation
 from quantcal.calibration.checks import ArrayLike, check_choice, check_finite, validate_logits
 
 __all__ = ["OOD_SCORES", "ood_auroc", "ood_fpr_at_tpr", "ood_score"]
@@ -62,20 +62,7 @@ def _scores(known: ArrayLike, unknown: ArrayLike, score: str) -> tuple[torch.Ten
 
 def ood_auroc(known: ArrayLike, unknown: ArrayLike, score: str = "msp") -> float:
     """P(score of a known image > score of an unknown one) + P(equal) / 2."""
-    a, b = _scores(known, unknown, score)
-    both = torch.cat([a, b])
-    order = torch.argsort(both, stable=True)
-    sorted_scores = both[order]
-    # mean rank (1-based) of each group of equal scores
-    change = torch.nonzero(sorted_scores[1:] != sorted_scores[:-1]).flatten() + 1
-    ends = torch.cat([change, torch.tensor([both.numel()])])
-    starts = torch.cat([torch.zeros(1, dtype=ends.dtype), ends[:-1]])
-    mean_rank = (starts + ends + 1).double() / 2
-    ranks = torch.empty_like(both)
-    ranks[order] = torch.repeat_interleave(mean_rank, ends - starts)
-    n_a, n_b = a.numel(), b.numel()
-    u = float(ranks[:n_a].sum()) - n_a * (n_a + 1) / 2
-    return u / (n_a * n_b)
+    return separation.auroc(*_scores(known, unknown, score))
 
 
 def ood_fpr_at_tpr(
@@ -85,8 +72,4 @@ def ood_fpr_at_tpr(
     ``tpr`` of the known images."""
     if not (isinstance(tpr, (int, float)) and 0 < tpr <= 1):
         raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
-    a, b = _scores(known, unknown, score)
-    desc = torch.sort(a, descending=True).values
-    k = min(a.numel(), max(1, math.ceil(tpr * a.numel() - 1e-9)))
-    threshold = desc[k - 1]
-    return float((b >= threshold).double().mean())
+    return separation.fpr_at_tpr(*_scores(known, unknown, score), tpr)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantcal.calibration import separation
 from quantcal.calibration.checks import ArrayLike, validate
 from quantcal.calibration.rows import top_label
 
@@ -151,28 +152,16 @@ def coverage_at_risk(logits: ArrayLike, labels: ArrayLike, risk: float = 0.05) -
     return float(curve.coverage[ok].max()) if bool(ok.any()) else 0.0
 
 
+def _right_wrong(logits: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidences of the right and of the wrong predictions."""
+    conf, wrong = _sorted(logits, labels)
+    return conf[wrong == 0], conf[wrong == 1]
+
+
 def failure_auroc(logits: ArrayLike, labels: ArrayLike) -> float:
     """P(confidence of a right prediction > that of a wrong one) + P(equal) / 2: the ROC AUC of
     right (positive) against wrong by confidence; NaN when all are right or all wrong."""
-    conf, wrong = _sorted(logits, labels)
-    n_wrong = int(wrong.sum())
-    n_right = conf.numel() - n_wrong
-    if n_wrong == 0 or n_right == 0:
-        return math.nan
-    ranks = _average_ranks_ascending(conf)
-    right = wrong == 0
-    u = float(ranks[right].sum()) - n_right * (n_right + 1) / 2
-    return u / (n_right * n_wrong)
-
-
-def _average_ranks_ascending(conf_desc: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..N of a descending ``conf`` counted from the lowest, ties given their mean."""
-    n = conf_desc.numel()
-    ends = _blocks(conf_desc)
-    starts = torch.cat([torch.zeros(1, dtype=ends.dtype), ends[:-1]])
-    # descending positions s..e-1 hold ascending ranks n-e+1..n-s; their mean:
-    mean_rank = n - (starts + ends - 1).double() / 2
-    return torch.repeat_interleave(mean_rank, ends - starts)
+    return separation.auroc(*_right_wrong(logits, labels))
 
 
 def failure_fpr_at_tpr(logits: ArrayLike, labels: ArrayLike, tpr: float = 0.95) -> float:
@@ -180,16 +169,7 @@ def failure_fpr_at_tpr(logits: ArrayLike, labels: ArrayLike, tpr: float = 0.95) 
     at least ``tpr`` of the right ones; NaN when all are right or all wrong."""
     if not (isinstance(tpr, (int, float)) and 0 < tpr <= 1):
         raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
-    conf, wrong = _sorted(logits, labels)
-    n_wrong = int(wrong.sum())
-    n_right = conf.numel() - n_wrong
-    if n_wrong == 0 or n_right == 0:
-        return math.nan
-    ends = _blocks(conf)
-    right_in = torch.cumsum(1 - wrong, 0)[ends - 1] / n_right
-    wrong_in = torch.cumsum(wrong, 0)[ends - 1] / n_wrong
-    j = int(torch.nonzero(right_in >= tpr - 1e-12)[0])
-    return float(wrong_in[j])
+    return separation.fpr_at_tpr(*_right_wrong(logits, labels), tpr)
 
 
 def threshold_for_risk(logits: ArrayLike, labels: ArrayLike, risk: float = 0.05) -> float:
