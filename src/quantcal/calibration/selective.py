@@ -110,11 +110,14 @@ def _expected_errors(conf: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
     return before[block_of] + in_block[block_of] * taken / size[block_of]
 
 
-def aurc(logits: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the risk–coverage curve, ``(1/N) Σ_k E[errors among top k] / k``."""
-    conf, wrong = _sorted(logits, labels)
+def _aurc(conf: torch.Tensor, wrong: torch.Tensor) -> float:
     k = torch.arange(1, conf.numel() + 1, dtype=torch.float64)
     return float((_expected_errors(conf, wrong) / k).mean())
+
+
+def aurc(logits: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the risk–coverage curve, ``(1/N) Σ_k E[errors among top k] / k``."""
+    return _aurc(*_sorted(logits, labels))
 
 
 def _optimal_aurc(n: int, n_wrong: int) -> float:
@@ -126,9 +129,7 @@ def _optimal_aurc(n: int, n_wrong: int) -> float:
 def excess_aurc(logits: ArrayLike, labels: ArrayLike) -> float:
     """``aurc`` minus the AURC of ranking every right prediction above every wrong one."""
     conf, wrong = _sorted(logits, labels)
-    k = torch.arange(1, conf.numel() + 1, dtype=torch.float64)
-    value = float((_expected_errors(conf, wrong) / k).mean())
-    return value - _optimal_aurc(conf.numel(), int(wrong.sum()))
+    return _aurc(conf, wrong) - _optimal_aurc(conf.numel(), int(wrong.sum()))
 
 
 def selective_risk(logits: ArrayLike, labels: ArrayLike, coverage: float = 0.8) -> float:

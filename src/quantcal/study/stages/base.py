@@ -27,6 +27,7 @@ failure is remembered and raised again to every later reader.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,7 +40,7 @@ __all__ = ["Need", "Outputs", "Stage"]
 Need = Callable[..., Any]
 
 
-class Stage:
+class Stage(abc.ABC):
     """One step of the study; subclasses set the class attributes and :meth:`run`."""
 
     name: ClassVar[str] = ""
@@ -56,8 +57,10 @@ class Stage:
         """Whether the stage runs for ``item`` (every item unless a subclass says otherwise)."""
         return True
 
-    def run(self, ctx: Context, item: Any, need: Need) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, ctx: Context, item: Any, need: Need) -> Any:
+        """The stage's output for ``item`` (a group or a cell), computed or read from its
+        cache; ``need(name, other=None)`` gives the output of a stage it ``reads``."""
 
     def failed(self, ctx: Context, cells: list[Any], exc: BaseException) -> bool:
         """Record a failure of this stage that leaves ``cells`` without its result (one cell, or
@@ -67,6 +70,7 @@ class Stage:
 
     def prepare(self, ctx: Context, outputs: Outputs, group: Any, cells: list[Any]) -> None:
         """Work for a whole group before its cells' stages run (none by default)."""
+        return None
 
 
 class Outputs:
