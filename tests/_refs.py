@@ -137,3 +137,27 @@ def calibrated_logits(n: int, n_classes: int, *, scale: float = 2.0, seed: int =
     u = rng.random(n)[:, None]
     y = (p.cumsum(axis=1) < u).sum(axis=1).clip(0, n_classes - 1)
     return z, y
+
+
+def aurc(logits, labels) -> float:
+    """AURC with ties averaged, by the definition: (1/N) Σ_k E[errors among the k most
+    confident] / k, a tie block's errors spread evenly over its positions (O(N²))."""
+    conf, pred = top_label(logits)
+    wrong = (pred != np.asarray(labels)).astype(np.float64)
+    c = np.sort(conf)[::-1]
+    total = 0.0
+    for k in range(1, len(c) + 1):
+        above = conf > c[k - 1]
+        block = conf == c[k - 1]
+        errors = wrong[above].sum() + wrong[block].sum() * (k - above.sum()) / block.sum()
+        total += errors / k
+    return total / len(c)
+
+
+def excess_aurc(logits, labels) -> float:
+    """``aurc`` minus that of the ranking with every right prediction first."""
+    conf, pred = top_label(logits)
+    right = int((pred == np.asarray(labels)).sum())
+    n = len(conf)
+    best = sum(max(0, k - right) / k for k in range(1, n + 1)) / n
+    return aurc(logits, labels) - best

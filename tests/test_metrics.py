@@ -365,6 +365,8 @@ def test_bootstrap_fast_path_equals_a_numpy_loop_on_the_same_indices():
         "accuracy": lambda a, b: float(np.mean(_refs.top_label(a)[1] == b)),
         "mean_confidence": lambda a, b: float(np.mean(_refs.top_label(a)[0])),
         "classwise_ece": _refs.classwise_ece,
+        "aurc": _refs.aurc,
+        "excess_aurc": _refs.excess_aurc,
     }
     assert sorted(refs) == M.bootstrap_metric_names()
     for name, ref in refs.items():

@@ -135,3 +135,16 @@ def test_bad_input_is_refused_like_every_metric():
     z[0, 0] = float("nan")
     with pytest.raises(ValueError):
         selective.failure_auroc(z, torch.zeros(4, dtype=torch.long))
+
+
+def test_bootstrap_fast_aurc_equals_the_callable_loop_on_tied_confidences():
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(90, 4, generator=g) * 2).round()  # many exactly tied confidences
+    y = torch.randint(0, 4, (90,), generator=g)
+    for name, fn in (("aurc", selective.aurc), ("excess_aurc", selective.excess_aurc)):
+        fast = bootstrap.bootstrap_ci(name, z, y, n_resamples=60, seed=3)
+        loop = bootstrap.bootstrap_ci(fn, z, y, n_resamples=60, seed=3)
+        assert fast == pytest.approx(loop, abs=1e-12), name
+        est, lo, hi = bootstrap.paired_bootstrap_diff(name, z, z / 4, y, n_resamples=60, seed=3)
+        assert est == pytest.approx(fn(z, y) - fn(z / 4, y), abs=1e-12)
+        assert lo <= hi

@@ -80,6 +80,12 @@ class _FastMetric:
         if name in ("accuracy", "mean_confidence"):
             chosen = correct if name == "accuracy" else conf
             self.values = chosen.double().cpu().numpy()
+        elif name in ("aurc", "excess_aurc"):
+            group, counts = conf_groups(conf)
+            self.n_groups = int(counts.shape[0])
+            self.rank = (self.n_groups - 1 - group).cpu().numpy()  # tie block, most confident 0
+            self.wrong = (~correct).double().cpu().numpy()
+            self.harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, self.n + 1))])
         elif name == "adaptive_ece":
             group, counts = conf_groups(conf)
             self.n_groups = int(counts.shape[0])
@@ -100,6 +106,8 @@ class _FastMetric:
             return self.values[idx].mean(axis=1)
         if self.name == "adaptive_ece":
             return self._adaptive(idx)
+        if self.name in ("aurc", "excess_aurc"):
+            return self._aurc(idx)
         r, b = idx.shape[0], self.n_bins
         key = self.code[idx]
         key += (np.arange(r, dtype=np.int64) * (2 * b))[:, None]
@@ -115,6 +123,30 @@ class _FastMetric:
             norm = {"ece": "l1", "mce": "max", "ece_l2": "l2"}[self.name]
             out = ce_from_sums(count, s_conf, s_hit, norm)
         return out.numpy()
+
+    def _aurc(self, idx: np.ndarray) -> np.ndarray:
+        """AURC with ties averaged (``quantcal.calibration.selective.aurc``) of every resample.
+
+        A resample repeats samples, and repeats are ties, so it is the full data's tie blocks
+        with counts ``w_b`` and errors ``e_b``: with ``C_b`` samples up to block b and ``E_b``
+        errors, block b adds ``Σ_{k=C_{b-1}+1}^{C_b} (E_{b-1} + e_b (k - C_{b-1}) / w_b) / k
+        = E_{b-1} ΔH + (e_b / w_b)(w_b - C_{b-1} ΔH)``, ``ΔH = H(C_b) - H(C_{b-1})`` from
+        harmonic numbers. ``excess_aurc`` subtracts the perfect ranking's
+        ``((N - R) - R (H(N) - H(R))) / N`` with R right predictions in the resample."""
+        r, g, n = idx.shape[0], self.n_groups, self.n
+        key = (self.rank[idx] + (np.arange(r, dtype=np.int64) * g)[:, None]).ravel()
+        w = np.bincount(key, minlength=r * g).reshape(r, g).astype(np.float64)
+        e = np.bincount(key, weights=self.wrong[idx].ravel(), minlength=r * g).reshape(r, g)
+        upto = np.cumsum(w, axis=1)
+        before = upto - w
+        errors_before = np.cumsum(e, axis=1) - e
+        dh = self.harmonic[upto.astype(np.int64)] - self.harmonic[before.astype(np.int64)]
+        frac = np.divide(e, w, out=np.zeros_like(e), where=w > 0)
+        out = (errors_before * dh + frac * (w - before * dh)).sum(axis=1) / n
+        if self.name == "excess_aurc":
+            right = np.rint(n - e.sum(axis=1)).astype(np.int64)
+            out -= ((n - right) - right * (self.harmonic[n] - self.harmonic[right])) / n
+        return out
 
     def _adaptive(self, idx: np.ndarray) -> np.ndarray:
         r, g, b = idx.shape[0], self.n_groups, self.n_bins
@@ -134,10 +166,12 @@ class _FastMetric:
 _FAST_NAMES = (
     "accuracy",
     "adaptive_ece",
+    "aurc",
     "brier",
     "debiased_ece",
     "ece",
     "ece_l2",
+    "excess_aurc",
     "mce",
     "mean_confidence",
     "nll",
