@@ -19,6 +19,13 @@ STAMP  := $(VENV)/.quantcal-installed
 TIMM_VENV  ?= .venv-timm
 TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
+# imagecorruptions (the reference of tests/test_corruptions.py and bench/bench_corruptions.py)
+# pulls OpenCV and scikit-image and needs pkg_resources (setuptools < 81), so it lives in a venv
+# of its own: `make test-corruptions` builds it and runs that test file there (the main suite
+# skips the comparisons when imagecorruptions is absent).
+CORRUPT_VENV ?= .venv-corrupt
+.PHONY: test-corruptions
+
 .PHONY: run test test-timm screenshots setup lint clean-venv ddp-soak mutation
 
 $(STAMP): pyproject.toml
@@ -43,6 +50,16 @@ $(TIMM_VENV)/.quantcal-installed: pyproject.toml
 
 test-timm: $(TIMM_VENV)/.quantcal-installed
 	$(TIMM_VENV)/bin/python -m pytest tests/test_timm.py $(ARGS)
+
+$(CORRUPT_VENV)/.quantcal-installed: pyproject.toml
+	test -x $(CORRUPT_VENV)/bin/python || $(PYTHON) -m venv $(CORRUPT_VENV)
+	echo '*' > $(CORRUPT_VENV)/.gitignore
+	if [ "$(TORCH)" != "skip" ]; then $(CORRUPT_VENV)/bin/python -m pip install --quiet $(TORCH); fi
+	$(CORRUPT_VENV)/bin/python -m pip install --quiet -e ".[dev]" imagecorruptions "setuptools<81"
+	touch $@
+
+test-corruptions: $(CORRUPT_VENV)/.quantcal-installed
+	$(CORRUPT_VENV)/bin/python -m pytest tests/test_corruptions.py $(ARGS)
 
 # README images of the demo report (after `make run`; needs Debian's chromium).
 screenshots: $(STAMP)
