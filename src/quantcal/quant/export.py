@@ -14,6 +14,13 @@ How: each quantized layer is swapped for a wrapper whose forward uses the
 ``torch.fake_quantize_per_tensor_affine`` / ``per_channel_affine`` ops, which both torch ONNX
 exporters translate into Q/DQ pairs; the weight's ``QuantizeLinear`` (constant input) is then
 folded into an int8 initializer with quantcal's own rounding, so the file holds integers.
+The graph passes live in ``quant.export_graph``: a Linear on (B, N, C) tokens (ViT, Swin,
+MLP-Mixer) is written ``MatMul`` + ``Add`` and its bias becomes int32 on the ``Add`` (kept as the
+exporter wrote it rather than reshaped into a ``Gemm``: no shape arithmetic for the dynamic batch,
+nothing between the dequantizers and the product, and the bias is the same exact grid value), and
+the final check matches every quantized layer by value to a product of the graph with its int8
+weights, scales, input grid and int32 bias, following the constants exporters merge (``Identity``
+nodes, one shared weight dequantizer) instead of counting nodes.
 
 Exporter choice: ``exporter="auto"`` uses the TorchScript exporter (``dynamo=False``) when torch
 still has it, else the ``torch.export``-based one. Reasons: the model is already a static fx graph,
@@ -40,6 +47,12 @@ from torch import nn
 
 from quantcal._io import atomic_write_bytes
 from quantcal.quant.apply import QuantizedLayer, quantized_layers
+from quantcal.quant.export_graph import (
+    QuantizedProduct,
+    fold_weight_quantizers,
+    quantize_bias_initializers,
+    quantized_products,
+)
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -63,17 +76,35 @@ class _QDQLayer(nn.Module):
     the weight's QuantizeLinear is folded into an int8 initializer afterwards.
     ``decomposed=True`` (dynamo exporter, whose tracer has no fake-tensor rule for the fake-quant
     ops): ``quantized_decomposed`` quantize/dequantize ops with the int8 weight as a buffer.
+
+    A forward that reads the layer's attributes keeps working: ``weight`` and ``bias`` are the
+    layer's (timm's ``PositionalEncodingFourier`` reads ``token_projection.weight.device``), and
+    the layer's child modules are the wrapper's too (``to_deploy`` makes a functional conv with
+    ``self.conv.weight`` the module ``conv.conv``, which the graph calls by that path).
     """
 
     def __init__(self, layer: QuantizedLayer, decomposed: bool) -> None:
         super().__init__()
         self.layer = layer
         self.decomposed = decomposed
+        for name, child in layer.named_children():  # wrapped in turn by ``_with_qdq_layers``
+            if not hasattr(self, name):
+                self.add_module(name, child)
         if decomposed:  # the layer's stored integers, as they are
             self.register_buffer("weight_int8", layer.weight_int.to(torch.int8))
             q = self.weight_int8
             zero = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
             self.register_buffer("weight_zero_point", zero)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's dequantized weight, for forwards that read ``conv.weight``."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (the float value its integer bias encodes), or None."""
+        return self.layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -132,6 +163,8 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
 
 
 def _with_qdq_layers(qmodel: nn.Module, names: list[str], decomposed: bool) -> nn.Module:
+    """A CPU copy of ``qmodel`` with the layers ``names`` (in module order: a layer before the
+    layers inside it) replaced by ``_QDQLayer`` wrappers."""
     model = copy.deepcopy(qmodel).cpu().eval()
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
@@ -142,8 +175,9 @@ def _with_qdq_layers(qmodel: nn.Module, names: list[str], decomposed: bool) -> n
 
 def _export_bytes(
     qmodel: nn.Module, names: list[str], example: torch.Tensor, exporter: str
-) -> bytes:
-    """The ONNX bytes of ``qmodel`` with a dynamic batch axis, by the chosen torch exporter."""
+) -> tuple[bytes, str]:
+    """The ONNX bytes of ``qmodel`` with a dynamic batch axis, by the chosen torch exporter, and
+    that exporter's name ("torchscript" or "dynamo")."""
     if exporter == "auto":
         try:
             return _export_bytes(qmodel, names, example, "torchscript")
@@ -169,7 +203,7 @@ def _export_bytes(
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )
-            return buf.getvalue()
+            return buf.getvalue(), exporter
         importlib.import_module("torch.ao.quantization.fx._decomposed")  # quantized_decomposed ops
 
         batch = torch.export.Dim("batch", min=1)
@@ -182,157 +216,49 @@ def _export_bytes(
             output_names=["output"],
             verbose=False,
         )
-        return program.model_proto.SerializeToString()
+        return program.model_proto.SerializeToString(), exporter
 
 
-def _constant_arrays(graph: Any, numpy_helper: Any) -> dict[str, np.ndarray]:
-    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return arrays
-
-
-def _fold_weight_quantizers(model: Any) -> int:
-    """Replace ``QuantizeLinear(constant weight)`` by an int8 initializer; returns the count.
-
-    Integers are ``clamp(round_half_even(W * float32(1 / s_c)), -128, 127)``, quantcal's own
-    arithmetic (``primitives.quantize_per_channel``), so runtime and simulation share weights.
-    """
-    numpy_helper = _require("onnx").numpy_helper
-    graph = model.graph
-    consts = _constant_arrays(graph, numpy_helper)
-    init_names = {init.name for init in graph.initializer}
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] not in init_names:
-            continue
-        if len(node.input) < 3 or node.input[1] not in consts or node.input[2] not in consts:
-            continue
-        w = consts[node.input[0]].astype(np.float32)
-        scale = consts[node.input[1]].astype(np.float32)
-        zero = consts[node.input[2]]
-        if zero.dtype != np.int8 or np.any(zero != 0):
-            continue  # not a symmetric weight quantizer
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * w.ndim
-        if scale.ndim:
-            shape[axis % w.ndim] = -1
-        inv = (np.float32(1.0) / scale).reshape(shape).astype(np.float32)
-        q = np.clip(np.rint(w * inv), -128, 127).astype(np.int8)
-        name = f"{node.input[0]}_int8"
-        graph.initializer.append(numpy_helper.from_array(q, name=name))
-        for other in graph.node:
-            for i, inp in enumerate(other.input):
-                if inp == node.output[0]:
-                    other.input[i] = name
-        graph.node.remove(node)
-        folded += 1
-    _drop_unused_initializers(graph)
-    return folded
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {inp for n in graph.node for inp in n.input} | {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _producers(graph: Any) -> dict[str, Any]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _quantize_bias_initializers(model: Any) -> int:
-    """Store each quantized Conv/Gemm bias as an int32 initializer behind a per-axis
-    ``DequantizeLinear`` with scale ``float32(s_x) * s_w[c]`` (the QDQ form of integer biases);
-    returns the count.
-
-    A layer qualifies when its input and weight come from ``DequantizeLinear`` nodes with
-    constant scales and its float bias lies exactly on that grid (``QuantConfig.bias_bits=32``:
-    ``float32(q) * s == b``); a float bias that does not (``bias_bits=None``) is left alone.
-    """
-    onnx = _require("onnx")
-    numpy_helper = onnx.numpy_helper
-    graph = model.graph
-    consts = _constant_arrays(graph, numpy_helper)
-    inits = {init.name: init for init in graph.initializer}
-    producers = _producers(graph)
-    done = 0
-    for node in list(graph.node):
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
-            continue
-        x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
-        # The exporter may merge equal constants (e.g. two all-zero biases) into one initializer
-        # read through Identity nodes: follow them to the initializer.
-        bias_name = node.input[2]
-        seen = 0
-        while bias_name not in inits and seen < 8:
-            p = producers.get(bias_name)
-            if p is None or p.op_type != "Identity":
-                break
-            bias_name, seen = p.input[0], seen + 1
-        if bias_name not in inits or x_dq is None or w_dq is None:
-            continue
-        if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue
-        if x_dq.input[1] not in consts or w_dq.input[1] not in consts:
-            continue
-        bias = numpy_helper.to_array(inits[bias_name])
-        if bias.dtype != np.float32 or bias.ndim != 1:
-            continue
-        x_scale = np.float32(consts[x_dq.input[1]].reshape(()))
-        w_scale = consts[w_dq.input[1]].astype(np.float32).reshape(-1)
-        if w_scale.size == 1:
-            w_scale = np.repeat(w_scale, bias.size)
-        if w_scale.shape != bias.shape:
-            continue
-        scale = (x_scale * w_scale).astype(np.float32)
-        q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
-        if np.abs(q).max(initial=0) > 2**31 - 1:
-            continue
-        if not np.array_equal(q.astype(np.float32) * scale, bias):
-            continue  # a float bias off the grid: bias_bits=None
-        stem = f"{bias_name}_int32_{done}"  # one per layer: a merged bias has several scales
-        graph.initializer.append(numpy_helper.from_array(q.astype(np.int32), name=stem))
-        graph.initializer.append(numpy_helper.from_array(scale, name=f"{stem}_scale"))
-        graph.initializer.append(
-            numpy_helper.from_array(np.zeros(bias.shape, np.int32), name=f"{stem}_zero_point")
-        )
-        dq = onnx.helper.make_node(
-            "DequantizeLinear",
-            [stem, f"{stem}_scale", f"{stem}_zero_point"],
-            [f"{stem}_dequantized"],
-            name=f"{stem}_DequantizeLinear",
-            axis=0,
-        )
-        graph.node.insert(list(graph.node).index(node), dq)
-        node.input[2] = f"{stem}_dequantized"
-        done += 1
-    _drop_unused_initializers(graph)
-    return done
-
-
-def _count_int8_weight_dequantizers(model: Any) -> int:
-    int8 = {i.name for i in model.graph.initializer if i.data_type == 3}  # TensorProto.INT8
-    return sum(n.op_type == "DequantizeLinear" and n.input[0] in int8 for n in model.graph.node)
-
-
-def _check_stored_weights(model: Any, layers: list[QuantizedLayer]) -> None:
-    """Every layer's stored integer weights are one of the graph's int8 weight initializers,
-    exactly (what was measured is what was written)."""
-    numpy_helper = _require("onnx").numpy_helper
-    written: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for init in model.graph.initializer:
-        if init.data_type == 3:  # INT8
-            arr = numpy_helper.to_array(init)
-            written.setdefault(tuple(arr.shape), []).append(arr)
-    for i, layer in enumerate(layers):
+def _check_layers_written(
+    products: list[QuantizedProduct], layers: list[tuple[str, QuantizedLayer]], exporter: str
+) -> None:
+    """Every quantized layer is computed by a product of the graph with exactly its stored int8
+    weights, per-channel scales and input grid, and with its int32 bias where it has a nonzero
+    one (what was measured is what was written). Layers are matched by value, so products that
+    share merged constants or one merged weight dequantizer are recognised."""
+    for name, layer in layers:
         q = layer.weight_int.detach().cpu().numpy().astype(np.int8)
-        if not any(np.array_equal(q, w) for w in written.get(tuple(q.shape), [])):
+        scale = layer.weight_scale.detach().cpu().numpy().astype(np.float32)
+        x_scale = np.float32(layer.act_scale_float)
+        x_zero = layer.act_zero_point_int - 128  # the uint8 grid stored as int8
+        matches = [
+            p
+            for p in products
+            if p.weight.dtype == np.int8
+            and p.weight.shape == q.shape
+            and p.weight_axis == 0
+            and np.array_equal(p.weight, q)
+            and np.array_equal(np.broadcast_to(p.weight_scale, scale.shape), scale)
+            and p.x_scale == x_scale
+            and p.x_zero_point == x_zero
+        ]
+        what = f"quantized layer {name!r} ({layer.kind}, weight {tuple(q.shape)})"
+        if not matches:
             raise RuntimeError(
-                f"quantized layer {i} ({layer.kind}, weight {tuple(q.shape)}): its stored integer "
-                "weights are not in the ONNX graph; the export would not be the measured model"
+                f"{what}: no Conv/Gemm/MatMul of the ONNX graph reads its stored int8 weights, "
+                "per-channel scales and input grid, so the file would not be the measured model; "
+                f"the {exporter} exporter wrote a form export_onnx does not recognise"
+            )
+        if layer.bias_bits != 32 or layer.bias is None or not bool(layer.bias.any()):
+            continue  # a float bias, or an all-zero one an exporter may drop (adding 0 is exact)
+        bias_int = layer.bias_int.detach().cpu().numpy()
+        if not any(
+            p.bias_int is not None and np.array_equal(p.bias_int, bias_int) for p in matches
+        ):
+            raise RuntimeError(
+                f"{what}: its int32 bias is not in the ONNX graph on the accumulator grid "
+                f"s_x * s_w[c]; the {exporter} exporter wrote the bias in a form export_onnx "
+                "does not recognise"
             )
 
 
@@ -355,33 +281,13 @@ def export_onnx(
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
     if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
         raise TypeError("example_input must be a float tensor batch, e.g. one batch of test images")
-    names = [name for name, _ in _check_exportable(qmodel)]
-    data = _export_bytes(qmodel, names, example_input.detach().cpu().contiguous(), exporter)
+    layers = _check_exportable(qmodel)
+    names = [name for name, _ in layers]
+    data, used = _export_bytes(qmodel, names, example_input.detach().cpu().contiguous(), exporter)
     proto = onnx.load_from_string(data)
-    _fold_weight_quantizers(proto)
-    int32_biases = _quantize_bias_initializers(proto)
-    with_bias = [
-        layer
-        for _, layer in quantized_layers(qmodel)
-        if layer.bias is not None and layer.bias_bits == 32
-    ]
-    expected_biases = len(with_bias)
-    # an exporter may drop an all-zero bias (adding nothing is exact): fewer int32 biases then
-    zero = sum(not bool(layer.bias.any()) for layer in with_bias)
-    if not expected_biases - zero <= int32_biases <= expected_biases:
-        raise RuntimeError(
-            f"the ONNX graph has {int32_biases} int32 biases for {expected_biases} quantized "
-            "layers with int32 biases; the exporter's graph changed (try exporter='torchscript' "
-            "or exporter='dynamo')"
-        )
-    int8_weights = _count_int8_weight_dequantizers(proto)
-    if int8_weights != len(names):
-        raise RuntimeError(
-            f"the ONNX graph has {int8_weights} int8 weight DequantizeLinear nodes for "
-            f"{len(names)} quantized layers; the exporter's Q/DQ translation changed "
-            "(try exporter='torchscript' or exporter='dynamo')"
-        )
-    _check_stored_weights(proto, [layer for _, layer in quantized_layers(qmodel)])
+    fold_weight_quantizers(proto)
+    quantize_bias_initializers(proto)
+    _check_layers_written(quantized_products(proto.graph), layers, used)
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 
