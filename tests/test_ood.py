@@ -110,3 +110,34 @@ def test_an_image_does_not_depend_on_the_others(digits_test):
         )
     with pytest.raises(ValueError, match="built-in sets are gaussian_noise, uniform_noise"):
         synthetic_ood("fog", digits_test)
+
+
+def test_ood_auroc_contrast_equals_a_loop_over_the_same_resamples():
+    import numpy as np
+
+    from quantcal.calibration import ood as ood_mod
+
+    g = torch.Generator().manual_seed(3)
+    known = torch.randn(60, 4, generator=g) * 3
+    unknown = (torch.randn(40, 4, generator=g)).round()  # ties among the unknown scores
+    other = known / 2
+    est, lo, hi = ood_mod.ood_auroc_contrast(
+        [(known, unknown), (other, unknown)], [1, -1], "energy", n_resamples=40, seed=5
+    )
+    rng = np.random.default_rng(5)
+    ik, iu = rng.integers(0, 60, size=(40, 60)), rng.integers(0, 40, size=(40, 40))
+    loop = [
+        ood_mod.ood_auroc(known[a], unknown[b], "energy")
+        - ood_mod.ood_auroc(other[a], unknown[b], "energy")
+        for a, b in zip(ik, iu)
+    ]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])), abs=1e-12)
+    assert est == pytest.approx(
+        ood_mod.ood_auroc(known, unknown, "energy") - ood_mod.ood_auroc(other, unknown, "energy")
+    )
+    same = ood_mod.ood_auroc_contrast([(known, unknown)] * 2, [1, -1], n_resamples=20)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        ood_mod.ood_auroc_contrast([(known, unknown), (known[:10], unknown)], [1, -1])
+    with pytest.raises(ValueError, match="one weight per pair"):
+        ood_mod.ood_auroc_contrast([(known, unknown)], [1, -1])

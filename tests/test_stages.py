@@ -89,7 +89,7 @@ def test_the_listed_stages_read_only_stages_listed_before_them():
         assert stage.scope in ("group", "cell")
         if stage.scope == "group":  # a group stage cannot read a cell's output
             assert all(s.scope == "group" for s in STAGES if s.name in stage.reads)
-    assert [s.name for s in STAGES if s.eager] == ["train", "logits", "rows", "attribution"]
+    assert [s.name for s in STAGES if s.eager] == ["train", "logits", "rows", "attribution", "ood"]
 
 
 class Probe(Stage):

@@ -164,8 +164,10 @@ def report_failed_attributions(failed: list[dict]) -> int:
     """Name each failed per-layer attribution on stderr; 1 when there is any, else 0."""
     for r in failed:
         print(
-            f"quantcal: the attribution of {r['dataset']} / {r['arch']}@{float(r['width']):g} "
-            f"{r['precision']} failed: {r['error']} (re-running retries it)",
+            f"quantcal: the {r.get('what', 'attribution')} of {r['dataset']} / "
+            f"{r['arch']}@{float(r['width']):g} {r['precision']}"
+            + (f" on {r['ood_set']}" if r.get("ood_set") else "")
+            + f" failed: {r['error']} (re-running retries it)",
             file=sys.stderr,
         )
     return 1 if failed else 0
@@ -179,7 +181,10 @@ def finish(out: Path, t0: float, quiet: bool) -> int:
     if not (out / "results.csv").exists():
         print(f"partial run in {out}: other shards still have cells to compute")
         return report_failures(study.failed_rows(out), out)
-    rows = report.load_rows(out)
+    from quantcal.findings.rows import clean_rows
+
+    every = report.load_rows(out, shifted=True)
+    rows = clean_rows(every)
     if not quiet:
         from quantcal.findings.verdicts import verdict_table
 
@@ -191,5 +196,5 @@ def finish(out: Path, t0: float, quiet: bool) -> int:
             print(table)
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.perf_counter() - t0:.0f} s)")
     report_notes(rows)
-    code = report_failures([r for r in rows if r.get("status") != "ok"], out, len(rows))
+    code = report_failures([r for r in every if r.get("status") != "ok"], out, len(every))
     return report_failed_attributions(study.failed_attributions(out)) or code

@@ -20,10 +20,11 @@ __all__ = ["compare_runs", "format_comparison"]
 
 
 def _identity() -> tuple[str, ...]:
-    """The leading columns of results.csv that name a cell and its recalibrator."""
+    """The leading columns of results.csv that name a cell and its recalibrator (clean test:
+    the compared logits are the cells' clean test logits, so ``shift`` is not among them)."""
     from quantcal.findings.rows import RESULT_COLUMNS
 
-    return RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1]
+    return tuple(c for c in RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1] if c != "shift")
 
 
 METRICS = ("ece", "accuracy", "nll", "brier")

@@ -17,18 +17,22 @@ __all__ = [
     "RESULT_COLUMNS",
     "Estimate",
     "aggregate",
+    "clean_rows",
     "dataset_label",
     "groups",
+    "is_clean",
     "main_rows",
     "model_label",
     "ok",
     "pct",
     "pick",
     "prec_key",
+    "shifted_rows",
 ]
 
 #: Columns of results.csv, in order (one row per dataset, arch, width, training objective, seed,
-#: precision, observer, quantization method, range-calibration sample and recalibration method).
+#: precision, observer, quantization method, range-calibration sample, test shift ("clean" or a
+#: corruption "name:severity") and recalibration method).
 RESULT_COLUMNS = (
     "dataset",
     "arch",
@@ -39,6 +43,7 @@ RESULT_COLUMNS = (
     "observer",
     "method",
     "ptq_sample",
+    "shift",
     "recal",
     "recal_fit",
     "status",
@@ -66,6 +71,27 @@ RESULT_COLUMNS = (
     "ece_diff_vs_none",
     "ece_diff_vs_none_lo",
     "ece_diff_vs_none_hi",
+    "aurc",
+    "aurc_lo",
+    "aurc_hi",
+    "excess_aurc",
+    "excess_aurc_diff_vs_fp32",
+    "excess_aurc_diff_vs_fp32_lo",
+    "excess_aurc_diff_vs_fp32_hi",
+    "failure_auroc",
+    "failure_fpr95",
+    "threshold_outcome",
+    "threshold",
+    "threshold_risk",
+    "threshold_coverage",
+    "threshold_reset_risk",
+    "threshold_reset_coverage",
+    "ece_shift_interaction",
+    "ece_shift_interaction_lo",
+    "ece_shift_interaction_hi",
+    "aurc_shift_interaction",
+    "aurc_shift_interaction_lo",
+    "aurc_shift_interaction_hi",
     "params",
     "macs",
     "weight_bytes",
@@ -99,6 +125,22 @@ def prec_key(p: str) -> tuple:
 def ok(rows: Iterable[dict]) -> list[dict]:
     """The rows whose cell computed."""
     return [r for r in rows if r.get("status") == "ok"]
+
+
+def is_clean(r: dict) -> bool:
+    """Whether a row was scored on the clean test split (a results.csv from before the
+    ``shift`` column has only such rows)."""
+    return (r.get("shift") or "clean") == "clean"
+
+
+def clean_rows(rows: Iterable[dict]) -> list[dict]:
+    """The rows scored on the clean test split."""
+    return [r for r in rows if is_clean(r)]
+
+
+def shifted_rows(rows: Iterable[dict]) -> list[dict]:
+    """The rows scored on a corrupted copy of test (``shift`` = "name:severity")."""
+    return [r for r in rows if not is_clean(r)]
 
 
 def main_rows(rows: list[dict]) -> list[dict]:

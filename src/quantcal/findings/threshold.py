@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from quantcal.calibration.checks import ArrayLike
 from quantcal.calibration.selective import accepted_risk, threshold_for_risk
 
-__all__ = ["OUTCOMES", "ThresholdTransfer", "threshold_transfer"]
+__all__ = ["OUTCOMES", "ThresholdTransfer", "judge", "threshold_transfer"]
 
 HOLDS, RESET, UNREACHABLE = "threshold holds", "re-set the threshold", "target risk unreachable"
 #: The outcomes, from the best.
@@ -49,6 +49,22 @@ def _within(pair: tuple[float, float], target: float) -> bool:
     return coverage > 0 and not math.isnan(risk) and risk <= target + 1e-12
 
 
+def judge(
+    kept: tuple[float, float],
+    reset_threshold: float,
+    reset: tuple[float, float],
+    target_risk: float,
+) -> str:
+    """The outcome: ``kept`` is (risk, coverage) on test of the fp32 threshold, ``reset`` that
+    of the threshold re-set on the quantized model's own validation logits
+    (``reset_threshold``, ``inf`` when none reaches the target there)."""
+    if _within(kept, target_risk):
+        return HOLDS
+    if math.isfinite(reset_threshold) and _within(reset, target_risk):
+        return RESET
+    return UNREACHABLE
+
+
 def threshold_transfer(
     fp32_val: tuple[ArrayLike, ArrayLike],
     quant_val: tuple[ArrayLike, ArrayLike],
@@ -65,10 +81,5 @@ def threshold_transfer(
     )
     t_own = threshold_for_risk(*quant_val, risk=target_risk)
     reset = accepted_risk(*quant_test, t_own)
-    if _within(as_is, target_risk):
-        outcome = HOLDS
-    elif math.isfinite(t_own) and _within(reset, target_risk):
-        outcome = RESET
-    else:
-        outcome = UNREACHABLE
+    outcome = judge(as_is, t_own, reset, target_risk)
     return ThresholdTransfer(target_risk, t, as_is, recal, t_own, reset, outcome)

@@ -5,7 +5,7 @@ every cell (:func:`verdicts`) with the reason in words."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantcal.calibration import recal as _recal
 from quantcal.findings.rows import Estimate, aggregate, groups, main_rows, pick, prec_key
@@ -457,5 +457,14 @@ def verdicts(rows: list[dict], budget: Budget | None = None) -> list[Verdict]:
         for p in sorted({r["precision"] for r in rs} - {"fp32"}, key=prec_key):
             v = _judge(ds, model, p, pick(rs, precision=p), ref, budget)
             if v is not None:
-                out.append(v)
+                deployed = v.recal if v.outcome in (SAFE_AFTER_RECAL, LIKE_FP32_RECAL) else "none"
+                out.append(replace(v, threshold=_threshold(pick(rs, precision=p, recal=deployed))))
     return out
+
+
+def _threshold(rows: list[dict]) -> str:
+    """The worst threshold-transfer outcome over the rows' seeds ("" when none measured)."""
+    from quantcal.findings.threshold import OUTCOMES
+
+    seen = [r.get("threshold_outcome") for r in rows if r.get("threshold_outcome") in OUTCOMES]
+    return max(seen, key=OUTCOMES.index) if seen else ""

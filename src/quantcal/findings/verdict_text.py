@@ -40,7 +40,8 @@ def verdict_table(rows: list[dict], budget: Budget | None = None) -> str:
             else ""
         )
         mark = " ≈" if v.borderline else ""
-        lines.append(f"  {labels[v.model]:<{mw}} {v.precision:<{pw}} {v.outcome}{how}{mark}")
+        gate = f"; abstention: {v.threshold}" if v.threshold else ""
+        lines.append(f"  {labels[v.model]:<{mw}} {v.precision:<{pw}} {v.outcome}{how}{mark}{gate}")
     lines.extend(f"  {s}" for s in summary(rows, budget))
     return "\n".join(lines)
 

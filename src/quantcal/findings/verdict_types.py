@@ -123,6 +123,10 @@ class Verdict:
     recal_accuracy: Estimate = NONE
     basis: str = ""
     notes: tuple[str, ...] = ()
+    #: The fp32 abstention threshold on this cell as deployed (as is, or with the repairing
+    #: recalibrator): "threshold holds", "re-set the threshold", "target risk unreachable"
+    #: (:mod:`quantcal.findings.threshold`; the worst over seeds), or "" when not measured.
+    threshold: str = ""
 
     @property
     def safe(self) -> bool:

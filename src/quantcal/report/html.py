@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from quantcal._io import atomic_write_bytes, atomic_write_text
-from quantcal.findings.rows import dataset_label, groups, main_rows, ok
+from quantcal.findings.rows import clean_rows, dataset_label, groups, main_rows, ok
 from quantcal.report.claims import findings, untested_claims
 from quantcal.report.configuration import config_section, parse_config
+from quantcal.report.decisions import decisions_section
 from quantcal.report.figures import (
     fig_acc_vs_ece,
     fig_layers,
@@ -64,6 +65,8 @@ _TEXT_COLUMNS = {
     "method",
     "recal",
     "recal_fit",
+    "shift",
+    "threshold_outcome",
     "status",
     "error",
     "notes",
@@ -95,7 +98,10 @@ def check_results_columns(path: str | Path) -> None:
             header = next(csv.reader(fh), [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path} cannot be read as a CSV file ({exc})") from None
-    need = [*RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1], "status"]
+    need = [
+        *(c for c in RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1] if c != "shift"),
+        "status",
+    ]  # a results.csv from before the shift axis is all clean
     missing = [c for c in need if c not in header]
     if missing:
         raise ValueError(
@@ -104,8 +110,10 @@ def check_results_columns(path: str | Path) -> None:
         )
 
 
-def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """results.csv as dicts, numeric columns as float (None where empty)."""
+def load_rows(run_dir: str | Path, *, shifted: bool = False) -> list[dict[str, Any]]:
+    """results.csv as dicts, numeric columns as float (None where empty): the rows scored on
+    the clean test split, and with ``shifted`` those on its corrupted copies too (the ``shift``
+    column; every table, verdict and claim of the clean study reads the clean rows)."""
     path = Path(run_dir) / "results.csv"
     if not path.exists():
         raise FileNotFoundError(
@@ -118,7 +126,7 @@ def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     for r in rows:
         for k in r.keys() - _TEXT_COLUMNS:
             r[k] = _num(r[k])
-    return rows
+    return rows if shifted else clean_rows(rows)
 
 
 _ok = ok
@@ -184,7 +192,8 @@ def _figure_name(kind: str, dataset: str, model: str) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``figures/*.png`` and a self-contained ``report.html``; returns the HTML path."""
     run = Path(run_dir)
-    rows = load_rows(run)
+    every = load_rows(run, shifted=True)
+    rows = clean_rows(every)
     details_path = run / "details.json"
     details = json.loads(details_path.read_text()) if details_path.exists() else {}
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
@@ -255,7 +264,7 @@ def write_report(run_dir: str | Path) -> Path:
         key_table(rows) if ok else "<p>No successful cells.</p>",
         "<h2>Findings</h2>",
     ]
-    found = findings(rows, details) if ok else []
+    found = findings(every, details) if ok else []
     if any(f.get("source", "quantcal") != "quantcal" for f in found):
         parts.append(
             "<p class='muted'>Each claim is tested on this run's numbers; those of the paper "
@@ -295,6 +304,16 @@ def write_report(run_dir: str | Path) -> Path:
         if plans_html:
             parts.append(plans_html)
             for name, _, png in plan_figs:
+                atomic_write_bytes(run / "figures" / f"{name}.png", png)
+        target = parse_config(config_text).get("metrics", {}).get("target_risk")
+        decisions_html, decision_figs = decisions_section(every, details, target)
+        for stale in (run / "figures").glob("risk_coverage_*.png"):
+            stale.unlink()
+        for stale in (run / "figures").glob("severity_*.png"):
+            stale.unlink()
+        if decisions_html:
+            parts.append(decisions_html)
+            for name, _, png in decision_figs:
                 atomic_write_bytes(run / "figures" / f"{name}.png", png)
         for section in (repair_section, ablation_section, attribution_section):
             section_html, section_figs = section(details)

@@ -106,7 +106,8 @@ def verdict_section(rows: list[dict], budget) -> str:
             f"<td class='text verdict'><span class='badge {cls}'>{label}</span>{near}{after}</td>"
             f"<td>{_estimate_html(v.accuracy, v.fp32_accuracy)}</td>"
             f"<td>{_estimate_html(v.ece, v.fp32_ece)}</td>"
-            f"<td>{best}</td><td class='text why'>{html.escape(v.reason)}</td></tr>"
+            f"<td>{best}</td><td class='text'>{html.escape(v.threshold or '–')}</td>"
+            f"<td class='text why'>{html.escape(v.reason)}</td></tr>"
         )
     head = "".join(
         f"<th>{h}</th>"
@@ -117,6 +118,7 @@ def verdict_section(rows: list[dict], budget) -> str:
             "accuracy %",
             "ECE % as is",
             "best recalibrator: ECE %",
+            "fp32's abstention threshold",
             "why",
         )
     )
@@ -135,5 +137,9 @@ def verdict_section(rows: list[dict], budget) -> str:
         "than the budget, or whose fit raised the held-out ECE, is no repair. Point estimates "
         "decide; hover a number for its 95 % interval (the key numbers below list them); ≈ "
         "marks a verdict whose deciding interval crosses its line: the paired ΔECE vs fp32 "
-        "where the rows have it (hover ≈ to see which).</p>"
+        "where the rows have it (hover ≈ to see which). The abstention column carries a "
+        "threshold set on the fp32 model's validation confidence for the study's target risk "
+        "(metrics.target_risk) to this cell as deployed: it holds, must be re-set on the "
+        "cell's own validation images, or no threshold reaches the target (the decisions "
+        "section has the numbers).</p>"
     )

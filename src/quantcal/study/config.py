@@ -27,7 +27,9 @@ from quantcal.study.config_checks import (
     check_attribution,
     check_datasets,
     check_method_options,
+    check_ood,
     check_plans,
+    check_shifts,
     objectives_axis,
     tuple_of,
 )
@@ -116,6 +118,11 @@ class StudyConfig:
     std: tuple[float, ...] | None = None
     #: The model's own preprocessing (``module:function``) in place of mean/std, or None.
     transform: str | None = None
+    #: Corrupted copies of test (``"name:severity"``, :mod:`quantcal.training.corruptions`):
+    #: each cell is also scored on each, recalibrated on clean validation images.
+    shifts: tuple[str, ...] = ()
+    #: Unknown-input sets (``"synthetic:NAME"`` or ``"npz:PATH"``) scored per cell.
+    ood: tuple[str, ...] = ()
     train: Mapping[str, Any] = field(default_factory=dict)
     precisions: tuple[str, ...] = ("fp32", "W8A8", "W4A8", "W4A4")
     observers: tuple[str, ...] = ("minmax",)
@@ -144,6 +151,8 @@ class StudyConfig:
     n_bins: int = 15
     bootstrap: int = 1000
     level: float = 0.95
+    #: The abstention threshold's target: error rate among accepted images (threshold transfer).
+    target_risk: float = 0.05
     eval_batch_size: int = 512
     #: The verdicts' budget: accuracy lost and ECE gained vs fp32 that a deployer accepts.
     max_accuracy_drop: float = 0.01
@@ -286,6 +295,19 @@ class StudyConfig:
                     f"isa must be one of {', '.join(ISAS)} (or absent: the CPU's best), got "
                     f"{self.isa!r}"
                 )
+        set_("shifts", check_shifts(self.shifts))
+        set_("ood", check_ood(self.ood))
+        if (
+            isinstance(self.target_risk, bool)
+            or not isinstance(self.target_risk, (int, float))
+            or not 0.0 < self.target_risk < 1.0
+        ):
+            raise ValueError(
+                "metrics.target_risk must be a number in (0, 1), the error rate among accepted "
+                f"images that the abstention threshold aims at (0.05 = 5 %), got "
+                f"{self.target_risk!r}"
+            )
+        set_("target_risk", float(self.target_risk))
         if not (0.0 < float(self.level) < 1.0):
             raise ValueError(f"metrics.level must lie in (0, 1), got {self.level!r}")
         for name in ("max_accuracy_drop", "max_ece_rise", "max_ece"):
@@ -358,6 +380,8 @@ class StudyConfig:
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std),
                 "transform": self.transform,
+                **({"shifts": list(self.shifts)} if self.shifts else {}),
+                **({"ood": list(self.ood)} if self.ood else {}),
             },
             "model": [
                 {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
@@ -394,6 +418,7 @@ class StudyConfig:
                 "n_bins": self.n_bins,
                 "bootstrap": self.bootstrap,
                 "level": self.level,
+                "target_risk": self.target_risk,
                 "eval_batch_size": self.eval_batch_size,
             },
             "report": {

@@ -18,7 +18,9 @@ __all__ = [
     "check_attribution",
     "check_datasets",
     "check_method_options",
+    "check_ood",
     "check_plans",
+    "check_shifts",
     "objectives_axis",
     "tuple_of",
 ]
@@ -226,3 +228,57 @@ def check_attribution(study: StudyConfig, value: Any) -> dict[str, Any] | None:
             )
         out["precisions"] = precs
     return out
+
+
+def check_shifts(value: Any) -> tuple[str, ...]:
+    """``[data] shifts``: corruption specs (``"gaussian_noise:3"``, ``"jpeg:5"``, a name alone
+    for its five severities, ``"all"`` or ``"all:3"``) as canonical ``"name:severity"`` strings
+    (:func:`quantcal.training.corruptions.expand_shifts`); ``[]`` is none."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return ()
+    from quantcal.training import corruptions
+
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(v, str) for v in specs):
+        raise ValueError(
+            f'data.shifts must be a list of corruption specs like "gaussian_noise:3", got {value!r}'
+        )
+    try:
+        return tuple(corruptions.expand_shifts(specs))
+    except ValueError as exc:
+        raise ValueError(f"data.shifts: {exc}") from None
+
+
+def check_ood(value: Any) -> tuple[str, ...]:
+    """``[data] ood``: unknown-input sets, each a built-in synthetic set (its name or
+    ``"synthetic:NAME"``, :data:`quantcal.training.ood_sets.SYNTHETIC_OOD`) or
+    ``"npz:PATH"`` (an image array, see :func:`quantcal.training.ood_sets.load_ood_npz`), in
+    canonical form (``"synthetic:NAME"``, ``"npz:PATH"``); ``[]`` is none."""
+    from quantcal.training.ood_sets import SYNTHETIC_OOD
+
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return ()
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(v, str) for v in specs):
+        raise ValueError(
+            f'data.ood must be a list like ["gaussian_noise", "npz:PATH"], got {value!r}'
+        )
+    out: list[str] = []
+    for spec in specs:
+        if spec.lower().startswith("npz:"):
+            canonical = "npz:" + spec[4:]
+            if not spec[4:]:
+                raise ValueError("data.ood: 'npz:' needs a path, e.g. npz:/data/svhn.npz")
+        else:
+            name = spec.split(":", 1)[1] if spec.lower().startswith("synthetic:") else spec
+            if name not in SYNTHETIC_OOD:
+                raise ValueError(
+                    "data.ood: "
+                    + unknown_name_message("unknown-input set", name, list(SYNTHETIC_OOD))
+                    + ", or npz:PATH"
+                )
+            canonical = f"synthetic:{name}"
+        if canonical in out:
+            raise ValueError(f"data.ood lists {canonical!r} twice")
+        out.append(canonical)
+    return tuple(out)

@@ -20,6 +20,11 @@ listed method and scored on the test split. File layout (every key optional but 
     std = [0.229, 0.224, 0.225]    # (x / 255 - mean) / std; default the dataset's statistics
     transform = "mymodule:prep"    # or the model's own preprocessing of uint8 (B, C, H, W)
                                    # batches (module:function or path/file.py:function)
+    shifts = ["gaussian_noise:3", "jpeg:5"]   # corrupted test copies (Hendrycks & Dietterich
+                                   # 2019): "name:severity", a name alone (severities 1-5),
+                                   # "all" or "all:3"; a `shift` column in results.csv
+    ood = ["gaussian_noise", "npz:/data/svhn.npz"]  # unknown-input sets: built-in synthetic
+                                   # ones or an npz image array; AUROC/FPR95 in ood.csv
 
     [[model]]                      # one table per architecture
     arch = "shufflenetv2"
@@ -52,6 +57,7 @@ listed method and scored on the test split. File layout (every key optional but 
     n_bins = 15
     bootstrap = 1000
     level = 0.95
+    target_risk = 0.05             # abstention threshold: error rate among accepted images
 
     [report]                       # the deployer's budget behind each verdict
                                    # (quantcal.findings.verdicts)
@@ -99,6 +105,8 @@ LAYOUT: dict[str | None, dict[str, str]] = {
         "mean": "mean",
         "std": "std",
         "transform": "transform",
+        "shifts": "shifts",
+        "ood": "ood",
     },
     "quant": {
         "precisions": "precisions",
@@ -117,6 +125,7 @@ LAYOUT: dict[str | None, dict[str, str]] = {
         "n_bins": "n_bins",
         "bootstrap": "bootstrap",
         "level": "level",
+        "target_risk": "target_risk",
         "eval_batch_size": "eval_batch_size",
     },
     "report": {

@@ -192,6 +192,14 @@ def _ablation(ctx: Context, plan) -> list[dict[str, Any]]:
     return ablation.contrasts(ctx, plan)
 
 
+def _ood(ctx: Context, plan) -> list[dict[str, Any]]:
+    """Unknown-input detection per cell, recalibrator, set and score
+    (:mod:`quantcal.study.stages.ood`); written to ``ood.csv`` as well."""
+    from quantcal.study.stages.ood import ood_section
+
+    return ood_section(ctx, plan)
+
+
 def _repair(ctx: Context, plan) -> list[dict[str, Any]]:
     """Paired contrasts of the quantization methods (:mod:`quantcal.findings.repair`) from
     cached logits."""
@@ -211,6 +219,7 @@ SECTIONS: tuple[tuple[str, Section, bool], ...] = (
     ("attribution", _attributions, True),
     ("ablation", _ablation, True),
     ("repair", _repair, True),
+    ("ood", _ood, False),
 )
 
 
@@ -223,4 +232,10 @@ def write_results(out_dir: Path, rows: list[dict], plan, ctx: Context) -> Path:
         if records or keep_empty:
             details[key] = records
     atomic_write_json(out_dir / "details.json", details)
+    if details.get("ood"):
+        from quantcal.study.stages.ood import OOD_COLUMNS
+
+        write_csv(out_dir, [r for r in details["ood"] if "error" not in r], OOD_COLUMNS, "ood.csv")
+    else:
+        (out_dir / "ood.csv").unlink(missing_ok=True)
     return path

@@ -5,7 +5,8 @@ These functions decide whether an existing run folder's entries are reused, so t
 by tests (``tests/test_study_keys.py``): a refactor that changes one key recomputes every run.
 Each stage has its own version; bumping one recomputes that stage and those after it, never the
 stages before (v2: data content digests and pinned threads in the keys, verified entries;
-rows v3: smooth ECE and the plug-in l2 ECE measured).
+rows v3: smooth ECE and the plug-in l2 ECE measured; rows v4: the selective-prediction and
+threshold-transfer columns and the ``shift`` axis).
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ from quantcal.training import images as _images
 
 __all__ = [
     "ATTRIBUTION_VERSION",
+    "CLEAN",
     "LOGITS_VERSION",
+    "OOD_VERSION",
     "PLAN_RULE",
     "ROW_VERSION",
+    "SHIFT_VERSION",
     "TRAIN_VERSION",
     "attribution_key",
     "logits_key",
+    "ood_logits_key",
     "pending_key",
     "plan_spec",
     "quant_config",
     "row_key",
+    "shift_logits_key",
     "split_args",
     "train_key",
 ]
@@ -41,7 +47,16 @@ TRAIN_VERSION = 2
 LOGITS_VERSION = 2
 
 
-ROW_VERSION = 3
+ROW_VERSION = 4
+
+
+SHIFT_VERSION = 1
+
+
+OOD_VERSION = 1
+
+#: The ``shift`` of a row scored on the clean test split.
+CLEAN = "clean"
 
 
 ATTRIBUTION_VERSION = 1
@@ -163,24 +178,46 @@ def attribution_key(config: StudyConfig, logits_key: str, images: str = "val") -
 
 
 def row_key(
-    config: StudyConfig, logits_key: str, fp32_key: str, method: str, recal_fit: str = "val"
+    config: StudyConfig,
+    logits_key: str,
+    fp32_key: str,
+    method: str,
+    recal_fit: str = "val",
+    shift: str = CLEAN,
 ) -> str:
-    return content_hash(
-        {
-            "v": ROW_VERSION,
-            "schema": list(RESULT_COLUMNS),
-            "logits": logits_key,
-            "fp32": fp32_key,
-            "recal": method,
-            "recal_fit": recal_fit,
-            "n_bins": config.n_bins,
-            "bootstrap": config.bootstrap,
-            "level": config.level,
-        }
-    )
+    spec: dict[str, Any] = {
+        "v": ROW_VERSION,
+        "schema": list(RESULT_COLUMNS),
+        "logits": logits_key,
+        "fp32": fp32_key,
+        "recal": method,
+        "recal_fit": recal_fit,
+        "n_bins": config.n_bins,
+        "bootstrap": config.bootstrap,
+        "level": config.level,
+        "target_risk": config.target_risk,
+    }
+    if shift != CLEAN:
+        spec["shift"] = [shift, SHIFT_VERSION]
+    return content_hash(spec)
 
 
-def pending_key(cell: QuantCell, method: str) -> str:
+def shift_logits_key(logits_key: str, shift: str) -> str:
+    """Key of a cell's logits on test corrupted by ``shift`` ("name:severity"): the clean
+    logits' key (the model) and the corruption, seeded by the group's seed."""
+    return content_hash({"v": SHIFT_VERSION, "logits": logits_key, "shift": shift})
+
+
+def ood_logits_key(logits_key: str, ood: str, digest: str | None = None) -> str:
+    """Key of a cell's logits on the unknown-input set ``ood`` (an ``npz:`` file by its
+    content's digest)."""
+    spec: dict[str, Any] = {"v": OOD_VERSION, "logits": logits_key, "ood": ood}
+    if digest is not None:
+        spec["digest"] = digest
+    return content_hash(spec)
+
+
+def pending_key(cell: QuantCell, method: str, shift: str = CLEAN) -> str:
     """Key for an error row of a cell whose logits never existed (train/quantize failed)."""
     return "err-" + content_hash(
         {
@@ -194,6 +231,7 @@ def pending_key(cell: QuantCell, method: str) -> str:
                 cell.sample,
                 method,
                 *([] if cell.method == "ptq" else [cell.method]),
+                *([] if shift == CLEAN else [shift]),
             ]
         }
     )

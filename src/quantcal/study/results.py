@@ -26,12 +26,12 @@ def collect_rows(ctx: Context, plan) -> tuple[list[dict], int]:
     rows, missing = [], 0
     for _g, cells in plan:
         for cell in cells:
-            for m, rk in zip(ctx.config.recal, rows_stage.keys(ctx, cell), strict=True):
+            for s, m, rk in rows_stage.entries(ctx, cell):
                 found = None
                 for path in (
                     ctx.cache / rows_stage.cache / f"{rk}.json",
                     ctx.cache / "errors" / f"{rk}.json",
-                    ctx.cache / "errors" / f"{pending_key(cell, m)}.json",
+                    ctx.cache / "errors" / f"{pending_key(cell, m, s)}.json",
                 ):
                     found = ctx.store.read_json(path, ("row_id", "status"))
                     if found is not None:
@@ -43,25 +43,34 @@ def collect_rows(ctx: Context, plan) -> tuple[list[dict], int]:
     return rows, missing
 
 
-def write_csv(out_dir: Path, rows: list[dict]) -> Path:
-    """``out_dir/results.csv``: one line per row, the columns of :data:`RESULT_COLUMNS`."""
+def write_csv(
+    out_dir: Path,
+    rows: list[dict],
+    columns: tuple[str, ...] = RESULT_COLUMNS,
+    name: str = "results.csv",
+) -> Path:
+    """``out_dir/NAME``: one line per row, the ``columns`` (of :data:`RESULT_COLUMNS`)."""
     import csv
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(
-        buf, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore", lineterminator="\n"
-    )
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in RESULT_COLUMNS})
-    return atomic_write_text(out_dir / "results.csv", buf.getvalue())
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return atomic_write_text(out_dir / name, buf.getvalue())
 
 
 def reliability_details(rows: list[dict]) -> dict[str, Any]:
     """The ``details.json`` skeleton with each row's reliability bins by row id."""
-    details: dict[str, Any] = {"reliability": {}, "inspect": [], "training": []}
+    details: dict[str, Any] = {
+        "reliability": {},
+        "risk_coverage": {},
+        "inspect": [],
+        "training": [],
+    }
     for r in rows:
-        if r.get("reliability"):
-            details["reliability"][r["row_id"]] = r["reliability"]
+        for part in ("reliability", "risk_coverage"):
+            if r.get(part):
+                details[part][r["row_id"]] = r[part]
     return details

@@ -289,11 +289,18 @@ def recalibrated_test_logits(
 
 
 def failed_attributions(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The attributions of a finished run that failed (``details.json``, with ``error``)."""
+    """The attributions and unknown-input scorings of a finished run that failed
+    (``details.json``, with ``error``; ``what`` says which)."""
     path = Path(out_dir) / "details.json"
     if not path.is_file():
         return []
-    return [r for r in json.loads(path.read_text()).get("attribution", []) if "error" in r]
+    details = json.loads(path.read_text())
+    return [
+        {**r, "what": what}
+        for key, what in (("attribution", "attribution"), ("ood", "unknown-input scoring"))
+        for r in details.get(key, [])
+        if "error" in r
+    ]
 
 
 def failed_rows(out_dir: str | Path) -> list[dict[str, Any]]:

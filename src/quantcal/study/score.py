@@ -10,8 +10,47 @@ from quantcal.calibration.recal_splits import FitFn, crossfit_folds, fold, recal
 from quantcal.findings.rows import RESULT_COLUMNS
 from quantcal.study.cells import QuantCell
 from quantcal.study.config import REUSE_FP32_TEMPERATURE, StudyConfig
+from quantcal.study.keys import CLEAN
 
-__all__ = ["base_row", "score"]
+__all__ = ["base_row", "risk_coverage_points", "score", "thresholds"]
+
+#: Points kept of a row's risk–coverage curve (details.json), on an even coverage grid.
+CURVE_POINTS = 50
+
+
+def thresholds(method: str, lg: dict, fp32: dict, target_risk: float) -> tuple[float, float]:
+    """The deployer's abstention thresholds for recalibrator ``method``
+    (:mod:`quantcal.findings.threshold`): (the fp32 model's, set on its validation logits
+    recalibrated by ``method``; the quantized model's own, re-set on its recalibrated
+    validation logits), each the lowest confidence whose selective risk there is at most
+    ``target_risk`` (``inf`` when none is)."""
+    from quantcal.calibration import selective
+
+    def on_val(d: dict) -> dict:
+        return {**d, "test_logits": d["val_logits"], "test_labels": d["val_labels"]}
+
+    fp32_val = on_val(fp32)
+    z_fp32, _ = recalibrate(method, fp32_val, fp32_val)
+    z_own, _ = (z_fp32, None) if lg is fp32 else recalibrate(method, on_val(lg), fp32_val)
+    return (
+        selective.threshold_for_risk(z_fp32, fp32["val_labels"], risk=target_risk),
+        selective.threshold_for_risk(z_own, lg["val_labels"], risk=target_risk),
+    )
+
+
+def risk_coverage_points(z, labels, n: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """The risk–coverage curve at ``n`` even coverages (each the risk of accepting the most
+    confident ``ceil(coverage · N)`` samples, ties to the end of their block) for plotting."""
+    from quantcal.calibration import selective
+
+    curve = selective.risk_coverage(z, labels)
+    cov = [(i + 1) / n for i in range(n)]
+    out = []
+    for c in cov:
+        need = -(-round(c * curve.n * 1e9) // round(1e9))  # ceil without float error
+        j = int((curve.accepted >= need).nonzero()[0])
+        out.append(float(curve.risk[j]))
+    return {"coverage": cov, "risk": out}
 
 
 def base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, Any]:
@@ -28,6 +67,7 @@ def base_row(config: StudyConfig, cell: QuantCell, method: str) -> dict[str, Any
         ptq_sample=-1 if cell.sample is None else cell.sample,
         recal=method,
         recal_fit=config.recal_fit,
+        shift=CLEAN,
         status="ok",
         error="",
         n_bins=config.n_bins,
@@ -45,6 +85,9 @@ def score(
     notes: list[str] | None = None,
     recal_fit: str = "val",
     report_on: tuple[Any, Any] | None = None,
+    shift: str = CLEAN,
+    clean: tuple[dict, dict] | None = None,
+    threshold_pair: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
     ``recal_fit`` is ``val`` or ``test_crossfit``
@@ -52,8 +95,15 @@ def score(
     bootstrap then resamples test images with their out-of-fold recalibrated logits, so the
     intervals hold the test sampling but not the variability of the half-size fits).
     ``report_on`` (search half, report half) of test: the row is scored on the report half
-    only, every recalibrator fitted on the search half (a plan searched on that half)."""
-    from quantcal.calibration import metrics, recal
+    only, every recalibrator fitted on the search half (a plan searched on that half).
+
+    ``shift`` names the test images of ``lg`` and ``fp32`` (their validation logits are the
+    clean ones: recalibrators are fitted on clean images, as a deployer would); ``clean``
+    (this cell's and the fp32 cell's clean logits) adds the paired interaction of quantization
+    and the shift. ``threshold_pair`` (:func:`thresholds`) adds the threshold-transfer columns.
+    """
+    from quantcal.calibration import metrics, recal, selective
+    from quantcal.findings.threshold import judge
 
     fit_column = recal_fit
     if report_on is not None:
@@ -72,9 +122,28 @@ def score(
     row.update({k: float(v) for k, v in rep.items() if k in row})
     row["n_test"] = int(labels.shape[0])
     row["recal_fit"] = fit_column
+    row["shift"] = shift
     row["temperature"] = temperature
+    row["aurc"] = selective.aurc(z, labels)
+    row["excess_aurc"] = selective.excess_aurc(z, labels)
+    row["failure_auroc"] = selective.failure_auroc(z, labels)
+    row["failure_fpr95"] = selective.failure_fpr_at_tpr(z, labels)
+    if threshold_pair is not None and folds is None and report_on is None:
+        t_fp32, t_own = threshold_pair
+        kept = selective.accepted_risk(z, labels, t_fp32)
+        reset = selective.accepted_risk(z, labels, t_own)
+        row["threshold"] = t_fp32
+        row["threshold_risk"], row["threshold_coverage"] = kept
+        row["threshold_reset_risk"], row["threshold_reset_coverage"] = reset
+        row["threshold_outcome"] = judge(kept, t_own, reset, config.target_risk)
+    elif folds is not None:
+        notes.append(
+            "no threshold transfer: the recalibrators are cross-fitted on test (no validation "
+            "split to set a threshold on)"
+        )
     boot = {"n_resamples": config.bootstrap, "level": config.level, "seed": cell.group.seed}
     if config.bootstrap > 0:
+        row["aurc_lo"], row["aurc_hi"] = metrics.bootstrap_ci("aurc", z, labels, **boot)
         row["ece_lo"], row["ece_hi"] = metrics.bootstrap_ci("ece", z, labels, **boot)
         row["accuracy_lo"], row["accuracy_hi"] = metrics.bootstrap_ci("accuracy", z, labels, **boot)
         z_fp32, _ = recalibrate(method, fp32, fp32, [], fp32_fit, folds)
@@ -82,6 +151,21 @@ def score(
         row["ece_diff_vs_fp32"], row["ece_diff_vs_fp32_lo"], row["ece_diff_vs_fp32_hi"] = d
         d = metrics.paired_bootstrap_diff("ece", z, lg["test_logits"], labels, **boot)
         row["ece_diff_vs_none"], row["ece_diff_vs_none_lo"], row["ece_diff_vs_none_hi"] = d
+        d = metrics.paired_bootstrap_diff("excess_aurc", z, z_fp32, labels, **boot)
+        (
+            row["excess_aurc_diff_vs_fp32"],
+            row["excess_aurc_diff_vs_fp32_lo"],
+            row["excess_aurc_diff_vs_fp32_hi"],
+        ) = d
+        if clean is not None and not cell.is_fp32:
+            # [m(q, shift) − m(q, clean)] − [m(fp32, shift) − m(fp32, clean)], same images
+            zq_clean, _ = recalibrate(method, clean[0], clean[1], [], None, folds)
+            zf_clean, _ = recalibrate(method, clean[1], clean[1], [], None, folds)
+            quad = [z, zq_clean, z_fp32, zf_clean]
+            for name in ("ece", "aurc"):
+                c = metrics.paired_bootstrap_contrast(name, quad, [1, -1, -1, 1], labels, **boot)
+                col = f"{name}_shift_interaction"
+                row[col], row[f"{col}_lo"], row[f"{col}_hi"] = c
     row["n_classes"] = int(lg["test_logits"].shape[1])
     if method == "none":
         row["n_fit"] = None
@@ -96,6 +180,7 @@ def score(
             notes.append(note)
     row["notes"] = " | ".join(notes)
     rel = metrics.reliability(z, labels, n_bins=config.n_bins)
+    row["risk_coverage"] = risk_coverage_points(z, labels)
     row["reliability"] = {
         "edges": [float(x) for x in rel.edges],
         "count": [int(x) for x in rel.count],

@@ -31,7 +31,9 @@ __all__ = [
     "export_npz",
     "load_npz",
     "npz_file",
+    "npz_member",
     "open_npz",
+    "to_nchw",
 ]
 
 DATASETS: Registry[Callable[..., Splits]] = Registry("dataset")
@@ -51,7 +53,7 @@ PATHMNIST_CLASSES = (
 )
 
 
-def _to_nchw(images: np.ndarray, what: str) -> np.ndarray:
+def to_nchw(images: np.ndarray, what: str) -> np.ndarray:
     """(N,H,W) or (N,H,W,C) uint8 -> contiguous (N,C,H,W) uint8."""
     if images.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8, got {images.dtype}; store pixels as 0-255 uint8")
@@ -206,7 +208,7 @@ def open_npz(path: Path) -> Any:
     return z
 
 
-def _npz_member(z: Any, path: Path, key: str) -> np.ndarray:
+def npz_member(z: Any, path: Path, key: str) -> np.ndarray:
     try:
         return z[key]
     except Exception as exc:  # a truncated or corrupt member
@@ -243,9 +245,9 @@ def _read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             if f"{part}_images" in keys:
                 if f"{part}_labels" not in keys:
                     raise ValueError(f"{path} has {part}_images but no {part}_labels")
-                imgs = _to_nchw(_npz_member(z, path, f"{part}_images"), f"{path}:{part}_images")
+                imgs = to_nchw(npz_member(z, path, f"{part}_images"), f"{path}:{part}_images")
                 labs = _labels_1d(
-                    _npz_member(z, path, f"{part}_labels"), imgs.shape[0], f"{path}:{part}_labels"
+                    npz_member(z, path, f"{part}_labels"), imgs.shape[0], f"{path}:{part}_labels"
                 )
                 pools[part] = (imgs, labs)
             elif f"{part}_labels" in keys:

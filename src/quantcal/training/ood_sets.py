@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from quantcal.training.splits import Split
 
-__all__ = ["SYNTHETIC_OOD", "synthetic_ood"]
+__all__ = ["OOD_NPZ_KEYS", "SYNTHETIC_OOD", "load_ood_npz", "ood_split", "synthetic_ood"]
+
+#: The members an ``npz:`` unknown-input file may hold its images in, the first present used.
+OOD_NPZ_KEYS = ("images", "test_images", "x_test", "x")
 
 #: The built-in sets, in the order they are listed.
 SYNTHETIC_OOD = ("gaussian_noise", "uniform_noise", "blurred", "pixel_shuffled")
@@ -107,3 +110,51 @@ def synthetic_ood(name: str, reference: Split, *, seed: int = 0) -> Split:
         indices=torch.arange(n, dtype=torch.int64),
         source=f"synthetic:{name}",
     )
+
+
+def load_ood_npz(path: str, reference: Split) -> Split:
+    """Unknown-input images from an npz file (uint8 ``(N, H, W)`` or ``(N, H, W, C)`` under one
+    of :data:`OOD_NPZ_KEYS`; labels, if any, are ignored), preprocessed like ``reference``.
+    ValueError when the file is unreadable, holds no such member, or its images are not the
+    shape of the dataset's (say which, and what to do)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from quantcal.training.loaders import npz_file, npz_member, open_npz, to_nchw
+
+    p = npz_file(Path(path))
+    with open_npz(p) as z:
+        key = next((k for k in OOD_NPZ_KEYS if k in z.files), None)
+        if key is None:
+            raise ValueError(
+                f"{p} has no image array: an unknown-input file needs one of "
+                f"{', '.join(OOD_NPZ_KEYS)} (uint8, (N, H, W) or (N, H, W, C)); it has "
+                f"{sorted(z.files)}"
+            )
+        images = to_nchw(npz_member(z, p, key), f"{p}:{key}")
+    want = tuple(reference.images.shape[1:])
+    if tuple(images.shape[1:]) != want or images.shape[0] == 0:
+        got = "no images" if images.shape[0] == 0 else f"images of (C, H, W) = {images.shape[1:]}"
+        raise ValueError(
+            f"{p}:{key} holds {got}, but the dataset's images are (C, H, W) = {want}: resize "
+            "(and convert) them to the dataset's size and channels before scoring them as "
+            "unknown inputs"
+        )
+    n = images.shape[0]
+    return dataclasses.replace(
+        reference,
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        labels=torch.full((n,), -1, dtype=torch.int64),
+        indices=torch.arange(n, dtype=torch.int64),
+        source=f"npz:{path}",
+    )
+
+
+def ood_split(spec: str, reference: Split, *, seed: int = 0) -> Split:
+    """The unknown-input set ``spec`` (``"synthetic:NAME"`` or ``"npz:PATH"``, the canonical
+    forms of ``[data] ood``) preprocessed like ``reference``."""
+    if spec.startswith("npz:"):
+        return load_ood_npz(spec[4:], reference)
+    name = spec.split(":", 1)[1] if spec.startswith("synthetic:") else spec
+    return synthetic_ood(name, reference, seed=seed)

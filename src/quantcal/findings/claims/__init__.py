@@ -27,7 +27,8 @@ pieces of evidence in :mod:`~quantcal.findings.claims.evidence`, and the claims 
 :mod:`~quantcal.findings.claims.paper` (the paper's three),
 :mod:`~quantcal.findings.claims.extras` (quantcal's extras on the rows) and
 :mod:`~quantcal.findings.claims.details` (the ablation, the attribution and repair, on
-``details.json``). They are imported below in report order, which is the order of ``CLAIMS``.
+``details.json``) and :mod:`~quantcal.findings.claims.decisions` (failure detection, corrupted
+and unknown inputs). They are imported below in report order, which is the order of ``CLAIMS``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ from quantcal.findings.claims.details import (
     repair_restores,
     separable_mechanism,
 )
+from quantcal.findings.claims.decisions import (
+    failure_detection_beyond_accuracy,
+    ood_moves_with_calibration,
+    quantization_and_corruption_compound,
+    temperature_holds_under_shift,
+)
 
 # isort: on
 
@@ -66,14 +73,18 @@ __all__ = [
     "attribution_layer_types",
     "calibration_budgeted_plans",
     "evaluate",
+    "failure_detection_beyond_accuracy",
     "ghostnet_most_robust",
+    "ood_moves_with_calibration",
     "precision_raises_ece",
+    "quantization_and_corruption_compound",
     "range_sample_variance",
     "refit_temperature",
     "register_claim",
     "repair_restores",
     "separable_mechanism",
     "summarise",
+    "temperature_holds_under_shift",
     "temperature_scaling_helps",
     "training_objectives",
 ]

@@ -57,7 +57,9 @@ class Claim:
 
 
 #: ``fn(rows)``, or ``fn(rows, details)`` for a claim judged on ``details.json`` as well (the
-#: ablation's paired contrasts, the per-layer attribution).
+#: ablation's paired contrasts, the per-layer attribution); ``rows`` are the clean-test rows,
+#: and a claim with a keyword-only ``shifted`` parameter also gets the rows scored on corrupted
+#: test copies (``[data] shifts``).
 ClaimFn = Callable[..., Claim]
 #: The registered claims, in report order.
 CLAIMS: list[ClaimFn] = []
@@ -74,8 +76,14 @@ def evaluate(rows: list[dict], details: dict[str, Any] | None = None) -> list[Cl
     order."""
     import inspect
 
+    from quantcal.findings.rows import clean_rows, shifted_rows
+
+    clean, shifted = clean_rows(rows), shifted_rows(rows)
     out = []
     for fn in CLAIMS:
-        takes_details = len(inspect.signature(fn).parameters) > 1
-        out.append(fn(rows, details or {}) if takes_details else fn(rows))
+        params = inspect.signature(fn).parameters
+        positional = [p for p in params.values() if p.kind is not p.KEYWORD_ONLY]
+        args = (clean, details or {}) if len(positional) > 1 else (clean,)
+        kwargs = {"shifted": shifted} if "shifted" in params else {}
+        out.append(fn(*args, **kwargs))
     return out

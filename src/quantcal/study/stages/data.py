@@ -214,7 +214,8 @@ def base_splits(ctx: Context, g: Group):
 
 def preflight(ctx: Context, groups: list[Group]) -> None:
     """Check every input of ``groups`` before computing anything: each dataset loads, each
-    ``module:factory`` imports, each checkpoint loads into its model. Raises ValueError
+    ``module:factory`` imports, each ``npz:`` unknown-input file fits the dataset's images,
+    each checkpoint loads into its model. Raises ValueError
     naming the input (bad input exits 2 and computes nothing)."""
     for g in groups:
         if ":" in g.model.arch:
@@ -229,6 +230,14 @@ def preflight(ctx: Context, groups: list[Group]) -> None:
             s = splits(ctx, g)
         except TypeError as exc:
             raise ValueError(f"the inputs of {g.label}: {exc}") from exc
+        for spec in ctx.config.ood:  # an unknown-input file must fit the dataset's images
+            if spec.startswith("npz:"):
+                from quantcal.training.ood_sets import load_ood_npz
+
+                try:
+                    load_ood_npz(spec[4:], s.test)
+                except (ValueError, OSError) as exc:
+                    raise ValueError(f"data.ood {spec!r} for {g.dataset!r}: {exc}") from exc
         if g.model.checkpoint is not None:
             load_weights(fresh_model(g, s), g.model.checkpoint)
 

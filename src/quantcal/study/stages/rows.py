@@ -1,9 +1,12 @@
-"""The rows stage: one result row per recalibration method of a cell, cached by its row key.
+"""The rows stage: one result row per test shift and recalibration method of a cell, cached by
+its row key.
 
 Key (:func:`quantcal.study.keys.row_key`): the cell's logits key, the fp32 cell's logits key,
-the recalibration method and where it is fitted, the metric settings and the row schema (the
-result columns), so a new column recomputes rows but never retrains. Record:
-``cache/rows/KEY.json``. The measurement itself is :func:`quantcal.study.score.score`.
+the recalibration method and where it is fitted, the metric settings, the row schema (the
+result columns) and the shift (clean test, or a ``[data] shifts`` corruption), so a new column
+recomputes rows but never retrains. Record: ``cache/rows/KEY.json``. The measurement itself is
+:func:`quantcal.study.score.score`; a shifted row is recalibrated on the clean validation logits
+and carries the paired interaction of quantization and the shift.
 
 A (cell, method) that fails becomes an error row, kept in ``cache/errors`` (with its traceback)
 so that shards can assemble it and the next run retries it; a cell whose logits never came to
@@ -20,8 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from quantcal._io import atomic_write_text
 from quantcal.calibration.recal_splits import FitFn, fit_and_apply
 from quantcal.study.cells import QuantCell
-from quantcal.study.keys import logits_key, pending_key, row_key
-from quantcal.study.score import base_row, score
+from quantcal.study.keys import CLEAN, logits_key, pending_key, row_key
+from quantcal.study.score import base_row, score, thresholds
 from quantcal.study.stages import data as data_stage
 from quantcal.study.stages.base import Need, Stage
 
@@ -29,6 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from quantcal.study.context import Context
 
 __all__ = ["Rows", "error_row", "error_rows"]
+
+
+def shifts(ctx: Context, cell: QuantCell) -> list[str]:
+    """The test sets a cell is scored on: clean, then its ``[data] shifts`` (not for plans)."""
+    if cell.precision.startswith("plan:"):
+        return [CLEAN]
+    return [CLEAN, *ctx.config.shifts]
 
 
 def _fp32_fit_for(ctx: Context, fp32_key: str) -> FitFn:
@@ -53,11 +63,18 @@ def _fp32_fit_for(ctx: Context, fp32_key: str) -> FitFn:
     return fit
 
 
-def error_row(ctx: Context, cell: QuantCell, method: str, key: str, exc: BaseException) -> dict:
+def error_row(
+    ctx: Context,
+    cell: QuantCell,
+    method: str,
+    key: str,
+    exc: BaseException,
+    shift: str = CLEAN,
+) -> dict:
     """Record a failed (cell, method): in ``cache/errors`` for assembly and retry, and in
     ``ctx.failures`` (kept even when the disk refuses the record, e.g. when it is full)."""
     row = base_row(ctx.config, cell, method)
-    row.update(status="error", error=f"{type(exc).__name__}: {exc}", row_id=key)
+    row.update(status="error", error=f"{type(exc).__name__}: {exc}", row_id=key, shift=shift)
     ctx.failures.append(row)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
@@ -71,8 +88,9 @@ def error_row(ctx: Context, cell: QuantCell, method: str, key: str, exc: BaseExc
 def error_rows(ctx: Context, cells: list[QuantCell], exc: BaseException) -> None:
     """Error rows for every method of cells whose logits never came to exist."""
     for cell in cells:
-        for m in ctx.config.recal:
-            error_row(ctx, cell, m, pending_key(cell, m), exc)
+        for shift in shifts(ctx, cell):
+            for m in ctx.config.recal:
+                error_row(ctx, cell, m, pending_key(cell, m, shift), exc, shift)
     what = "every cell" if len(cells) > 1 else f"{cells[0].precision}"
     ctx.say(f"error  {cells[0].group.label} ({what}): {type(exc).__name__}: {exc}")
 
@@ -87,10 +105,13 @@ def row(
     fp32: dict,
     fp32_key: str,
     fp32_meta: dict | None = None,
+    shift: str = CLEAN,
+    clean: tuple[dict, dict] | None = None,
 ) -> dict[str, Any]:
-    """The cached or newly scored row of (cell, method)."""
+    """The cached or newly scored row of (cell, method) on test or its ``shift``ed copy (then
+    ``lg`` and ``fp32`` hold the shifted test logits, ``clean`` the clean ones)."""
     fit_on, fit_notes = data_stage.recal_fit(ctx, cell.group)
-    key = row_key(ctx.config, lkey, fp32_key, method, fit_on)
+    key = row_key(ctx.config, lkey, fp32_key, method, fit_on, shift)
     path = ctx.cache / "rows" / f"{key}.json"
     hit = ctx.store.read_json(path, ("row_id", "status"))
     if hit is not None:
@@ -106,9 +127,17 @@ def row(
         if n not in notes:
             notes.append(n)
     ctx.scored += 1
-    fp32_fit = _fp32_fit_for(ctx, fp32_key)
+    fp32_fit = _fp32_fit_for(ctx, fp32_key if shift == CLEAN else f"{fp32_key} {shift}")
     report_on = data_stage.report_fold(ctx, cell, lg["test_labels"])
-    r = score(ctx.config, cell, method, lg, fp32, fp32_fit, notes, fit_on, report_on)
+    pair = None
+    if fit_on == "val" and report_on is None:
+        memo = ctx.memo("thresholds")
+        if (lkey, method) not in memo:
+            memo[(lkey, method)] = thresholds(method, lg, fp32, ctx.config.target_risk)
+        pair = memo[(lkey, method)]
+    r = score(
+        ctx.config, cell, method, lg, fp32, fp32_fit, notes, fit_on, report_on, shift, clean, pair
+    )
     r.update(
         params=lmeta.get("params"),
         macs=lmeta.get("macs"),
@@ -128,31 +157,54 @@ class Rows(Stage):
     """The cell's rows, one per ``[recal] methods`` entry (a failed one as an error row)."""
 
     name: ClassVar[str] = "rows"
-    reads: ClassVar[tuple[str, ...]] = ("logits",)
+    reads: ClassVar[tuple[str, ...]] = ("logits", "shift_logits")
     eager: ClassVar[bool] = True
     cache: ClassVar[str | None] = "rows"
 
-    def keys(self, ctx: Context, item: QuantCell) -> list[str]:
+    def entries(self, ctx: Context, item: QuantCell) -> list[tuple[str, str, str]]:
+        """(shift, recalibration method, row key) of every row of the cell, in order."""
         g = item.group
         tkey = ctx.train_key(g)
         lkey = logits_key(ctx.config, item, tkey)
         fp32_key = logits_key(ctx.config, QuantCell(g, "fp32", None, None), tkey)
         fit_on = data_stage.recal_fit(ctx, g)[0]
-        return [row_key(ctx.config, lkey, fp32_key, m, fit_on) for m in ctx.config.recal]
+        return [
+            (s, m, row_key(ctx.config, lkey, fp32_key, m, fit_on, s))
+            for s in shifts(ctx, item)
+            for m in ctx.config.recal
+        ]
+
+    def keys(self, ctx: Context, item: QuantCell) -> list[str]:
+        return [key for _, _, key in self.entries(ctx, item)]
 
     def run(self, ctx: Context, item: QuantCell, need: Need) -> Any:
         cell, g = item, item.group
         lg, lmeta, lkey = need("logits")
-        fp32, fp32_meta, fp32_key = need("logits", QuantCell(g, "fp32", None, None))
+        fp32_cell = QuantCell(g, "fp32", None, None)
+        fp32, fp32_meta, fp32_key = need("logits", fp32_cell)
         t0, scored = time.perf_counter(), ctx.scored
         out = []
-        for m in ctx.config.recal:
+        shifted: dict[str, tuple[dict, dict]] = {}
+        for s, m, rk in self.entries(ctx, cell):
             try:
-                out.append(row(ctx, cell, m, lg, lmeta, lkey, fp32, fp32_key, fp32_meta))
+                if s == CLEAN:
+                    args, clean = (lg, fp32), None
+                else:
+                    if s not in shifted:
+                        q_s = need("shift_logits")[s]
+                        f_s = need("shift_logits", fp32_cell)[s]
+                        q = {**lg, "test_logits": q_s}
+                        shifted[s] = (q, q) if cell.is_fp32 else (q, {**fp32, "test_logits": f_s})
+                    args, clean = shifted[s], (lg, fp32)
+                out.append(
+                    row(ctx, cell, m, args[0], lmeta, lkey, args[1], fp32_key, fp32_meta, s, clean)
+                )
             except Exception as exc:
-                rk = row_key(ctx.config, lkey, fp32_key, m, data_stage.recal_fit(ctx, g)[0])
-                out.append(error_row(ctx, cell, m, rk, exc))
-                ctx.say(f"error  {g.label} {cell.precision} {m}: {type(exc).__name__}: {exc}")
+                out.append(error_row(ctx, cell, m, rk, exc, s))
+                where = "" if s == CLEAN else f" {s}"
+                ctx.say(
+                    f"error  {g.label} {cell.precision}{where} {m}: {type(exc).__name__}: {exc}"
+                )
         if ctx.scored > scored:
             ctx.say(
                 f"score  {g.label}  {cell.precision}{cell.where}: {ctx.scored - scored} rows "
