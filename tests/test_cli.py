@@ -417,3 +417,31 @@ def test_eval_config_lists_no_training_recipe_and_still_reassembles(
     assert "[train]" in study.load_study({**raw, "quant": {"methods": ["qat"]}}).to_toml(
         applicable_only=True
     )
+
+
+def test_eval_of_a_checkpoint_scores_shifts_and_unknown_inputs(plain_digits_model, tmp_path):
+    import csv
+
+    folder, _ = plain_digits_model
+    out = tmp_path / "ev"
+    extra = ("--mean", "0", "--std", "1", "--precisions", "fp32,W8A8")
+    code = _eval_plain(folder, out, *extra, "--shifts", "contrast:5,jpeg:1", "--ood", "blurred")
+    assert code == 0
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["shift"] for r in rows} == {"clean", "contrast:5", "jpeg_compression:1"}
+    assert len(rows) == 2 * 2 * 3
+    with open(out / "ood.csv", newline="") as fh:
+        assert {r["ood_set"] for r in csv.DictReader(fh)} == {"synthetic:blurred"}
+    assert "shifts = [" in (out / "config.toml").read_text()
+
+
+def test_eval_refuses_shifts_for_given_logits(tmp_path, capsys):
+    import numpy as np
+
+    val, test = tmp_path / "val.npz", tmp_path / "test.npz"
+    for path in (val, test):
+        np.savez(path, logits=np.zeros((4, 3), np.float32), labels=np.zeros(4, np.int64))
+    args = ["eval", "--logits", str(val), str(test), "--shifts", "fog:1"]
+    assert cli.main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "--shifts does not apply here" in capsys.readouterr().err

@@ -198,6 +198,23 @@ def add_parser(sub: Any) -> None:
         help="validation images the attribution uses (default 1000; with --attribution)",
     )
     p.add_argument(
+        "--shifts",
+        default=None,
+        metavar="SPECS",
+        help="also score each cell on corrupted copies of test (comma-separated "
+        "'name:severity', a name alone for severities 1-5, 'all' or 'all:3'; the 15 common "
+        "corruptions of Hendrycks & Dietterich 2019, e.g. gaussian_noise:3,jpeg:5); "
+        "recalibrators stay fitted on clean images; rows get a shift column",
+    )
+    p.add_argument(
+        "--ood",
+        default=None,
+        metavar="SETS",
+        help="also score how well confidence tells test images from unknown ones "
+        "(comma-separated: gaussian_noise, uniform_noise, blurred, pixel_shuffled, or "
+        "npz:PATH with uint8 images of the dataset's size under 'images'); writes ood.csv",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -263,6 +280,8 @@ _KEYS_OF_OPTIONS = {
     "quant.attribution": "--attribution (or quant.attribution.KEY=VALUE)",
     "recal.methods": "--recal",
     "recal.fit_on": "--recal-fit",
+    "data.shifts": "--shifts",
+    "data.ood": "--ood",
     "threads": "--threads",
 }
 
@@ -345,6 +364,11 @@ def _resolve_given(args: argparse.Namespace) -> GivenEvalRequest:
         },
         f"{what} scores a model as given; nothing is quantized (quantize a checkpoint with "
         "--checkpoint, or export each precision to ONNX and score each)",
+    )
+    refuse(
+        {"--shifts": args.shifts is not None, "--ood": args.ood is not None},
+        f"{what} scores predictions already made on test; corrupted or unknown images need "
+        "the model itself (give --model and --checkpoint)",
     )
     refuse(
         {
@@ -487,6 +511,13 @@ def _resolve_checkpoint(args: argparse.Namespace) -> StudyEvalRequest:
         raw["data"]["transform"] = absolute_factory(args.transform)
     if mean is not None:
         raw["data"]["mean"], raw["data"]["std"] = list(mean), list(std)
+    if args.shifts is not None:
+        raw["data"]["shifts"] = split_list(args.shifts)
+    if args.ood is not None:
+        raw["data"]["ood"] = [
+            f"npz:{Path(s[4:]).resolve()}" if s.lower().startswith("npz:") else s
+            for s in split_list(args.ood)
+        ]
     config = study.load_study(apply_overrides(raw, _overrides(args, given=False)))
     identity = {
         "command": "eval",
