@@ -53,7 +53,7 @@ def _f(x: str) -> float:
 
 
 def test_every_cell_is_scored_on_clean_test_and_on_each_shift(run):
-    _, out, rows = run
+    rows = run[2]
     assert len(rows) == 2 * 2 * 3  # cells x recalibrators x (clean + 2 shifts)
     assert {r["shift"] for r in rows} == {"clean", *SHIFTS}
     assert all(r["status"] == "ok" for r in rows)
@@ -75,7 +75,7 @@ def test_every_cell_is_scored_on_clean_test_and_on_each_shift(run):
 def test_the_shift_interaction_is_the_difference_of_the_four_eces(run):
     _, out, rows = run
     ctx, plan = open_run(out)
-    (g, cells), = plan
+    ((g, cells),) = plan
     fp32_cell, q_cell = cells
     tkey = ctx.train_key(g)
     from quantcal.study.stages.shift import cached_shift_logits
@@ -105,7 +105,7 @@ def test_the_shift_interaction_is_the_difference_of_the_four_eces(run):
 def test_threshold_columns_follow_the_rule_on_the_cached_logits(run):
     _, out, rows = run
     ctx, plan = open_run(out)
-    (g, cells), = plan
+    ((g, cells),) = plan
     tkey = ctx.train_key(g)
     f = ctx.cached_logits(cells[0], tkey)
     q = ctx.cached_logits(cells[1], tkey)
@@ -113,7 +113,9 @@ def test_threshold_columns_follow_the_rule_on_the_cached_logits(run):
     t = selective.threshold_for_risk(f["val_logits"], f["val_labels"], risk=target)
     t_own = selective.threshold_for_risk(q["val_logits"], q["val_labels"], risk=target)
     row = next(
-        r for r in rows if r["precision"] == "W4A4" and r["recal"] == "none" and r["shift"] == "clean"
+        r
+        for r in rows
+        if r["precision"] == "W4A4" and r["recal"] == "none" and r["shift"] == "clean"
     )
     assert _f(row["threshold"]) == pytest.approx(t)
     risk, coverage = selective.accepted_risk(q["test_logits"], q["test_labels"], t)
@@ -151,8 +153,11 @@ def test_ood_csv_scores_each_cell_recalibrator_and_score(run):
     fp32 = [r for r in recs if r["precision"] == "fp32"]
     assert all(_f(r["auroc_diff_vs_fp32"]) == 0.0 for r in fp32)
     # max logit ranks like its temperature-scaled self: the same AUROC
-    ml = {r["recal"]: _f(r["auroc"]) for r in recs if r["precision"] == "W4A4"
-          and r["score"] == "max_logit"}
+    ml = {
+        r["recal"]: _f(r["auroc"])
+        for r in recs
+        if r["precision"] == "W4A4" and r["score"] == "max_logit"
+    }
     assert ml["none"] == pytest.approx(ml["temperature"], abs=1e-12)
 
 

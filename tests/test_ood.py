@@ -141,3 +141,33 @@ def test_ood_auroc_contrast_equals_a_loop_over_the_same_resamples():
         ood_mod.ood_auroc_contrast([(known, unknown), (known[:10], unknown)], [1, -1])
     with pytest.raises(ValueError, match="one weight per pair"):
         ood_mod.ood_auroc_contrast([(known, unknown)], [1, -1])
+
+
+def test_blurred_blurs_each_channel_of_colour_images_like_scipy():
+    """Regression: 3-channel images (the separable kernel was shaped for one channel)."""
+    import dataclasses
+
+    import numpy as np
+    from scipy.ndimage import gaussian_filter1d
+
+    from quantcal.training import data
+
+    ref = data.load_dataset("digits").test
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    split = dataclasses.replace(
+        ref,
+        images=rgb,
+        labels=ref.labels[:4],
+        indices=ref.indices[:4],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
+    got = synthetic_ood("blurred", split).images
+    x = rgb.double().numpy()
+    for axis in (3, 2):  # sigma = 32 / 8 pixels, radius ceil(3 sigma), reflected borders
+        x = gaussian_filter1d(x, sigma=4.0, axis=axis, mode="mirror", truncate=3.0)
+    want = torch.from_numpy(np.clip(np.round(x), 0, 255))
+    assert got.shape == rgb.shape and got.dtype == torch.uint8
+    assert (got.double() - want).abs().max() <= 1
+    assert not torch.equal(got[:, 0], got[:, 1])  # each channel its own

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from quantcal.cli import compare, eval, misc, plan, report, run, train
+from quantcal.cli import compare, eval, eval_parser, misc, plan, report, run, train
 from quantcal.cli._common import report_failed_attributions, report_failures, report_notes
 
 __all__ = [
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     train.add_parser(sub)
-    eval.add_parser(sub)
+    eval_parser.add_parser(sub)
     report.add_parser(sub)
     plan.add_parser(sub)
     compare.add_parser(sub)

@@ -60,7 +60,7 @@ def add_parsers(sub: Any) -> None:
     sub.add_parser(
         "list",
         help="list models, datasets, precisions, range estimators, quantization methods, "
-        "recalibrators and built-in studies",
+        "recalibrators, corruptions, unknown-input sets and built-in studies",
         description="List what can be named in a study.",
         epilog="example:\n  quantcal list\n\nexit status: 0, or 2 for a usage error",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -126,5 +126,10 @@ def execute_list(req: ListRequest) -> int:
     print("quant methods:   " + ", ".join(quant.available_methods()) + " ([quant] methods)")
     print("recalibrators:   " + ", ".join([*recal.available(), REUSE_FP32_TEMPERATURE]))
     print("objectives:      " + ", ".join(objectives.available()) + " ([train] objectives)")
+    from quantcal.training.corruptions import CORRUPTIONS
+    from quantcal.training.ood_sets import SYNTHETIC_OOD
+
+    print("corruptions:     " + ", ".join(CORRUPTIONS) + " ([data] shifts, NAME:1..5)")
+    print("unknown inputs:  " + ", ".join(SYNTHETIC_OOD) + ", npz:PATH ([data] ood)")
     print("studies:         " + ", ".join(builtin_studies()))
     return 0

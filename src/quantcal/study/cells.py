@@ -20,6 +20,7 @@ __all__ = [
     "QuantCell",
     "attribution_cells",
     "expand_cells",
+    "group_identity",
     "objective_spec",
     "parse_shard",
     "stage_images",
@@ -67,6 +68,17 @@ class QuantCell:
     @property
     def is_fp32(self) -> bool:
         return self.observer is None
+
+
+def group_identity(g: Group) -> dict[str, Any]:
+    """A group's identity columns, as results.csv and the details.json sections name them."""
+    return {
+        "dataset": g.dataset,
+        "arch": g.model.arch,
+        "width": g.model.width,
+        "objective": g.objective,
+        "seed": g.seed,
+    }
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantcal._io import atomic_write_json
-from quantcal.study.cells import attribution_cells
+from quantcal.study.cells import attribution_cells, group_identity
 from quantcal.study.keys import logits_key
 from quantcal.study.results import reliability_details, write_csv
 from quantcal.training import images as _images
@@ -26,16 +26,6 @@ __all__ = ["SECTIONS", "Section", "write_results"]
 
 #: A section: ``fn(ctx, plan) -> list of records``.
 Section = Callable[..., list[dict[str, Any]]]
-
-
-def _identity(g) -> dict[str, Any]:
-    return {
-        "dataset": g.dataset,
-        "arch": g.model.arch,
-        "width": g.model.width,
-        "objective": g.objective,
-        "seed": g.seed,
-    }
 
 
 def _logits_records(ctx: Context, plan) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
@@ -53,7 +43,7 @@ def _inspect(ctx: Context, plan) -> list[dict[str, Any]]:
     """Per quantized cell, the per-layer inspection its logits stage recorded."""
     return [
         {
-            **_identity(g),
+            **group_identity(g),
             "precision": cell.precision,
             "observer": cell.observer,
             "method": cell.method,
@@ -72,7 +62,7 @@ def _training(ctx: Context, plan) -> list[dict[str, Any]]:
         m = ctx.store.read_json(ctx.cache / "train" / ctx.train_key(g) / "meta.json")
         if m is not None:
             out.append(
-                {**_identity(g), "history": m.get("history", []), "seconds": m.get("seconds")}
+                {**group_identity(g), "history": m.get("history", []), "seconds": m.get("seconds")}
             )
     return out
 
@@ -80,7 +70,7 @@ def _training(ctx: Context, plan) -> list[dict[str, Any]]:
 def _plans(ctx: Context, plan) -> list[dict[str, Any]]:
     """Per plan cell, the search's record (absent from details.json when there is none)."""
     return [
-        {**_identity(g), "precision": cell.precision, **lm["plan"]}
+        {**group_identity(g), "precision": cell.precision, **lm["plan"]}
         for g, cell, lm in _logits_records(ctx, plan)
         if lm.get("plan")
     ]
@@ -96,11 +86,7 @@ def _stage_images(ctx: Context, plan) -> list[dict[str, Any]]:
         halved = p.search == _images.TEST_HALF
         out.append(
             {
-                "dataset": g.dataset,
-                "arch": g.model.arch,
-                "width": g.model.width,
-                "objective": g.objective,
-                "seed": g.seed,
+                **group_identity(g),
                 "recal_fit": p.recal,
                 "search": p.search,
                 "plans_scored_on": _images.REPORT_HALF if halved else "test",
@@ -144,14 +130,7 @@ def _diagnostics(ctx: Context, plan) -> list[dict[str, Any]]:
                 q[f"{split}_labels"],
                 fit_split=split,
             )
-            d.update(
-                dataset=g.dataset,
-                arch=g.model.arch,
-                width=g.model.width,
-                objective=g.objective,
-                seed=g.seed,
-                precision=cell.precision,
-            )
+            d.update(**group_identity(g), precision=cell.precision)
             out.append(d)
     return out
 
@@ -164,14 +143,7 @@ def _attributions(ctx: Context, plan) -> list[dict[str, Any]]:
     for g, cells in plan:
         tkey = ctx.train_key(g)
         for cell in attribution_cells(ctx.config, cells):
-            ident = {
-                "dataset": g.dataset,
-                "arch": g.model.arch,
-                "width": g.model.width,
-                "objective": g.objective,
-                "seed": g.seed,
-                "precision": cell.precision,
-            }
+            ident = {**group_identity(g), "precision": cell.precision}
             rec = ctx.store.read_json(ctx.attribution_path(cell, tkey), ("groups",))
             if rec is not None:
                 if not rec.get("images"):  # cached before records said it: val (keyed so)

@@ -75,7 +75,8 @@ def _blurred(ref: torch.Tensor, seed: int) -> torch.Tensor:
         kk = kk / kk.sum()
         shape = (c, 1, 1, size) if dim == 3 else (c, 1, size, 1)
         padding = (pad, pad, 0, 0) if dim == 3 else (0, 0, pad, pad)
-        x = F.conv2d(F.pad(x, padding, mode="reflect"), kk.view(shape).expand(shape), groups=c)
+        kernel = kk.view((1, 1, 1, size) if dim == 3 else (1, 1, size, 1)).expand(shape)
+        x = F.conv2d(F.pad(x, padding, mode="reflect"), kernel, groups=c)
     return x.round().clamp(0, 255).to(torch.uint8)
 
 

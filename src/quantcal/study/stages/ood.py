@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantcal.study.cells import Group, QuantCell
+from quantcal.study.cells import Group, QuantCell, group_identity
 from quantcal.study.config import content_hash
 from quantcal.study.keys import logits_key, ood_logits_key
 from quantcal.study.stages.base import Need, Stage
@@ -190,11 +190,7 @@ def score_ood(
             z["fp32_" + part] = recalibrate(method, f, f)[0]
         for score in ood.OOD_SCORES:
             rec: dict[str, Any] = {
-                "dataset": cell.group.dataset,
-                "arch": cell.group.model.arch,
-                "width": cell.group.model.width,
-                "objective": cell.group.objective,
-                "seed": cell.group.seed,
+                **group_identity(cell.group),
                 "precision": cell.precision,
                 "observer": cell.observer or "-",
                 "method": "-" if cell.is_fp32 else cell.method,
@@ -236,14 +232,9 @@ def ood_section(ctx: Context, plan) -> list[dict[str, Any]]:
                 if hit is not None:
                     out.extend(hit["records"])
                     continue
-                g = cell.group
                 out.append(
                     {
-                        "dataset": g.dataset,
-                        "arch": g.model.arch,
-                        "width": g.model.width,
-                        "objective": g.objective,
-                        "seed": g.seed,
+                        **group_identity(cell.group),
                         "precision": cell.precision,
                         "ood_set": spec,
                         "error": errors.get(cell, "not computed (see the log)"),
