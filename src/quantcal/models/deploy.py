@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantcal.models.lift import lift_functional_layers
+from quantcal.models.opaque import conv_form, opaque_notes
 
 __all__ = [
     "DEPLOY_CHECK_RTOL",
@@ -38,6 +39,7 @@ __all__ = [
     "fold_bn_weights",
     "to_deploy",
     "trace",
+    "trace_opaque",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -86,16 +88,20 @@ _LEAF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class _PathTracer(fx.Tracer):
     """A tracer that remembers which module it is inside, to name it when tracing fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: set[int] | None = None) -> None:
         super().__init__()
         self.stack: list[tuple[str, str]] = []
+        self.modules_stack: list[nn.Module] = []  # the modules of ``stack``
+        self.leaves = leaves or set()  # ids of blocks kept opaque (``trace_opaque``)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """torch's leaves, plus subclasses of a conv or linear layer (a library's own
         ``Linear``) that keep its ``forward``: they compute exactly that layer with the module's
         own weight, so they stay modules and get quantized as such. A subclass with its own
         ``forward`` (weight standardization, say) is traced through, and its functional call is
-        named by ``quantize``."""
+        named by ``quantize``. The blocks in ``leaves`` are leaves too (``trace_opaque``)."""
+        if id(m) in self.leaves:
+            return True
         for base in _LEAF_LAYERS:
             if isinstance(m, base) and type(m).forward is base.forward:
                 return True
@@ -107,8 +113,10 @@ class _PathTracer(fx.Tracer):
         except NameError:  # a module that is not a registered submodule of the root
             path = f"<unregistered {type(m).__name__}>"
         self.stack.append((path, type(m).__name__))
+        self.modules_stack.append(m)
         result = super().call_module(m, forward, args, kwargs)
         self.stack.pop()  # left in place when tracing fails, so the error can name the module
+        self.modules_stack.pop()
         return result
 
 
@@ -122,21 +130,50 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
-        where = (
-            f"submodule {tracer.stack[-1][0]!r} ({tracer.stack[-1][1]})"
-            if tracer.stack
-            else f"the top-level module ({type(model).__name__})"
-        )
-        raise ValueError(
-            f"torch.fx could not trace {type(model).__name__}: the error arose in {where}: "
-            f"{type(err).__name__}: {err}. quantcal rewrites fx graphs, so the model must be "
-            "symbolically traceable: make control flow independent of tensor values and shapes, "
-            "or wrap the offending function with torch.fx.wrap (a leaf function) and call every "
-            "conv and linear module outside it: quantize cannot quantize what runs inside a "
-            "wrapped function (it names those computations as left in fp32)."
-        ) from err
+        raise _trace_error(model, tracer, err) from err
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, class_name=name)
+
+
+def _trace_error(model: nn.Module, tracer: _PathTracer, err: Exception) -> ValueError:
+    """The ValueError of a failed trace, naming the innermost module being traced."""
+    where = (
+        f"submodule {tracer.stack[-1][0]!r} ({tracer.stack[-1][1]})"
+        if tracer.stack
+        else f"the top-level module ({type(model).__name__})"
+    )
+    return ValueError(
+        f"torch.fx could not trace {type(model).__name__}: the error arose in {where}: "
+        f"{type(err).__name__}: {err}. quantcal rewrites fx graphs, so the model must be "
+        "symbolically traceable: make control flow independent of tensor values and shapes, "
+        "or wrap the offending function with torch.fx.wrap (a leaf function) and call every "
+        "conv and linear module outside it: quantize cannot quantize what runs inside a "
+        "wrapped function (it names those computations as left in fp32)."
+    )
+
+
+def trace_opaque(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``trace``, keeping each block fx cannot trace as one opaque leaf module: when a trace
+    fails inside a registered submodule, that innermost block becomes a leaf and the trace
+    starts over, until it succeeds. Returns the graph and ``{block path: "Class: error"}`` (in
+    the order found; empty when the model traces). A failure in the top-level module, in an
+    unregistered module or at a leaf raises ``trace``'s ValueError."""
+    leaves: dict[int, tuple[str, str]] = {}
+    while True:
+        tracer = _PathTracer(set(leaves))
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
+            block = tracer.modules_stack[-1] if tracer.modules_stack else None
+            path = tracer.stack[-1][0] if tracer.stack else ""
+            if block is None or id(block) in leaves or path.startswith("<unregistered"):
+                raise _trace_error(model, tracer, err) from err
+            leaves[id(block)] = (path, f"{type(block).__name__}: {type(err).__name__}: {err}")
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    # a block found early may sit inside one found later: only the outermost stay leaves
+    return gm, {path: why for path, why in leaves.values() if path in called}
 
 
 #: Methods that turn a training-form block into its deploy form, in the order they are tried:
@@ -239,6 +276,8 @@ def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> f
         return None
     layer = gm.get_submodule(src.target)
     channels = bn.num_features
+    if isinstance(layer, _CONVS) and conv_form(layer) not in ("plain", "same"):
+        return None  # an opaque conv subclass (weight standardization, ...): its own function
     if isinstance(layer, _CONVS):
         bn_type = next(b for c, b in _BN_FOR_CONV.items() if isinstance(layer, c))
         ok = isinstance(bn, bn_type) and layer.out_channels == channels
@@ -406,7 +445,10 @@ def to_deploy(
     rounding), keeps plain attributes such as ``num_classes``, and leaves ``model`` untouched.
     Function calls with constant weights become modules (``models.lift``). A BatchNorm that does
     not directly follow a conv layer (whose output only it uses) stays, and a ``UserWarning``
-    names it. Raises ValueError when the model is not fx-traceable.
+    names it. A block torch.fx cannot trace stays one opaque leaf module (``trace_opaque``):
+    a ``UserWarning`` names it and the BatchNorms left unfolded inside it, and the graph's
+    ``opaque_blocks`` records it (``quant.quantize`` quantizes the conv/linear modules inside
+    it by module). Raises ValueError when even that fails (the top-level module's own code).
 
     Args:
         model: any fx-traceable module (train or eval form).
@@ -439,7 +481,9 @@ def to_deploy(
         work = (work if new is None else new).eval()
     else:
         work = _reparameterize(work).eval()
-    gm = trace(work)
+    gm, opaque = trace_opaque(work)
+    if opaque:
+        warnings.warn(opaque_notes(gm, opaque), UserWarning, stacklevel=2)
     lift_functional_layers(gm)
     unfolded = copy.deepcopy(gm) if check_input is not None else None
     left = _fold_batchnorms(gm) + _functional_batchnorms(gm)
@@ -453,6 +497,8 @@ def to_deploy(
         )
     copy_public_attributes(model, gm)
     gm.eval()
+    #: The blocks torch.fx could not trace, kept as opaque leaf modules: ``{path: why}``.
+    gm.opaque_blocks = opaque
     gm.deploy_check = None
     if check_input is not None:
         gm.deploy_check = _check_equivalent(reference, gm, check_input, unfolded)

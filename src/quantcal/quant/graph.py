@@ -113,6 +113,9 @@ def unquantized_computations(gm: torch.fx.GraphModule) -> list[str]:
     from quantcal.models.lift import constant_nodes, weight_owner
 
     constants = constant_nodes(gm)
+    # blocks fx could not trace (``to_deploy``): their layers are quantized by module and what
+    # they leave in fp32 is found at run time (``quant.fallback``, ``quant.runtime_count``)
+    opaque = getattr(gm, "opaque_blocks", None) or {}
     out = []
     for node in gm.graph.nodes:
         if node in constants:
@@ -125,7 +128,7 @@ def unquantized_computations(gm: torch.fx.GraphModule) -> list[str]:
             out.append(f"{owner} ({_FUNCTIONAL_LAYERS[node.target]} call)")
         elif node.op == "call_method" and node.target in _MATMUL_METHODS:
             out.append(f"{owner} (.{node.target} call)")
-        elif node.op == "call_module":
+        elif node.op == "call_module" and node.target not in opaque:
             module = gm.get_submodule(node.target)
             if _weighted_leaf(module):
                 out.append(f"{node.target} ({type(module).__name__})")

@@ -73,7 +73,8 @@ class LayerReport:
 class LayerTable(list):
     """A list of ``LayerReport`` with ``to_rows()`` for tables and plots, and ``coverage``: the
     model's ``quant_coverage`` (``quantized`` and ``total`` conv/linear computations, the
-    ``fp32`` names of those left unquantized), printed as the table's first line."""
+    ``fp32`` names of those left unquantized, and ``by_module``, when present, the quantized
+    layers inside blocks torch.fx could not trace), printed as the table's first line."""
 
     coverage: dict[str, Any] | None = None
 
@@ -87,6 +88,9 @@ class LayerTable(list):
         cov = self.coverage
         if cov:
             left = f"; left in fp32: {', '.join(cov['fp32'])}" if cov["fp32"] else ""
+            inside = cov.get("by_module") or []
+            if inside:  # quant.fallback: inside blocks torch.fx could not trace
+                left = f" ({len(inside)} quantized by module: {', '.join(inside)}){left}"
             lines.insert(
                 0,
                 f"quantized {cov['quantized']} of {cov['total']} conv/linear computations{left}",

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantcal.quant.config import QuantConfig
+from quantcal.quant.fallback import layer_class, layers_by_module, warn_by_module
 from quantcal.quant.graph import (
     QUANTIZABLE,
     device_of,
-    layer_order,
     run_with_pre_hooks,
     set_submodule,
     unquantized_computations,
 )
-from quantcal.quant.layers import QuantConv, QuantizedLayer, QuantLinear
+from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.observers import RangeObserver, get_observer
 
 __all__ = ["LayerTarget", "finish_quantized", "observe_ranges"]
@@ -45,6 +45,7 @@ class LayerTarget:
         modules: dict[str, nn.Module],
         bits: dict[str, tuple[int, int]],
         left: list[str],
+        by_module: dict[str, str] | None = None,
     ) -> None:
         self.config, self.names, self.modules, self.bits, self.left = (
             config,
@@ -53,10 +54,12 @@ class LayerTarget:
             bits,
             left,
         )
+        #: ``{layer: opaque block}`` of the layers quantized by module (``quant.fallback``).
+        self.by_module = by_module or {}
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule, config: QuantConfig) -> LayerTarget:
-        names = layer_order(gm)
+        names, by_module = layers_by_module(gm)
         left = unquantized_computations(gm)
         if left:
             message = (
@@ -78,7 +81,8 @@ class LayerTarget:
             )
         modules = {name: gm.get_submodule(name) for name in names}
         bits = {name: _layer_bits(config, i, len(names), name) for i, name in enumerate(names)}
-        return cls(config, names, modules, bits, left)
+        warn_by_module(by_module)
+        return cls(config, names, modules, bits, left, by_module)
 
     def observer(self, name: str) -> RangeObserver:
         """A fresh range estimator of the config for layer ``name``'s activation bits."""
@@ -88,7 +92,7 @@ class LayerTarget:
     def layer(self, name: str, act_range: tuple[float, float]) -> QuantizedLayer:
         """Layer ``name`` quantized from its current fp32 module with the given input range."""
         module = self.modules[name]
-        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv
+        cls = layer_class(module)  # QuantLinear, QuantConv or (TF "same" padding) QuantConvSame
         return cls(
             module,
             weight_bits=self.bits[name][0],
@@ -161,6 +165,8 @@ def finish_quantized(
         "total": len(target.names) + len(target.left) + sum(n for _, n in hidden),
         "fp32": [*target.left, *(entry for entry, _ in hidden)],
     }
+    if target.by_module:  # counted in "quantized"; named apart (inside opaque blocks)
+        gm.quant_coverage["by_module"] = list(target.by_module)
     return gm
 
 
@@ -292,10 +298,12 @@ def _mark_owned_inputs(gm: torch.fx.GraphModule, qlayers: dict[str, QuantizedLay
     ``_is_temporary``), so its forward may fake-quantize that input in place. Bit-identical to
     the copying path; it only saves an allocation per layer."""
     owned = dict.fromkeys(qlayers, True)
+    called: set[str] = set()  # layers inside opaque blocks are never called by the graph
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in qlayers:
+            called.add(str(node.target))
             arg = node.args[0] if node.args else None
             if not (isinstance(arg, torch.fx.Node) and _is_temporary(gm, arg)):
                 owned[str(node.target)] = False
     for name, qlayer in qlayers.items():
-        qlayer.owns_input = owned[name]
+        qlayer.owns_input = owned[name] and name in called

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from quantcal.quant.fallback import sequential_refusal
 from quantcal.quant.graph import device_of, set_submodule
 from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.target import LayerTarget
@@ -72,6 +73,9 @@ def run_sequential(
     for i, node in enumerate(nodes):
         for arg in node.all_input_nodes:
             last_use[arg] = i
+    refusal = sequential_refusal(gm, target.names)  # layers inside opaque blocks
+    if refusal is not None:
+        raise refusal
     layers = set(target.names)
     originals = dict(target.modules)
     done: dict[str, QuantizedLayer] = {}

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantcal.models.opaque import keeps_torch_forward
 from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.methods._sequential import (
     channel_dim,
@@ -65,12 +66,13 @@ class EqualizationPair:
 
 
 def _is_layer(gm: fx.GraphModule, node: Any) -> bool:
+    """A conv/linear layer node whose module computes the plain layer (not an opaque conv
+    subclass: TF "same" padding would make bias absorption inexact, weight standardization
+    would undo the rescaling)."""
     return (
         isinstance(node, fx.Node)
         and node.op == "call_module"
-        and isinstance(
-            gm.get_submodule(str(node.target)), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-        )
+        and keeps_torch_forward(gm.get_submodule(str(node.target)))
     )
 
 
