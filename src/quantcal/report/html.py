@@ -193,12 +193,12 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``figures/*.png`` and a self-contained ``report.html``; returns the HTML path."""
     run = Path(run_dir)
     every = load_rows(run, shifted=True)
-    rows = clean_rows(every)
     details_path = run / "details.json"
     details = json.loads(details_path.read_text()) if details_path.exists() else {}
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
     config_text = (run / "config.toml").read_text() if (run / "config.toml").exists() else ""
-    rows, details = short_labels(rows, details)
+    every, details = short_labels(every, details)
+    rows = clean_rows(every)
     figs: list[tuple[str, str, bytes]] = []
     ok = _ok(rows)
     if ok:

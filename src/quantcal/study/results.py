@@ -46,13 +46,14 @@ def collect_rows(ctx: Context, plan) -> tuple[list[dict], int]:
 def write_csv(
     out_dir: Path,
     rows: list[dict],
-    columns: tuple[str, ...] = RESULT_COLUMNS,
+    columns: tuple[str, ...] | None = None,
     name: str = "results.csv",
 ) -> Path:
-    """``out_dir/NAME``: one line per row, the ``columns`` (of :data:`RESULT_COLUMNS`)."""
+    """``out_dir/NAME``: one line per row, the ``columns`` (default :data:`RESULT_COLUMNS`)."""
     import csv
     import io
 
+    columns = RESULT_COLUMNS if columns is None else columns
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()

@@ -83,14 +83,14 @@ def failure_detection_beyond_accuracy(rows: list[dict]) -> Claim:
     )
     if not verdicts:
         return Claim(
-            "failure_detection",
+            "failure_detection_beyond_accuracy",
             statement,
             "not tested",
             ("needs an fp32 and a quantized precision",),
             tested=False,
         )
     return Claim(
-        "failure_detection", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
+        "failure_detection_beyond_accuracy", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
     )
 
 
@@ -129,13 +129,13 @@ def quantization_and_corruption_compound(rows: list[dict], *, shifted: list[dict
                 )
     if not verdicts:
         return Claim(
-            "shift_compound",
+            "quantization_and_corruption_compound",
             statement,
             "not tested",
             ("needs [data] shifts and a quantized precision",),
             tested=False,
         )
-    return Claim("shift_compound", statement, summarise(verdicts), tuple(evidence), tuple(numbers))
+    return Claim("quantization_and_corruption_compound", statement, summarise(verdicts), tuple(evidence), tuple(numbers))
 
 
 @register_claim
@@ -168,14 +168,14 @@ def temperature_holds_under_shift(rows: list[dict], *, shifted: list[dict]) -> C
                 )
     if not verdicts:
         return Claim(
-            "shift_temperature",
+            "temperature_holds_under_shift",
             statement,
             "not tested",
             ("needs [data] shifts and the temperature recalibrator",),
             tested=False,
         )
     return Claim(
-        "shift_temperature", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
+        "temperature_holds_under_shift", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
     )
 
 
@@ -231,7 +231,7 @@ def ood_moves_with_calibration(rows: list[dict], details: dict[str, Any]) -> Cla
                 )
     if not verdicts:
         return Claim(
-            "ood_direction",
+            "ood_moves_with_calibration",
             statement,
             "not tested",
             ("needs [data] ood and a quantized precision",),
@@ -239,7 +239,7 @@ def ood_moves_with_calibration(rows: list[dict], details: dict[str, Any]) -> Cla
         )
     evidence.sort(key=lambda s: prec_key(s.split(" on ")[0].rsplit(" ", 1)[-1]))
     return Claim(
-        "ood_direction",
+        "ood_moves_with_calibration",
         statement,
         f"see the numbers: {summarise(verdicts)}",
         tuple(evidence),
