@@ -344,3 +344,30 @@ def test_sequential_methods_reach_same_padding_convs_in_the_graph():
     with torch.no_grad():
         ref = model(x)
         assert float((q(x) - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+def test_qat_fine_tunes_the_layers_quantized_by_module():
+    from quantcal.training.data import Split
+    from quantcal.training.train import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 4
+    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (64, 3, 8, 8), generator=g)
+    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(64))
+    torch.manual_seed(0)
+    model = Net(GateNoProduct).eval()
+    calib = [x for x, _ in split.batches(32)]
+    ptq, _ = _quantize(model, calib)
+    qat, _ = _quantize(
+        model,
+        calib,
+        method="qat",
+        train_data=split,
+        train_config=TrainConfig(epochs=1, batch_size=16, schedule="cosine", augment=False),
+        method_options={"epochs": 1, "lr": 0.01},
+    )
+    assert qat.quant_coverage["by_module"] == ["block.conv", "block.fc"]
+    assert isinstance(qat.block.conv, QuantConv) and not qat.training
+    assert not torch.equal(qat.block.conv.weight_fp32, ptq.block.conv.weight_fp32)  # trained
+    with torch.no_grad():
+        assert torch.isfinite(qat(calib[0])).all()

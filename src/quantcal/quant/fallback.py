@@ -19,8 +19,11 @@ Everything else inside a block (attention matmuls, weights used through ``F.line
 subclass with its own arithmetic) runs in fp32 and is named by the run-time count
 (``quant.runtime_count``); the layers quantized by module are listed in the model's
 ``quant_coverage["by_module"]``. BatchNorms inside a block are not folded (``to_deploy`` says
-so). Methods that run the graph node by node (``QuantConfig(sequential=True)``, ``cle_bc``'s
-bias correction, ``adaround``) cannot reach layers inside a block and refuse such models.
+so). ``ptq`` observes them like any layer; ``qat`` fine-tunes them like any layer (a
+BatchNorm left inside a block trains in train mode then, as any unfolded BatchNorm does).
+Methods that run the graph node by node (``QuantConfig(sequential=True)``, ``cle_bc``'s bias
+correction, ``adaround``) cannot reach layers inside a block and refuse such models; a
+same-padding conv that is itself the block is a graph node, which they reach.
 """
 
 from __future__ import annotations
