@@ -83,8 +83,8 @@ class _FastMetric:
         elif name in ("aurc", "excess_aurc"):
             group, counts = conf_groups(conf)
             self.n_groups = int(counts.shape[0])
-            self.rank = (self.n_groups - 1 - group).cpu().numpy()  # tie block, most confident 0
-            self.wrong = (~correct).double().cpu().numpy()
+            rank = (self.n_groups - 1 - group).cpu().numpy()  # tie block, most confident 0
+            self.code = rank * 2 + (~correct).long().cpu().numpy()  # 2·block + wrong
             self.harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, self.n + 1))])
         elif name == "adaptive_ece":
             group, counts = conf_groups(conf)
@@ -134,17 +134,22 @@ class _FastMetric:
         harmonic numbers. ``excess_aurc`` subtracts the perfect ranking's
         ``((N - R) - R (H(N) - H(R))) / N`` with R right predictions in the resample."""
         r, g, n = idx.shape[0], self.n_groups, self.n
-        key = (self.rank[idx] + (np.arange(r, dtype=np.int64) * g)[:, None]).ravel()
-        w = np.bincount(key, minlength=r * g).reshape(r, g).astype(np.float64)
-        e = np.bincount(key, weights=self.wrong[idx].ravel(), minlength=r * g).reshape(r, g)
+        key = self.code[idx]
+        key += (np.arange(r, dtype=np.int64) * (2 * g))[:, None]
+        both = np.bincount(key.ravel(), minlength=2 * r * g).reshape(r, g, 2)
+        e = both[:, :, 1]
+        w = both[:, :, 0] + e
         upto = np.cumsum(w, axis=1)
         before = upto - w
+        dh = self.harmonic[upto] - self.harmonic[before]
         errors_before = np.cumsum(e, axis=1) - e
-        dh = self.harmonic[upto.astype(np.int64)] - self.harmonic[before.astype(np.int64)]
-        frac = np.divide(e, w, out=np.zeros_like(e), where=w > 0)
-        out = (errors_before * dh + frac * (w - before * dh)).sum(axis=1) / n
+        # Σ_b [E_{b-1} ΔH + e_b − (e_b / w_b) C_{b-1} ΔH]; an empty block adds nothing
+        frac = e / np.maximum(w, 1)
+        wrong = e.sum(axis=1)
+        out = ((errors_before - frac * before) * dh).sum(axis=1) + wrong
+        out /= n
         if self.name == "excess_aurc":
-            right = np.rint(n - e.sum(axis=1)).astype(np.int64)
+            right = n - wrong
             out -= ((n - right) - right * (self.harmonic[n] - self.harmonic[right])) / n
         return out
 
