@@ -11,8 +11,15 @@ rounded to 1/8 so confidences tie, as low-precision logits do):
 2. FPR at 95 % TPR: ``metrics.failure_fpr_at_tpr`` vs ``sklearn.metrics.roc_curve`` plus the
    first point with TPR >= 0.95;
 3. AURC: ``metrics.aurc`` (ties averaged over their orders) alone, with the time of a plain
-   ``torch.sort`` of the confidences beside it as the floor (scikit-learn has no AURC, and no
-   installed package computes it with ties handled).
+   ``torch.sort`` of the confidences beside it as the floor (scikit-learn has no AURC);
+4. AURC against torch-uncertainty's ``AURC`` metric (``update`` with softmax probabilities, then
+   ``compute``) on the same logits unrounded (no ties, where both definitions are exact). It
+   integrates the risk over coverage k/N by the trapezoid rule and divides by (1 − 1/N), so
+   quantcal's value (the mean of the risks) is converted to that form for the comparison:
+   ``(N · AURC − (risk(1) + risk(N)) / 2) / (N − 1)``. Its package imports Lightning, so the one
+   file that defines the metric is loaded on its own from an installed copy, e.g.
+   ``pip install --no-deps --target /tmp/tu torch-uncertainty`` and ``PYTHONPATH=/tmp/tu``;
+   absent, the part is skipped with a message.
 
 Contenders are interleaved and repeated; medians and ratios are printed with both values.
 scikit-learn is a dev dependency: without it the peers are skipped with a message.
@@ -98,6 +105,46 @@ def main() -> None:
         f"{'AURC (ties averaged)':22s} quantcal {_ms(r['aurc'][0])} = {r['aurc'][1]:.6f}"
         f" | softmax + sort alone {_ms(r['sort'][0])}"
     )
+    peer = _torch_uncertainty_aurc()
+    if peer is None:
+        print("torch-uncertainty is not installed: its AURC is skipped (see the docstring)")
+        return
+    zu = torch.randn(n, 100, generator=torch.Generator().manual_seed(1)) * 3  # no ties
+
+    def theirs() -> float:
+        m = peer()
+        m.update(torch.softmax(zu, 1), y)
+        return float(m.compute())
+
+    r = race(
+        {"quantcal": lambda: metrics.aurc(zu, y), "torch-uncertainty": theirs},
+        repeats,
+        warmup=True,
+    )
+    curve = metrics.risk_coverage(zu, y)  # the conversion, outside the timed calls
+    ends = (float(curve.risk[0]) + float(curve.risk[-1])) / 2
+    converted = (n * r["quantcal"][1] - ends) / (n - 1)
+    ratio = r["torch-uncertainty"][0] / r["quantcal"][0]
+    print(
+        f"{'AURC, no ties':22s} quantcal {_ms(r['quantcal'][0])} = {converted:.6f}"
+        f" | torch-uncertainty {_ms(r['torch-uncertainty'][0])} = "
+        f"{r['torch-uncertainty'][1]:.6f} | {ratio:.1f}x"
+    )
+
+
+def _torch_uncertainty_aurc():
+    """torch-uncertainty's ``AURC`` class, its defining file loaded alone; None if absent."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torch_uncertainty")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0], "metrics/classification/risk_coverage.py")
+    file_spec = importlib.util.spec_from_file_location("_tu_risk_coverage", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.AURC
 
 
 if __name__ == "__main__":

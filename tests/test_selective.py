@@ -148,3 +148,31 @@ def test_bootstrap_fast_aurc_equals_the_callable_loop_on_tied_confidences():
         est, lo, hi = bootstrap.paired_bootstrap_diff(name, z, z / 4, y, n_resamples=60, seed=3)
         assert est == pytest.approx(fn(z, y) - fn(z / 4, y), abs=1e-12)
         assert lo <= hi
+
+
+def test_aurc_agrees_with_torch_uncertainty_where_installed():
+    """torch-uncertainty's AURC integrates the risk over coverage k/N by the trapezoid rule and
+    divides by 1 - 1/N; without ties the two are the same area: ``(N·aurc − (r_1 + r_N)/2) /
+    (N − 1)``. Its package imports Lightning, so the file defining the metric is loaded alone
+    (``pip install --no-deps --target DIR torch-uncertainty``, DIR on PYTHONPATH)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torch_uncertainty")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("torch-uncertainty is not installed")
+    path = Path(spec.submodule_search_locations[0], "metrics/classification/risk_coverage.py")
+    file_spec = importlib.util.spec_from_file_location("_tu_risk_coverage", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(2)
+    for n in (2, 7, 500):
+        z = torch.randn(n, 6, generator=g, dtype=torch.float64) * 2
+        y = torch.randint(0, 6, (n,), generator=g)
+        m = module.AURC()
+        m.update(torch.softmax(z, 1), y)
+        curve = selective.risk_coverage(z, y)
+        ours = (n * selective.aurc(z, y) - (float(curve.risk[0]) + float(curve.risk[-1])) / 2) / (
+            n - 1
+        )
+        assert ours == pytest.approx(float(m.compute()), abs=1e-6), n  # its coverage is float32
