@@ -66,6 +66,11 @@ class QuantConfig:
         a weight-standardized conv traced through, or a transposed conv): "warn" (default) names
         each one in a warning, which a study records in the notes column, so a sweep over many
         models goes on and says which numbers are partly fp32; "error" refuses the model.
+      quantize_matmuls: quantize the products of two activations (attention's ``Q Kᵀ`` and
+        ``A V``) as integer runtimes run them, both operands per tensor at ``act_bits`` with
+        their own ranges (``quant.matmul``), with ``F.scaled_dot_product_attention`` and
+        ``nn.MultiheadAttention`` decomposed into projections, products and a float softmax
+        (``quant.attention``); default True. False keeps them in fp32, named as such.
     """
 
     weight_bits: int = 8
@@ -79,6 +84,7 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, int, int], ...] = ()
     weight_granularity: str = "channel"
     sequential: bool = False
+    quantize_matmuls: bool = True
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -120,6 +126,10 @@ class QuantConfig:
             raise TypeError(
                 f"QuantConfig.sequential must be True or False, got {self.sequential!r}"
             )
+        if not isinstance(self.quantize_matmuls, bool):
+            raise TypeError(
+                f"QuantConfig.quantize_matmuls must be True or False, got {self.quantize_matmuls!r}"
+            )
         if self.on_unsupported not in ("warn", "error"):
             raise ValueError(
                 f"QuantConfig.on_unsupported must be 'warn' or 'error', got {self.on_unsupported!r}"
@@ -154,7 +164,11 @@ class QuantConfig:
             d["layer_bits"] = [list(t) for t in self.layer_bits]
         else:  # uniform configs keep the dict (and the cache keys made from it) of before
             del d["layer_bits"]
-        for key, default in (("weight_granularity", "channel"), ("sequential", False)):
+        for key, default in (
+            ("weight_granularity", "channel"),
+            ("sequential", False),
+            ("quantize_matmuls", True),
+        ):
             if d[key] == default:  # likewise: the keys of before for the study's scheme
                 del d[key]
         return d

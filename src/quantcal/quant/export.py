@@ -53,6 +53,7 @@ from quantcal.quant.export_graph import (
     quantize_bias_initializers,
     quantized_products,
 )
+from quantcal.quant.matmul import QuantMatMul
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -146,6 +147,14 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
         raise ValueError(
             "export_onnx needs a model returned by quant.quantize with a quantized precision "
             f"(e.g. 'W8A8'); {type(qmodel).__name__} has no quantized layers"
+        )
+    products = [name for name, m in qmodel.named_modules() if isinstance(m, QuantMatMul)]
+    if products:  # a MatMul with QDQ on both inputs is not written yet: refuse, never fp32
+        raise ValueError(
+            f"export_onnx does not yet write quantized products of two activations (QDQ around "
+            f"MatMul); this model has {len(products)}: {', '.join(products[:4])}"
+            f"{' ...' if len(products) > 4 else ''}. Quantize it with "
+            "QuantConfig(quantize_matmuls=False) to export it with those products in fp32"
         )
     for name, layer in layers:
         if layer.bias_bits not in (None, 32):

@@ -30,9 +30,10 @@ from quantcal.quant.apply import (
     fake_quant_disabled,
     quantized_layers,
 )
+from quantcal.quant.matmul import MATMUL_OPS, QuantMatMul, matmul_modules
 from quantcal.quant.primitives import quantize_per_channel
 
-__all__ = ["LayerReport", "LayerTable", "inspect", "sqnr_db"]
+__all__ = ["LayerReport", "LayerTable", "ProductReport", "inspect", "sqnr_db"]
 
 _CHUNK = 32  # images per forward while comparing, so stored layer outputs stay small
 
@@ -70,6 +71,55 @@ class LayerReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ProductReport:
+    """One quantized product of two activations (``quant.matmul.QuantMatMul``): each operand's
+    scale, zero-point, observed range and clipping fraction (``a`` the left operand, ``b`` the
+    right one; ``clip_fraction`` the larger of the two) and the output's SQNRs as for a layer."""
+
+    name: str
+    kind: str
+    op: str
+    act_bits: int
+    scale_a: float
+    zero_point_a: int
+    range_a_min: float
+    range_a_max: float
+    clip_fraction_a: float
+    scale_b: float
+    zero_point_b: int
+    range_b_min: float
+    range_b_max: float
+    clip_fraction_b: float
+    clip_fraction: float
+    sqnr_db: float = math.nan
+    sqnr_isolated_db: float = math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (a table row)."""
+        return asdict(self)
+
+
+def _product_record(name: str, m: QuantMatMul) -> ProductReport:
+    return ProductReport(
+        name=name,
+        kind=m.kind,
+        op=m.op,
+        act_bits=m.act_bits,
+        scale_a=m.scale_a,
+        zero_point_a=m.zero_point_a,
+        range_a_min=m.range_a[0],
+        range_a_max=m.range_a[1],
+        clip_fraction_a=m.clip_fraction_a,
+        scale_b=m.scale_b,
+        zero_point_b=m.zero_point_b,
+        range_b_min=m.range_b[0],
+        range_b_max=m.range_b[1],
+        clip_fraction_b=m.clip_fraction_b,
+        clip_fraction=max(m.clip_fraction_a, m.clip_fraction_b),
+    )
+
+
 class LayerTable(list):
     """A list of ``LayerReport`` with ``to_rows()`` for tables and plots, and ``coverage``: the
     model's ``quant_coverage`` (``quantized`` and ``total`` conv/linear computations, the
@@ -77,10 +127,23 @@ class LayerTable(list):
     layers inside blocks torch.fx could not trace), printed as the table's first line."""
 
     coverage: dict[str, Any] | None = None
+    #: The quantized products of two activations (``ProductReport``), after the layers in
+    #: ``to_rows`` and in the printed table.
+    products: list[ProductReport] = []  # noqa: RUF012  (replaced per table, never mutated)
+
+    def float_ops(self) -> list[str]:
+        """The computations kept in float (softmax, LayerNorm, GELU), as in ``coverage``."""
+        return list((self.coverage or {}).get("float_ops") or [])
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One plain dict per layer, in the model's order."""
-        return [r.as_dict() for r in self]
+        """One plain dict per layer, in the model's order; then one per quantized product of
+        two activations (``kind`` "MatMul") and one per computation kept in float (``kind``
+        "softmax", "layer_norm" or "gelu", ``precision`` "float")."""
+        rows = [r.as_dict() for r in self] + [p.as_dict() for p in self.products]
+        for entry in self.float_ops():
+            kind = entry.rpartition(" (")[2].rstrip(")")
+            rows.append({"name": entry.rpartition(" (")[0], "kind": kind, "precision": "float"})
+        return rows
 
     def __str__(self) -> str:
         head = f"{'layer':40s} {'kind':8s} {'W':>2s} {'A':>2s} {'clip %':>7s} {'SQNR dB':>8s}"
@@ -100,6 +163,13 @@ class LayerTable(list):
                 f"{r.name[-40:]:40s} {r.kind:8s} {r.weight_bits:2d} {r.act_bits:2d} "
                 f"{100 * r.clip_fraction:7.3f} {r.sqnr_db:8.2f}"
             )
+        for p in self.products:
+            lines.append(
+                f"{p.name[-40:]:40s} {p.kind:8s} {'-':>2s} {p.act_bits:2d} "
+                f"{100 * p.clip_fraction:7.3f} {p.sqnr_db:8.2f}"
+            )
+        if self.float_ops():
+            lines.append(f"kept in float: {', '.join(self.float_ops())}")
         return "\n".join(lines)
 
 
@@ -164,10 +234,24 @@ def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> La
         )
     reports = [_record(name, layer) for name, layer in layers]
     coverage = getattr(qmodel, "quant_coverage", None)
+    products = [(n, m) for n, m in matmul_modules(qmodel) if m.calibrated]
+    records = [_product_record(n, m) for n, m in products]
     if calib_batches is None:
-        return _table(reports, coverage)
+        return _table(reports, coverage, records)
     xs = batch_inputs(calib_batches, "calib_batches")
-    sums = _sqnr_sums(qmodel, layers, xs)
+    sums = _sqnr_sums(qmodel, [*layers, *products], xs)
+    records = [
+        ProductReport(
+            **{
+                **p.as_dict(),
+                "sqnr_db": _ratio_db(sums[p.name]["signal"], sums[p.name]["noise"]),
+                "sqnr_isolated_db": _ratio_db(
+                    sums[p.name]["signal"], sums[p.name]["noise_isolated"]
+                ),
+            }
+        )
+        for p in records
+    ]
     out = []
     for r in reports:
         s = sums[r.name]
@@ -180,12 +264,15 @@ def inspect(qmodel: nn.Module, calib_batches: Iterable[Any] | None = None) -> La
                 }
             )
         )
-    return _table(out, coverage)
+    return _table(out, coverage, records)
 
 
-def _table(reports: list[LayerReport], coverage: dict[str, Any] | None) -> LayerTable:
+def _table(
+    reports: list[LayerReport], coverage: dict[str, Any] | None, products: list[ProductReport]
+) -> LayerTable:
     table = LayerTable(reports)
     table.coverage = coverage
+    table.products = products
     return table
 
 
@@ -200,8 +287,11 @@ def _sqnr_sums(
     def fp32_hook(module: QuantizedLayer, args: tuple, output: torch.Tensor, name: str) -> None:
         ref = output.detach().to(torch.float64)
         reference[name].append(ref.clone())  # clone: an in-place activation may follow
-        xq = module.quantize_input(args[0])
-        alone = module.layer_op(xq, module.weight, module.bias).to(torch.float64)
+        if isinstance(module, QuantMatMul):  # both operands quantized, the rest fp32
+            alone = MATMUL_OPS[module.op](*module.quantize_operands(*args)).to(torch.float64)
+        else:
+            xq = module.quantize_input(args[0])
+            alone = module.layer_op(xq, module.weight, module.bias).to(torch.float64)
         sums[name]["signal"] += float(ref.pow(2).sum())
         sums[name]["noise_isolated"] += float((ref - alone).pow(2).sum())
 

@@ -315,8 +315,10 @@ def quantized_layers(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
 @contextlib.contextmanager
 def fake_quant_disabled(qmodel: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``qmodel`` computes the fp32 deploy model exactly (fp32 weights, no
-    activation quantization); the previous state is restored afterwards."""
-    layers = [m for _, m in quantized_layers(qmodel)]
+    activation quantization); the previous state is restored afterwards. Every module with a
+    ``fake_quant_enabled`` switch is switched: the quantized layers and the quantized
+    activation products (``quant.matmul.QuantMatMul``)."""
+    layers = [m for m in qmodel.modules() if hasattr(m, "fake_quant_enabled")]
     states = [m.fake_quant_enabled for m in layers]
     try:
         for m in layers:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.matmul import QuantMatMul
 
 __all__ = ["COUNTED_OPS", "hidden_computations"]
 
@@ -85,10 +86,11 @@ class _Counting(TorchFunctionMode):
 
 def hidden_computations(model: nn.Module, x: Any) -> list[tuple[str, int]]:
     """Run ``model`` on ``x`` (no grad) and name the conv/linear/matmul computations that ran
-    outside its quantized layers and outside the code of its traced graph, i.e. inside opaque
-    functions or leaf modules: ``("FUNCTION (OP call at FILE:LINE, k at run time)", k)``, one
-    entry per call site, in the order they first ran. ``k`` counts the computations as fx counts
-    a graph's (each execution once: a helper called by 12 blocks makes 12)."""
+    outside its quantized layers and products (``QuantMatMul``) and outside the code of its
+    traced graph, i.e. inside opaque functions or leaf modules:
+    ``("FUNCTION (OP call at FILE:LINE, k at run time)", k)``, one entry per call site, in the
+    order they first ran. ``k`` counts the computations as fx counts a graph's (each execution
+    once: a helper called by 12 blocks makes 12)."""
     mode = _Counting()
 
     def enter(_m, _a):
@@ -99,7 +101,7 @@ def hidden_computations(model: nn.Module, x: Any) -> list[tuple[str, int]]:
 
     handles = []
     for m in model.modules():
-        if isinstance(m, QuantizedLayer):
+        if isinstance(m, (QuantizedLayer, QuantMatMul)):  # a quantized product is no fp32 one
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
     try:
         with torch.no_grad(), mode:

@@ -28,6 +28,12 @@ from quantcal.quant.graph import (
     unquantized_computations,
 )
 from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.matmul import matmul_modules
+from quantcal.quant.matmul_target import (
+    calibrate_products,
+    float_computations,
+    quantize_products,
+)
 from quantcal.quant.observers import RangeObserver, get_observer
 
 __all__ = ["LayerTarget", "finish_quantized", "observe_ranges"]
@@ -59,12 +65,15 @@ class LayerTarget:
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule, config: QuantConfig) -> LayerTarget:
+        # products of two activations (attention) become QuantMatMul modules first, and
+        # attention's projections plain linears (``QuantConfig.quantize_matmuls``)
+        products = len(quantize_products(gm, config))
         names, by_module = layers_by_module(gm)
         left = unquantized_computations(gm)
         if left:
             message = (
-                f"quantize: {len(names)} of {len(names) + len(left)} conv/linear computations "
-                f"quantized; left in fp32: {', '.join(left)}"
+                f"quantize: {len(names) + products} of {len(names) + products + len(left)} "
+                f"conv/linear computations quantized; left in fp32: {', '.join(left)}"
             )
             if config.on_unsupported == "error":
                 raise ValueError(
@@ -151,6 +160,7 @@ def finish_quantized(
     for name, qlayer in qlayers.items():
         set_submodule(gm, name, qlayer)
     _mark_owned_inputs(gm, qlayers)
+    products = calibrate_products(gm, target.config, xs)
     gm.requires_grad_(False)
     gm.quant_config = target.config
     gm.precision = target.config.name
@@ -161,10 +171,13 @@ def finish_quantized(
     #: graph's, and those found at run time inside opaque calls (``runtime_count``; each call
     #: site once in ``fp32``, each computation once in ``total``).
     gm.quant_coverage = {
-        "quantized": len(target.names),
-        "total": len(target.names) + len(target.left) + sum(n for _, n in hidden),
+        "quantized": len(target.names) + len(products),
+        "total": len(target.names) + len(products) + len(target.left) + sum(n for _, n in hidden),
         "fp32": [*target.left, *(entry for entry, _ in hidden)],
     }
+    float_ops = float_computations(gm) if target.config.quantize_matmuls else []
+    if float_ops:  # softmax, LayerNorm, GELU: kept in float, named (not counted)
+        gm.quant_coverage["float_ops"] = float_ops
     if target.by_module:  # counted in "quantized"; named apart (inside opaque blocks)
         gm.quant_coverage["by_module"] = list(target.by_module)
     return gm
@@ -178,7 +191,7 @@ def _hidden(gm: torch.fx.GraphModule, target: LayerTarget, xs: list[Any]) -> lis
     # quantize has refused an empty range-calibration list before any method ran
     hidden = hidden_computations(gm, xs[0].to(device_of(gm)).clone())
     if hidden:
-        k = len(target.names)
+        k = len(target.names) + len(matmul_modules(gm))
         n = k + len(target.left) + sum(count for _, count in hidden)
         message = (
             f"quantize: {k} of {n} conv/linear computations quantized; left in fp32 inside "

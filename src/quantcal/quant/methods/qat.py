@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import fx, nn
 
 from quantcal.quant.graph import set_submodule
 from quantcal.quant.layers import QuantizedLayer
+from quantcal.quant.matmul import matmul_modules
 from quantcal.quant.methods.ptq import layers_with_ranges
 from quantcal.quant.methods.registry import (
     MethodContext,
@@ -214,6 +216,16 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
         f"qat: fine-tuning {len(wrapped)} quantized layers for {recipe.epochs} epoch(s), "
         f"lr {recipe.lr:g}, batch {recipe.batch_size}"
     )
+    products = [n for n, _ in matmul_modules(gm)]
+    if products:  # said, never silent: LSQ covers layers only
+        message = (
+            f"qat: {len(products)} product(s) of two activations ({', '.join(products[:4])}"
+            f"{' ...' if len(products) > 4 else ''}) run in fp32 during the fine-tuning; "
+            "their operands are quantized afterwards with ranges from the range-calibration "
+            "data on the fine-tuned network (the ptq range setting)"
+        )
+        ctx.log(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
     device = next(iter(gm.parameters())).device
     train.train(
         gm,

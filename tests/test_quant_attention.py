@@ -1,0 +1,344 @@
+"""Activation x activation products quantized (issue #26 item 2): attention's ``Q Kᵀ`` and
+``A V`` with both operands fake-quantized, SDPA and ``nn.MultiheadAttention`` decomposed into
+quantizable parts computing the same function, softmax / LayerNorm / GELU kept in float and
+named."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantcal import models, quant
+from quantcal.models.deploy import trace
+from quantcal.quant.attention import decompose_attention
+from quantcal.quant.matmul import QuantMatMul, matmul_modules
+from quantcal.quant.primitives import activation_qparams, fake_quantize_per_tensor
+from quantcal.quant.runtime_count import hidden_computations
+
+
+def _decomposed(model: nn.Module) -> torch.fx.GraphModule:
+    gm = trace(model.eval())
+    decompose_attention(gm, lambda op: QuantMatMul(op))
+    return gm
+
+
+class SDPA(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, **kwargs) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.kwargs = heads, kwargs
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, **self.kwargs)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"is_causal": True},
+        {"scale": 0.3},
+        {"attn_mask": "bool"},
+        {"attn_mask": "float"},
+        {"attn_mask": "bool", "is_causal": False, "scale": 1.7},
+    ],
+)
+@pytest.mark.parametrize("shape", [(3, 5, 16), (1, 9, 16)])
+def test_sdpa_decomposition_equals_the_fused_call_in_fp32(kwargs, shape):
+    torch.manual_seed(0)
+    n = shape[1]
+    if kwargs.get("attn_mask") == "bool":
+        mask = torch.rand(n, n) > 0.4
+        mask[:, 0] = True  # no fully masked row (softmax of -inf only is nan both ways)
+        kwargs = {**kwargs, "attn_mask": mask}
+    elif kwargs.get("attn_mask") == "float":
+        kwargs = {**kwargs, "attn_mask": torch.randn(n, n)}
+    model = SDPA(**kwargs).eval()
+    gm = _decomposed(model)
+    assert not any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes), "decomposed"
+    assert len(matmul_modules(gm)) == 2
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class MHA(nn.Module):
+    def __init__(self, *, batch_first=True, kdim=None, call=None, heads=4) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, heads, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.call = call or {}
+        self.kdim = kdim
+
+    def forward(self, x, *masks):
+        kv = x[..., : self.kdim] if self.kdim else x
+        out, weights = self.attn(x, kv, kv, **self.call)
+        return out if self.call.get("need_weights") is False else out + weights.sum()
+
+
+def _mha_case(name: str, batch: int, length: int, heads: int = 4):
+    kpm = torch.zeros(batch, length, dtype=torch.bool)
+    kpm[0, -2:] = True
+    cases = {
+        "plain": {},
+        "seq_first": {"batch_first": False},
+        "kdim": {"kdim": 8},
+        "no_weights": {"call": {"need_weights": False}},
+        "per_head_weights": {"call": {"average_attn_weights": False}},
+        "key_padding": {"call": {"key_padding_mask": kpm}},
+        "bool_mask": {"call": {"attn_mask": torch.ones(length, length, dtype=torch.bool).triu(1)}},
+        "float_mask": {"call": {"attn_mask": torch.randn(batch * heads, length, length)}},
+        "float_padding": {
+            "call": {"key_padding_mask": torch.randn(batch, length), "need_weights": False}
+        },
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "seq_first",
+        "kdim",
+        "no_weights",
+        "per_head_weights",
+        "key_padding",
+        "bool_mask",
+        "float_mask",
+        "float_padding",
+    ],
+)
+def test_multihead_attention_decomposition_equals_the_module_in_fp32(case):
+    torch.manual_seed(0)
+    batch, length = 3, 6
+    model = MHA(**_mha_case(case, batch, length)).eval()
+    gm = _decomposed(model)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gm.modules())
+    linears = [n for n, m in gm.named_modules() if type(m) is nn.Linear]
+    assert len(linears) == 4 and len(matmul_modules(gm)) == 2, linears
+    x = torch.randn(batch, length, 16)
+    if not model.attn.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_what_cannot_be_decomposed_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"dropout_p=0.1.*even in eval"):
+        _decomposed(SDPA(dropout_p=0.1))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        _decomposed(SDPA(enable_gqa=True))
+    model = MHA()
+    model.attn = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+    with pytest.raises(ValueError, match=r"add_bias_kv.*quantize_matmuls=False"):
+        _decomposed(model)
+    gm = _decomposed(MHA())
+    with pytest.raises(ValueError, match="batched \\(3-D\\) inputs only"):
+        gm(torch.randn(6, 16))
+
+
+class ViTBlock(nn.Module):
+    """A tiny ViT-like classifier: LayerNorm, linear qkv, ``Q Kᵀ``, softmax, ``A V``, proj,
+    GELU MLP, head."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, classes: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def qkv_of(self, x):
+        b, n, c = x.shape
+        h = self.heads
+        return self.qkv(self.norm(x)).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def finish(self, x, o):
+        b, n, c = x.shape
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, c))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+    def forward(self, x):
+        q, k, v = self.qkv_of(x)
+        attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return self.finish(x, attn.softmax(-1) @ v)
+
+
+def _calib(n: int = 2, seed: int = 0, shape=(8, 6, 16)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _fq(x, lo, hi, bits=8):
+    scale, zero_point = activation_qparams(lo, hi, bits)
+    return fake_quantize_per_tensor(x, scale, zero_point, bits)
+
+
+def test_vit_block_w8a8_equals_a_by_hand_fake_quant_of_q_k_v_and_the_attention_matrix():
+    torch.manual_seed(0)
+    model = ViTBlock().eval()
+    calib = _calib()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left in fp32, nothing to say
+        q = quant.quantize(model, "W8A8", calib)
+    cov = q.quant_coverage
+    assert cov["quantized"] == cov["total"] == 7 and cov["fp32"] == []  # 5 linears, 2 products
+    assert cov["float_ops"] == ["norm (layer_norm)", "softmax (softmax)", "gelu (gelu)"]
+    (qk_name, qk), (av_name, av) = matmul_modules(q)
+    assert qk.calibrated and av.calibrated
+
+    # the operands' ranges, observed by hand on the fp32 network
+    seen: dict[str, list[float]] = {}
+
+    def note(key, t):
+        lo, hi = seen.get(key, [math.inf, -math.inf])
+        seen[key] = [min(lo, float(t.min())), max(hi, float(t.max()))]
+
+    with torch.no_grad():
+        for x in calib:
+            qq, kk, vv = model.qkv_of(x)
+            a = ((qq @ kk.transpose(-2, -1)) * qq.shape[-1] ** -0.5).softmax(-1)
+            for key, t in (("q", qq), ("k", kk), ("a", a), ("v", vv)):
+                note(key, t)
+    assert qk.range_a == tuple(seen["q"]) and qk.range_b == tuple(seen["k"])
+    assert av.range_a == tuple(seen["a"]) and av.range_b == tuple(seen["v"])
+
+    # the quantized network by hand: quantized linears (their own modules), then Q, Kᵀ, A, V
+    # fake-quantized with quantcal's primitives at those ranges, softmax in float
+    x = torch.randn(4, 6, 16)
+    with torch.no_grad():
+        b, n, c = x.shape
+        qkv = q.qkv(q.norm(x)).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        qq, kk, vv = qkv.unbind(0)
+        scores = _fq(qq, *seen["q"]) @ _fq(kk.transpose(-2, -1), *seen["k"])
+        a = (scores * 8**-0.5).softmax(-1)
+        o = _fq(a, *seen["a"]) @ _fq(vv, *seen["v"])
+        h = x + q.proj(o.transpose(1, 2).reshape(b, n, c))
+        h = h + q.fc2(F.gelu(q.fc1(h)))
+        by_hand = q.head(h.mean(1))
+        out = q(x)
+        torch.testing.assert_close(out, by_hand, rtol=0, atol=1e-6)
+        # the products do quantize: with them in fp32 the logits differ
+        with quant.fake_quant_disabled(q):
+            torch.testing.assert_close(q(x), model(x), rtol=1e-5, atol=1e-6)
+        with pytest.warns(UserWarning, match="left in fp32: matmul"):
+            fp32_products = quant.quantize(model, quant.QuantConfig(quantize_matmuls=False), calib)
+    assert not torch.equal(fp32_products(x), out)
+    assert hidden_computations(q, x) == []  # the products' own matmuls are not fp32 ones
+
+    table = quant.inspect(q, [x])
+    assert [p.name for p in table.products] == [qk_name, av_name]
+    assert table.products[0].scale_a == activation_qparams(*seen["q"], 8)[0]
+    assert all(math.isfinite(p.sqnr_db) and p.sqnr_db > 20 for p in table.products)
+    rows = table.to_rows()
+    assert [r["kind"] for r in rows[-5:]] == ["MatMul", "MatMul", "layer_norm", "softmax", "gelu"]
+    assert rows[-1] == {"name": "gelu", "kind": "gelu", "precision": "float"}
+    text = str(table)
+    assert text.splitlines()[0] == "quantized 7 of 7 conv/linear computations"
+    assert "kept in float: norm (layer_norm), softmax (softmax), gelu (gelu)" in text
+
+
+@pytest.mark.parametrize(
+    "model",
+    [SDPA(), SDPA(is_causal=True), MHA(), MHA(batch_first=False, call={"need_weights": False})],
+    ids=["sdpa", "sdpa_causal", "mha", "mha_seq_first"],
+)
+def test_sdpa_and_multihead_attention_models_are_fully_quantized(model):
+    torch.manual_seed(0)
+    model = model.eval()
+    shape = (6, 8, 16) if getattr(getattr(model, "attn", None), "batch_first", True) else (8, 6, 16)
+    calib = _calib(shape=shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quant.quantize(model, quant.QuantConfig(on_unsupported="error"), calib)
+    cov = q.quant_coverage
+    assert cov["fp32"] == [] and cov["quantized"] == cov["total"]
+    assert len(matmul_modules(q)) == 2 and all(m.calibrated for _, m in matmul_modules(q))
+    x = calib[0]
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+        with quant.fake_quant_disabled(q):
+            torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, ref)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert hidden_computations(q, x) == []
+
+
+def test_quantize_matmuls_false_keeps_the_products_in_fp32_named():
+    torch.manual_seed(0)
+    model = ViTBlock().eval()
+    config = quant.QuantConfig(quantize_matmuls=False)
+    with pytest.warns(UserWarning, match=r"5 of 7 .*left in fp32: matmul \(@ call\)"):
+        q = quant.quantize(model, config, _calib())
+    assert matmul_modules(q) == []
+    assert q.quant_coverage == {
+        "quantized": 5,
+        "total": 7,
+        "fp32": ["matmul (@ call)", "matmul_1 (@ call)"],
+    }
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="left in fp32"):
+        warnings.simplefilter("ignore")
+        quant.quantize(model, dataclasses.replace(config, on_unsupported="error"), _calib())
+    # the cache keys of before for the default; the setting is part of them when off
+    assert "quantize_matmuls" not in quant.QuantConfig().to_dict()
+    assert config.to_dict()["quantize_matmuls"] is False
+    assert quant.QuantConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TypeError, match="quantize_matmuls"):
+        quant.QuantConfig(quantize_matmuls="yes")
+
+
+def test_a_cnn_without_products_is_unchanged():
+    net = models.create_model("resnet20", num_classes=4, image_size=8, in_chans=3, width=0.25)
+    net.eval()
+    calib = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))]
+    on = quant.quantize(net, "W4A8", calib)
+    off = quant.quantize(net, quant.QuantConfig(4, 8, quantize_matmuls=False), calib)
+    assert matmul_modules(on) == [] and on.quant_coverage == off.quant_coverage
+    assert "float_ops" not in on.quant_coverage
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+
+
+@pytest.mark.parametrize("method", ["cle_bc", "adaround"])
+def test_other_methods_quantize_the_products_too(method):
+    torch.manual_seed(0)
+    model = ViTBlock().eval()
+    # ViTBlock has no conv/linear -> ReLU -> conv/linear pair to equalize: bias correction
+    options = {"iterations": 5} if method == "adaround" else {"equalize": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quant.quantize(model, "W8A8", _calib(), method=method, method_options=options)
+    products = matmul_modules(q)
+    assert len(products) == 2 and all(m.calibrated for _, m in products)
+    assert q.quant_coverage["quantized"] == q.quant_coverage["total"] == 7
+
+
+def test_sequential_range_setting_observes_the_products_on_the_quantized_network():
+    torch.manual_seed(0)
+    model = ViTBlock().eval()
+    plain = quant.quantize(model, "W4A4", _calib())
+    seq = quant.quantize(model, quant.QuantConfig(4, 4, sequential=True), _calib())
+    (_, a), _ = matmul_modules(plain)
+    (_, b), _ = matmul_modules(seq)
+    assert a.calibrated and b.calibrated and a.range_a != b.range_a
+
+
+def test_onnx_export_refuses_quantized_products_by_name(tmp_path):
+    q = quant.quantize(ViTBlock().eval(), "W8A8", _calib())
+    with pytest.raises(ValueError, match=r"QDQ around MatMul.*quantize_matmuls=False"):
+        quant.export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 6, 16))
