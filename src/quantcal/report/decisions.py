@@ -101,6 +101,16 @@ def threshold_table(rows: list[dict], target: float | None) -> str:
     )
 
 
+def _colors(precisions: list[str]) -> dict[str, str]:
+    """One colour per precision, the same in every figure of the section: fp32 black, the
+    quantized precisions in plan order from matplotlib's cycle."""
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    quantized = [p for p in sorted(set(precisions), key=prec_key) if p != "fp32"]
+    return {"fp32": "black", **{p: cycle[i % len(cycle)] for i, p in enumerate(quantized)}}
+
+
 def fig_risk_coverage(rows: list[dict], details: dict[str, Any], ds: str, model: str) -> bytes:
     """Risk against coverage for fp32 and each quantized precision of one model, as is."""
     import matplotlib
@@ -114,13 +124,17 @@ def fig_risk_coverage(rows: list[dict], details: dict[str, Any], ds: str, model:
         for r in main_rows(clean_rows(rows))
         if r["dataset"] == ds and model_label(r) == model and r.get("recal") == "none"
     ]
-    mine.sort(key=lambda r: prec_key(r["precision"]))
+    mine.sort(key=lambda r: (r["precision"] == "fp32", prec_key(r["precision"])))  # fp32 on top
+    colors = _colors([r["precision"] for r in mine])
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for r in mine:
         c = curves.get(r.get("row_id"))
         if not c:
             continue
-        style = {"color": "black", "lw": 2} if r["precision"] == "fp32" else {"lw": 1.4}
+        fp32 = r["precision"] == "fp32"
+        style = {"color": colors[r["precision"]], "lw": 1.2 if fp32 else 1.6}
+        if fp32:
+            style["ls"] = "--"
         ax.plot(
             [100 * x for x in c["coverage"]],
             [100 * y for y in c["risk"]],
@@ -157,14 +171,14 @@ def fig_severity(rows: list[dict], ds: str, model: str) -> bytes:
 
     mine = [r for r in main_rows(rows) if r["dataset"] == ds and model_label(r) == model]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     precs = sorted(
         {r["precision"] for r in mine if not r["precision"].startswith("plan:")}, key=prec_key
     )
+    colors = _colors(precs)
     for ax, metric in zip(axes, ("ece", "aurc"), strict=True):
         for recal, dash in (("none", "-"), ("temperature", "--")):
             curves = _by_severity([r for r in mine if r.get("recal") == recal], metric)
-            for i, p in enumerate(precs):
+            for p in precs:
                 pts_ = sorted(curves.get(p, {}).items())
                 if len(pts_) < 2:
                     continue
@@ -174,7 +188,7 @@ def fig_severity(rows: list[dict], ds: str, model: str) -> bytes:
                     dash,
                     marker="o",
                     ms=3,
-                    color=colors[i % len(colors)],
+                    color=colors[p],
                     label=p if recal == "none" else None,
                 )
         ax.set_xlabel("corruption severity (0 = clean; mean over types)")
