@@ -342,3 +342,43 @@ def test_onnx_export_refuses_quantized_products_by_name(tmp_path):
     q = quant.quantize(ViTBlock().eval(), "W8A8", _calib())
     with pytest.raises(ValueError, match=r"QDQ around MatMul.*quantize_matmuls=False"):
         quant.export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 6, 16))
+
+
+class ConvAttention(nn.Module):
+    """A conv stem, then self-attention over its 64 positions (a product of two activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = torch.relu(self.stem(x)).flatten(2).transpose(1, 2)  # (N, 64, 8)
+        attn = (self.q(t) @ self.k(t).transpose(1, 2)).softmax(-1)
+        return self.head((attn @ t).mean(1))
+
+
+def test_qat_says_its_products_are_fine_tuned_in_fp32_and_quantizes_them_after(tmp_path):
+    from quantcal.training.data import Split
+    from quantcal.training.train import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(32) % 4
+    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (32, 3, 8, 8), generator=g)
+    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(32))
+    torch.manual_seed(0)
+    calib = [x for x, _ in split.batches(16)]
+    with pytest.warns(UserWarning, match=r"qat: 2 product\(s\) of two activations .* fp32"):
+        q = quant.quantize(
+            ConvAttention().eval(),
+            "W8A8",
+            calib,
+            method="qat",
+            train_data=split,
+            train_config=TrainConfig(epochs=1, batch_size=16, schedule="cosine", augment=False),
+            method_options={"epochs": 1, "lr": 0.01},
+        )
+    products = matmul_modules(q)
+    assert len(products) == 2 and all(m.calibrated for _, m in products)
+    assert q.quant_coverage["quantized"] == q.quant_coverage["total"] == 6

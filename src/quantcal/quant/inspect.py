@@ -277,8 +277,10 @@ def _table(
 
 
 def _sqnr_sums(
-    qmodel: nn.Module, layers: list[tuple[str, QuantizedLayer]], xs: list[torch.Tensor]
+    qmodel: nn.Module, layers: list[tuple[str, nn.Module]], xs: list[torch.Tensor]
 ) -> dict[str, dict[str, float]]:
+    """Per quantized layer or product (``QuantMatMul``): the fp32 output's energy and the
+    noise of the quantized network's and of the module alone's output against it."""
     sums = {name: {"signal": 0.0, "noise": 0.0, "noise_isolated": 0.0} for name, _ in layers}
     # fp32 outputs per layer, first in first out (a layer called twice has two per forward)
     reference: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
