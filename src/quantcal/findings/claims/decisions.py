@@ -90,7 +90,11 @@ def failure_detection_beyond_accuracy(rows: list[dict]) -> Claim:
             tested=False,
         )
     return Claim(
-        "failure_detection_beyond_accuracy", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
+        "failure_detection_beyond_accuracy",
+        statement,
+        summarise(verdicts),
+        tuple(evidence),
+        tuple(numbers),
     )
 
 
@@ -135,7 +139,13 @@ def quantization_and_corruption_compound(rows: list[dict], *, shifted: list[dict
             ("needs [data] shifts and a quantized precision",),
             tested=False,
         )
-    return Claim("quantization_and_corruption_compound", statement, summarise(verdicts), tuple(evidence), tuple(numbers))
+    return Claim(
+        "quantization_and_corruption_compound",
+        statement,
+        summarise(verdicts),
+        tuple(evidence),
+        tuple(numbers),
+    )
 
 
 @register_claim
@@ -175,7 +185,11 @@ def temperature_holds_under_shift(rows: list[dict], *, shifted: list[dict]) -> C
             tested=False,
         )
     return Claim(
-        "temperature_holds_under_shift", statement, summarise(verdicts), tuple(evidence), tuple(numbers)
+        "temperature_holds_under_shift",
+        statement,
+        summarise(verdicts),
+        tuple(evidence),
+        tuple(numbers),
     )
 
 
