@@ -136,6 +136,8 @@ def _samples(f) -> dict[str, dict[str, list[str]]]:
             "--plans": ["--plans"],
             "--attribution": ["--attribution", "block"],
             "--attribution-samples": ["--attribution-samples", "50"],
+            "--shifts": ["--shifts", "jpeg:5"],
+            "--ood": ["--ood", "blurred"],
             "--set": ["--set", "metrics.bootstrap=200"],
             "--quantized": ["--quantized", "int8", f["v2.npz"], f["test.npz"]],
             "--out": ["--out", str(f["tmp"] / "o2")],
