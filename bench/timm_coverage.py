@@ -215,10 +215,13 @@ def _scope(node: torch.fx.Node) -> str:
 
 def scan_unquantized(gm: torch.fx.GraphModule) -> list[str]:
     """Conv/linear/matmul/attention computations on activations in ``gm`` that are not
-    quantcal quantized layers (independent of quantcal's own bookkeeping)."""
+    quantcal quantized layers (independent of quantcal's own bookkeeping). A block fx could not
+    trace (``gm.opaque_blocks``) is looked into for conv/linear modules that are not quantized
+    layers; what it computes with functions (its attention) only the run-time count sees."""
     from quantcal.quant.apply import QuantizedLayer
 
     const = _constants(gm)
+    opaque = {str(name) for name in getattr(gm, "opaque_blocks", None) or ()}
     out = []
     for node in gm.graph.nodes:
         if node in const:
@@ -232,7 +235,16 @@ def scan_unquantized(gm: torch.fx.GraphModule) -> list[str]:
             m = gm.get_submodule(str(node.target))
             if isinstance(m, (QuantizedLayer, nn.Embedding, nn.EmbeddingBag)):
                 continue
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or any(
+            if str(node.target) in opaque:
+                # a block fx could not trace: its conv/linear modules must be quantized layers
+                # (by module); its functional products are the run-time count's to name
+                out += [
+                    f"{node.target}.{name} ({type(sub).__name__}, inside an opaque block)"
+                    for name, sub in m.named_modules()
+                    if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                    and not isinstance(sub, QuantizedLayer)
+                ]
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or any(
                 p.dim() >= 2 for p in m.parameters()
             ):
                 out.append(f"{node.target} ({type(m).__name__})")

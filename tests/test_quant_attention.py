@@ -382,3 +382,31 @@ def test_qat_says_its_products_are_fine_tuned_in_fp32_and_quantizes_them_after(t
     products = matmul_modules(q)
     assert len(products) == 2 and all(m.calibrated for _, m in products)
     assert q.quant_coverage["quantized"] == q.quant_coverage["total"] == 6
+
+
+class OptionalMaskModel(nn.Module):
+    """timm's ViT shape: the top-level forward takes an optional mask and causal flag that are
+    passed down to every attention call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    """The deploy graph is called with the input alone, so a forward's optional mask and flag
+    are fixed at their defaults and the attention they reach is decomposed and quantized (a
+    ViT's was refused as "is_causal is computed in the graph")."""
+    torch.manual_seed(0)
+    model = OptionalMaskModel().eval()
+    calib = _calib(shape=(6, 8, 16))
+    q = quant.quantize(model, quant.QuantConfig(on_unsupported="error"), calib)
+    assert q.quant_coverage["fp32"] == [] and len(matmul_modules(q)) == 2
+    with torch.no_grad(), quant.fake_quant_disabled(q):
+        torch.testing.assert_close(q(calib[0]), model(calib[0]), rtol=1e-5, atol=1e-5)

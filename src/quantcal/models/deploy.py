@@ -120,6 +120,24 @@ class _PathTracer(fx.Tracer):
         return result
 
 
+def _fixed_defaults(model: nn.Module) -> dict[str, Any]:
+    """The forward's optional arguments with constant defaults (``attn_mask=None``,
+    ``is_causal=False``), traced as those constants: quantcal calls every graph with the input
+    batch alone, so a mask or flag the model may take is fixed at its default (timm's ViTs take
+    both), and no decomposition has to handle a value computed at run time."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx`` trace of ``model``; failure is a ValueError naming the failing module.
 
@@ -128,7 +146,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """
     tracer = _PathTracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_fixed_defaults(model) or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
         raise _trace_error(model, tracer, err) from err
     name = type(model).__name__
@@ -162,7 +180,7 @@ def trace_opaque(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
     while True:
         tracer = _PathTracer(set(leaves))
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_fixed_defaults(model) or None)
             break
         except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
             block = tracer.modules_stack[-1] if tracer.modules_stack else None
