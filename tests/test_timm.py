@@ -18,6 +18,7 @@ Survey of more architectures: ``bench/timm_coverage.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import warnings
@@ -326,3 +327,33 @@ def test_torchvision_swin_names_the_attention_it_runs_in_fp32(name):
     strict = dataclasses.replace(quant.parse_precision("W8A8"), on_unsupported="error")
     with pytest.raises(ValueError, match="shifted_window_attention"):
         quant.quantize(deploy, strict, x)
+
+
+#: Hybrids whose every conv, linear and product is quantized (DeiT's and LeViT's attention
+#: products among them), and hybrids whose attention runs inside a block fx cannot trace, where
+#: the products stay in fp32, named with their run-time count.
+HYBRIDS_FULL = ["deit_tiny_patch16_224", "levit_128s", "edgenext_xx_small", "mobilevitv2_050"]
+HYBRIDS_NAMED = ["mobilevit_xxs", "tiny_vit_5m_224", "efficientvit_b0", "efficientvit_m0"]
+
+
+@pytest.mark.parametrize("arch", HYBRIDS_FULL + HYBRIDS_NAMED)
+def test_strict_quantization_refuses_exactly_the_hybrids_left_partly_in_fp32(arch, x):
+    from quantcal.quant.matmul import matmul_modules
+
+    model = _build(arch)
+    strict = dataclasses.replace(quant.parse_precision("W8A8"), on_unsupported="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if arch in HYBRIDS_NAMED:
+            with pytest.raises(ValueError, match="fp32"):
+                quant.quantize(model, strict, [x])
+            q = quant.quantize(model, "W8A8", [x])
+            cov = q.quant_coverage
+            runs = [int(re.search(r"(\d+) at run time\)$", e).group(1)) for e in cov["fp32"]]
+            assert runs and cov["quantized"] + sum(runs) == cov["total"]
+            return
+        q = quant.quantize(model, strict, [x])
+    cov = q.quant_coverage
+    assert cov["fp32"] == [] and cov["quantized"] == cov["total"]
+    if arch in ("deit_tiny_patch16_224", "levit_128s"):
+        assert len(matmul_modules(q)) >= 2 and all(m.calibrated for _, m in matmul_modules(q))
