@@ -145,10 +145,9 @@ def _quantize(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(32, 3, 32, 32, generator=g)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # attention's activation products stay fp32: named
-        # (export_onnx refuses quantized ones: QDQ around MatMul is not written yet)
-        config = quant.QuantConfig(quantize_matmuls=False)
-        return quant.quantize(model.eval(), config, calib)
+        warnings.simplefilter("ignore")
+        # attention's products of two activations quantized too (QDQ on both operands)
+        return quant.quantize(model.eval(), "W8A8", calib)
 
 
 def _agrees(qmodel: nn.Module, path) -> None:

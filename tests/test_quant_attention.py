@@ -338,10 +338,38 @@ def test_sequential_range_setting_observes_the_products_on_the_quantized_network
     assert a.calibrated and b.calibrated and a.range_a != b.range_a
 
 
-def test_onnx_export_refuses_quantized_products_by_name(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_quantized_products_export_with_qdq_on_both_operands_and_agree(tmp_path, exporter):
+    """Each product's operands go through QuantizeLinear/DequantizeLinear on its own grid
+    before the MatMul, and onnxruntime agrees with the fake-quant model."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    torch.manual_seed(0)
     q = quant.quantize(ViTBlock().eval(), "W8A8", _calib())
-    with pytest.raises(ValueError, match=r"QDQ around MatMul.*quantize_matmuls=False"):
-        quant.export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 6, 16))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant.export_onnx(q, path, torch.randn(2, 6, 16), exporter=exporter)
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def dequantized(name: str) -> bool:
+        n = producers.get(name)
+        while n is not None and n.op_type in ("Transpose", "Reshape", "Identity"):
+            n = producers.get(n.input[0])
+        return n is not None and n.op_type == "DequantizeLinear"
+
+    both = [n for n in graph.node if n.op_type == "MatMul" and all(map(dequantized, n.input))]
+    assert len(both) >= 2 + 1  # Q·Kᵀ and A·V, plus the token linears' own MatMuls
+    x = torch.randn(64, 6, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = q(x)
+    out = quant.run_onnx(path, x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    with torch.no_grad(), quant.fake_quant_disabled(q):
+        fp32 = q(x)
+    assert (out - ref).abs().max() < (out - fp32).abs().max()  # closer to the quantized model
 
 
 class ConvAttention(nn.Module):

@@ -20,7 +20,10 @@ exporter wrote it rather than reshaped into a ``Gemm``: no shape arithmetic for 
 nothing between the dequantizers and the product, and the bias is the same exact grid value), and
 the final check matches every quantized layer by value to a product of the graph with its int8
 weights, scales, input grid and int32 bias, following the constants exporters merge (``Identity``
-nodes, one shared weight dequantizer) instead of counting nodes.
+nodes, one shared weight dequantizer) instead of counting nodes. A product of two activations
+(``QuantMatMul``: attention's Q·Kᵀ and A·V) is written with QuantizeLinear / DequantizeLinear on
+each operand's own per-tensor grid before its ``MatMul``, which runtimes fuse into an integer
+product.
 
 Exporter choice: ``exporter="auto"`` uses the TorchScript exporter (``dynamo=False``) when torch
 still has it, else the ``torch.export``-based one. Reasons: the model is already a static fx graph,
@@ -53,7 +56,7 @@ from quantcal.quant.export_graph import (
     quantize_bias_initializers,
     quantized_products,
 )
-from quantcal.quant.matmul import QuantMatMul
+from quantcal.quant.matmul import MATMUL_OPS, QuantMatMul
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -141,6 +144,33 @@ class _QDQLayer(nn.Module):
         return layer.layer_op(xq, wq, layer.bias)
 
 
+class _QDQProduct(nn.Module):
+    """Export-time stand-in for a ``QuantMatMul``: both operands through QuantizeLinear /
+    DequantizeLinear on their own per-tensor grids (stored as int8 with zero-point z - 128, as
+    the layers' inputs are), then the product, which integer runtimes run as a quantized MatMul
+    (``QLinearMatMul`` or MatMulInteger after fusing the Q/DQ pairs)."""
+
+    def __init__(self, product: QuantMatMul, decomposed: bool) -> None:
+        super().__init__()
+        self.product = product
+        self.decomposed = decomposed
+
+    def _qdq(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        zp = int(zero_point) - 128
+        if self.decomposed:
+            ops = torch.ops.quantized_decomposed
+            q = ops.quantize_per_tensor(x, scale, zp, -128, 127, torch.int8)
+            return ops.dequantize_per_tensor(q, scale, zp, -128, 127, torch.int8)
+        return torch.fake_quantize_per_tensor_affine(x.contiguous(), scale, zp, -128, 127)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        p = self.product
+        fn = MATMUL_OPS[p.op]
+        if not (p.fake_quant_enabled and p.calibrated):
+            return fn(a, b)
+        return fn(self._qdq(a, p.scale_a, p.zero_point_a), self._qdq(b, p.scale_b, p.zero_point_b))
+
+
 def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
     layers = quantized_layers(qmodel)
     if not layers:
@@ -148,14 +178,13 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
             "export_onnx needs a model returned by quant.quantize with a quantized precision "
             f"(e.g. 'W8A8'); {type(qmodel).__name__} has no quantized layers"
         )
-    products = [name for name, m in qmodel.named_modules() if isinstance(m, QuantMatMul)]
-    if products:  # a MatMul with QDQ on both inputs is not written yet: refuse, never fp32
-        raise ValueError(
-            f"export_onnx does not yet write quantized products of two activations (QDQ around "
-            f"MatMul); this model has {len(products)}: {', '.join(products[:4])}"
-            f"{' ...' if len(products) > 4 else ''}. Quantize it with "
-            "QuantConfig(quantize_matmuls=False) to export it with those products in fp32"
-        )
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantMatMul) and m.calibrated and m.act_bits != 8:
+            raise ValueError(
+                f"product {name!r} quantizes its operands to {m.act_bits} bits; ONNX QDQ export "
+                "supports 8-bit activations (QuantizeLinear saturates to the full 8-bit range "
+                "only)"
+            )
     for name, layer in layers:
         if layer.bias_bits not in (None, 32):
             raise ValueError(
@@ -173,12 +202,17 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, QuantizedLayer]]:
 
 def _with_qdq_layers(qmodel: nn.Module, names: list[str], decomposed: bool) -> nn.Module:
     """A CPU copy of ``qmodel`` with the layers ``names`` (in module order: a layer before the
-    layers inside it) replaced by ``_QDQLayer`` wrappers."""
+    layers inside it) replaced by ``_QDQLayer`` wrappers and its products by ``_QDQProduct``."""
     model = copy.deepcopy(qmodel).cpu().eval()
-    for name in names:
+    products = [name for name, m in model.named_modules() if isinstance(m, QuantMatMul)]
+    for name in [*names, *products]:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, _QDQLayer(model.get_submodule(name), decomposed))
+        module = model.get_submodule(name)
+        wrapper = (_QDQProduct if isinstance(module, QuantMatMul) else _QDQLayer)(
+            module, decomposed
+        )
+        setattr(parent, leaf, wrapper)
     return model
 
 
