@@ -155,14 +155,22 @@ def run_with_pre_hooks(
     xs: list[torch.Tensor],
     *,
     outputs: bool = False,
+    all_inputs: bool = False,
 ) -> None:
     """Run ``xs`` through ``gm`` (no grad) calling ``hook_fn(name, tensor)`` with each named
-    module's input, or with its output when ``outputs``."""
+    module's input, with its output when ``outputs``, or ``hook_fn(name, *inputs)`` with all
+    its inputs when ``all_inputs`` (a product's two operands)."""
     device = device_of(gm)
+
+    def pre(name: str):
+        if all_inputs:
+            return lambda _m, args: hook_fn(name, *args)
+        return lambda _m, args: hook_fn(name, args[0])
+
     handles = [
         module.register_forward_hook(lambda _m, _a, out, name=name: hook_fn(name, out))
         if outputs
-        else module.register_forward_pre_hook(lambda _m, args, name=name: hook_fn(name, args[0]))
+        else module.register_forward_pre_hook(pre(name))
         for name, module in modules.items()
     ]
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from quantcal.quant.graph import run_with_pre_hooks
 from quantcal.quant.observers import get_observer
 from quantcal.quant.primitives import (
     activation_qparams,
@@ -224,7 +225,6 @@ def observe_matmuls(
     network (``fake_quant_disabled``) for the order-independent ranges of ``ptq``."""
     if not matmuls:
         return
-    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     observers = {
         name: (
             get_observer(observer, bits=m.act_bits, **observer_options),
@@ -237,7 +237,7 @@ def observe_matmuls(
         observers[name][0].observe(a)
         observers[name][1].observe(b)
 
-    _run(model, matmuls, observe, xs, device)
+    run_with_pre_hooks(model, matmuls, observe, xs, all_inputs=True)
     for name, m in matmuls.items():
         oa, ob = observers[name]
         if oa.count == 0:
@@ -254,7 +254,7 @@ def observe_matmuls(
         c[0], c[1], c[2], c[3] = c[0] + ca, c[1] + a.numel(), c[2] + cb, c[3] + b.numel()
 
     with _fp32(matmuls):
-        _run(model, matmuls, count, xs, device)
+        run_with_pre_hooks(model, matmuls, count, xs, all_inputs=True)
     for name, m in matmuls.items():
         ca, na, cb, nb = clipped[name]
         m.clip_fraction_a = ca / na if na else math.nan
@@ -276,23 +276,3 @@ class _fp32:
     def __exit__(self, *exc: Any) -> None:
         for m, state in zip(self.matmuls.values(), self.states):
             m.fake_quant_enabled = state
-
-
-def _run(
-    model: nn.Module,
-    matmuls: dict[str, QuantMatMul],
-    fn: Callable[[str, torch.Tensor, torch.Tensor], None],
-    xs: list[torch.Tensor],
-    device: torch.device,
-) -> None:
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: fn(name, args[0], args[1]))
-        for name, m in matmuls.items()
-    ]
-    try:
-        with torch.no_grad():
-            for x in xs:
-                model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
