@@ -241,3 +241,22 @@ def test_an_ood_npz_of_the_right_shape_is_scored(tmp_path):
     with pytest.raises(ValueError, match="no image array"):
         np.savez(tmp_path / "empty.npz", labels=np.zeros(3))
         load_ood_npz(str(tmp_path / "empty.npz"), test)
+
+
+def test_a_failed_unknown_input_scoring_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
+    from quantcal.training import ood_sets
+
+    def broken(spec, reference, *, seed=0):
+        raise RuntimeError("the unknown images could not be made")
+
+    monkeypatch.setattr(ood_sets, "ood_split", broken)
+    path = tmp_path / "s.toml"
+    cfg = tiny(**{"quant.precisions": ["fp32", "W8A8"], "data.ood": ["blurred"]})
+    path.write_text(study.load_study(cfg).to_toml())
+    out = tmp_path / "run"
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown-input scoring" in err and "could not be made" in err
+    assert (out / "results.csv").exists()  # everything else was computed and written
+    details = json.loads((out / "details.json").read_text())
+    assert {r["precision"] for r in details["ood"] if "error" in r} == {"fp32", "W8A8"}
