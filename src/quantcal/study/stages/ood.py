@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from quantcal.findings.rows import RESULT_COLUMNS
 from quantcal.study.cells import Group, QuantCell, group_identity
 from quantcal.study.config import content_hash
 from quantcal.study.keys import logits_key, ood_logits_key
 from quantcal.study.stages.base import Need, Stage
-from quantcal.study.stages.shift import cell_model, tensor_entry
+from quantcal.study.stages.shift import logits_per_set
 
 if TYPE_CHECKING:  # pragma: no cover
     from quantcal.study.context import Context
@@ -28,16 +29,8 @@ __all__ = ["OOD_COLUMNS", "Ood", "OodImages", "OodLogits", "ood_keys", "ood_sect
 
 #: Columns of ood.csv.
 OOD_COLUMNS = (
-    "dataset",
-    "arch",
-    "width",
-    "objective",
-    "seed",
-    "precision",
-    "observer",
-    "method",
-    "ptq_sample",
-    "recal",
+    # a cell's identity and recalibrator, as results.csv names them
+    *(c for c in RESULT_COLUMNS[: RESULT_COLUMNS.index("recal") + 1] if c != "shift"),
     "ood_set",
     "score",
     "auroc",
@@ -100,22 +93,8 @@ class OodLogits(Stage):
         return ood_keys(ctx, item) if _applies(ctx, item) else []
 
     def run(self, ctx: Context, item: QuantCell, need: Need) -> Any:
-        from quantcal.training import train
-
-        out = {}
-        for spec, key in zip(ctx.config.ood, ood_keys(ctx, item), strict=True):
-
-            def compute(spec: str = spec) -> Any:
-                return train.predict_logits(
-                    cell_model(need, item),
-                    need("ood_images")(spec),
-                    batch_size=ctx.config.eval_batch_size,
-                    device=ctx.device,
-                )[0]
-
-            record = {"precision": item.precision, "ood": spec}
-            out[spec] = tensor_entry(ctx, "ood_logits", key, compute, record)
-        return out
+        keys = ood_keys(ctx, item)
+        return logits_per_set(ctx, need, item, "ood_images", "ood_logits", ctx.config.ood, keys)[0]
 
 
 def _record_key(ctx: Context, key: str, fp32_key: str) -> str:

@@ -26,14 +26,20 @@ from quantcal.study.stages.base import Need, Stage
 if TYPE_CHECKING:  # pragma: no cover
     from quantcal.study.context import Context
 
-__all__ = ["ShiftImages", "ShiftLogits", "cached_shift_logits", "cell_model", "tensor_entry"]
+__all__ = [
+    "ShiftImages",
+    "ShiftLogits",
+    "cached_shift_logits",
+    "cell_model",
+    "logits_per_set",
+    "read_entry",
+    "tensor_entry",
+]
 
 
-def tensor_entry(
-    ctx: Context, folder: str, key: str, compute: Callable[[], Any], record: dict | None = None
-) -> Any:
-    """The verified cache entry ``cache/FOLDER/KEY.pt`` (its ``KEY.json`` holds the SHA-256 and
-    is written last), computed by ``compute()`` and written when absent or damaged."""
+def read_entry(ctx: Context, folder: str, key: str) -> Any:
+    """The verified cache entry ``cache/FOLDER/KEY.pt`` (its ``KEY.json`` holds the SHA-256),
+    or None when absent or damaged (a damaged entry's record is removed, so it is rebuilt)."""
     path = ctx.cache / folder / f"{key}.pt"
     meta_path = path.with_suffix(".json")
     meta = ctx.store.read_json(meta_path, ("sha256",))
@@ -44,11 +50,56 @@ def tensor_entry(
         meta_path.unlink(missing_ok=True)
     elif path.exists():
         ctx.store.heal(path, "no valid JSON record beside it")
+    return None
+
+
+def tensor_entry(
+    ctx: Context, folder: str, key: str, compute: Callable[[], Any], record: dict | None = None
+) -> Any:
+    """:func:`read_entry`, else ``compute()`` written as that entry (its JSON record last)."""
+    hit = read_entry(ctx, folder, key)
+    if hit is not None:
+        return hit
     value = compute()
     raw = torch_bytes(value)
+    path = ctx.cache / folder / f"{key}.pt"
     atomic_write_bytes(path, raw)
-    ctx.store.write_json(meta_path, {**(record or {}), "sha256": hashlib.sha256(raw).hexdigest()})
+    meta = {**(record or {}), "sha256": hashlib.sha256(raw).hexdigest()}
+    ctx.store.write_json(path.with_suffix(".json"), meta)
     return value
+
+
+def logits_per_set(
+    ctx: Context,
+    need: Need,
+    cell: QuantCell,
+    images: str,
+    folder: str,
+    specs: tuple[str, ...],
+    keys: list[str],
+) -> tuple[dict[str, Any], int]:
+    """``({spec: logits}, how many were computed)``: the cell's logits on each image set that
+    stage ``images`` makes (``need(images)(spec)``), each a cached entry of ``folder``. The
+    cell's model is asked for only on a miss."""
+    from quantcal.training import train
+
+    out: dict[str, Any] = {}
+    made = 0
+    for spec, key in zip(specs, keys, strict=True):
+
+        def compute(spec: str = spec) -> Any:
+            nonlocal made
+            made += 1
+            return train.predict_logits(
+                cell_model(need, cell),
+                need(images)(spec),
+                batch_size=ctx.config.eval_batch_size,
+                device=ctx.device,
+            )[0]
+
+        record = {"precision": cell.precision, "set": spec}
+        out[spec] = tensor_entry(ctx, folder, key, compute, record)
+    return out, made
 
 
 def cell_model(need: Need, cell: QuantCell):
@@ -93,9 +144,7 @@ def _applies(ctx: Context, cell: QuantCell) -> bool:
 def cached_shift_logits(ctx: Context, cell: QuantCell, train_key: str, shift: str):
     """A cell's cached test logits under ``shift`` (verified), or None."""
     key = shift_logits_key(logits_key(ctx.config, cell, train_key), shift)
-    path = ctx.cache / "shift_logits" / f"{key}.pt"
-    meta = ctx.store.read_json(path.with_suffix(".json"), ("sha256",))
-    return None if meta is None else ctx.store.read_torch(path, meta["sha256"])
+    return read_entry(ctx, "shift_logits", key)
 
 
 class ShiftLogits(Stage):
@@ -115,26 +164,12 @@ class ShiftLogits(Stage):
         return [shift_logits_key(lkey, s) for s in ctx.config.shifts]
 
     def run(self, ctx: Context, item: QuantCell, need: Need) -> Any:
-        from quantcal.training import train
-
         cell = item
-        out: dict[str, Any] = {}
-        t0, made = time.perf_counter(), 0
-        for shift, key in zip(ctx.config.shifts, self.keys(ctx, cell), strict=True):
-
-            def compute(shift: str = shift) -> Any:
-                nonlocal made
-                made += 1
-                logits, _ = train.predict_logits(
-                    cell_model(need, cell),
-                    need("shift_images")(shift),
-                    batch_size=ctx.config.eval_batch_size,
-                    device=ctx.device,
-                )
-                return logits
-
-            record = {"precision": cell.precision, "shift": shift}
-            out[shift] = tensor_entry(ctx, "shift_logits", key, compute, record)
+        t0 = time.perf_counter()
+        keys = self.keys(ctx, cell)
+        out, made = logits_per_set(
+            ctx, need, cell, "shift_images", "shift_logits", ctx.config.shifts, keys
+        )
         if made:
             ctx.say(
                 f"shift  {cell.group.label}  {cell.precision}{cell.where}: {made} corrupted "
