@@ -230,19 +230,26 @@ def check_attribution(study: StudyConfig, value: Any) -> dict[str, Any] | None:
     return out
 
 
+def _spec_list(value: Any, key: str, what: str) -> list[str]:
+    """A list of strings (one string counts as a list of one; None or [] is empty), or a
+    ValueError naming ``key`` and ``what`` it holds."""
+    if value is None:
+        return []
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(v, str) for v in specs):
+        raise ValueError(f"{key} must be a list of {what}, got {value!r}")
+    return list(specs)
+
+
 def check_shifts(value: Any) -> tuple[str, ...]:
     """``[data] shifts``: corruption specs (``"gaussian_noise:3"``, ``"jpeg:5"``, a name alone
     for its five severities, ``"all"`` or ``"all:3"``) as canonical ``"name:severity"`` strings
     (:func:`quantcal.training.corruptions.expand_shifts`); ``[]`` is none."""
-    if value is None or (isinstance(value, (list, tuple)) and not value):
+    specs = _spec_list(value, "data.shifts", 'corruption specs like "gaussian_noise:3"')
+    if not specs:
         return ()
     from quantcal.training import corruptions
 
-    specs = [value] if isinstance(value, str) else value
-    if not isinstance(specs, (list, tuple)) or not all(isinstance(v, str) for v in specs):
-        raise ValueError(
-            f'data.shifts must be a list of corruption specs like "gaussian_noise:3", got {value!r}'
-        )
     try:
         return tuple(corruptions.expand_shifts(specs))
     except ValueError as exc:
@@ -256,13 +263,7 @@ def check_ood(value: Any) -> tuple[str, ...]:
     canonical form (``"synthetic:NAME"``, ``"npz:PATH"``); ``[]`` is none."""
     from quantcal.training.ood_sets import SYNTHETIC_OOD
 
-    if value is None or (isinstance(value, (list, tuple)) and not value):
-        return ()
-    specs = [value] if isinstance(value, str) else value
-    if not isinstance(specs, (list, tuple)) or not all(isinstance(v, str) for v in specs):
-        raise ValueError(
-            f'data.ood must be a list like ["gaussian_noise", "npz:PATH"], got {value!r}'
-        )
+    specs = _spec_list(value, "data.ood", 'sets like "gaussian_noise" or "npz:PATH"')
     out: list[str] = []
     for spec in specs:
         if spec.lower().startswith("npz:"):
