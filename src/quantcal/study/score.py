@@ -12,7 +12,7 @@ from quantcal.study.cells import QuantCell
 from quantcal.study.config import REUSE_FP32_TEMPERATURE, StudyConfig
 from quantcal.study.keys import CLEAN
 
-__all__ = ["base_row", "risk_coverage_points", "score", "thresholds"]
+__all__ = ["base_row", "recalibrated_clean", "risk_coverage_points", "score", "thresholds"]
 
 #: Points kept of a row's risk–coverage curve (details.json), on an even coverage grid.
 CURVE_POINTS = 50
@@ -36,6 +36,25 @@ def thresholds(method: str, lg: dict, fp32: dict, target_risk: float) -> tuple[f
         selective.threshold_for_risk(z_fp32, fp32["val_labels"], risk=target_risk),
         selective.threshold_for_risk(z_own, lg["val_labels"], risk=target_risk),
     )
+
+
+def _folds(method: str, labels, recal_fit: str, seed: int) -> list[tuple[Any, Any]] | None:
+    """The cross-fit halves of test when recalibrators are fitted on it, else None."""
+    if recal_fit == "test_crossfit" and method != "none":
+        return crossfit_folds(labels, seed)
+    return None
+
+
+def recalibrated_clean(
+    method: str, lg: dict, fp32: dict, recal_fit: str, seed: int
+) -> tuple[Any, Any]:
+    """(this cell's, the fp32 cell's) clean test logits recalibrated by ``method`` as
+    :func:`score` recalibrates them: the clean terms of a shifted row's interaction, the same
+    for every shift (fitted once per cell and method by the rows stage)."""
+    folds = _folds(method, lg["test_labels"], recal_fit, seed)
+    zq, _ = recalibrate(method, lg, fp32, [], None, folds)
+    zf = zq if lg is fp32 else recalibrate(method, fp32, fp32, [], None, folds)[0]
+    return zq, zf
 
 
 def risk_coverage_points(z, labels, n: int = CURVE_POINTS) -> dict[str, list[float]]:
@@ -86,7 +105,7 @@ def score(
     recal_fit: str = "val",
     report_on: tuple[Any, Any] | None = None,
     shift: str = CLEAN,
-    clean: tuple[dict, dict] | None = None,
+    clean: tuple[Any, Any] | None = None,
     threshold_pair: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One result row of (cell, method); ``notes`` (e.g. the data's) start its notes column.
@@ -99,8 +118,9 @@ def score(
 
     ``shift`` names the test images of ``lg`` and ``fp32`` (their validation logits are the
     clean ones: recalibrators are fitted on clean images, as a deployer would); ``clean``
-    (this cell's and the fp32 cell's clean logits) adds the paired interaction of quantization
-    and the shift. ``threshold_pair`` (:func:`thresholds`) adds the threshold-transfer columns.
+    (this cell's and the fp32 cell's recalibrated clean test logits, :func:`recalibrated_clean`)
+    adds the paired interaction of quantization and the shift. ``threshold_pair``
+    (:func:`thresholds`) adds the threshold-transfer columns.
     """
     from quantcal.calibration import metrics, recal, selective
     from quantcal.findings.threshold import judge
@@ -111,9 +131,8 @@ def score(
         recal_fit, fp32_fit = "val", None  # fitted on the search half, the folds' "val"
     labels = lg["test_labels"]
     notes = list(notes or [])
-    folds = None
-    if recal_fit == "test_crossfit" and method != "none":
-        folds = crossfit_folds(labels, cell.group.seed)
+    folds = _folds(method, labels, recal_fit, cell.group.seed)
+    if folds is not None:
         fp32_fit = None  # the memoised fits are on val
     z, temperature = recalibrate(method, lg, fp32, notes, fp32_fit, folds)
 
@@ -159,9 +178,7 @@ def score(
         ) = d
         if clean is not None and not cell.is_fp32:
             # [m(q, shift) − m(q, clean)] − [m(fp32, shift) − m(fp32, clean)], same images
-            zq_clean, _ = recalibrate(method, clean[0], clean[1], [], None, folds)
-            zf_clean, _ = recalibrate(method, clean[1], clean[1], [], None, folds)
-            quad = [z, zq_clean, z_fp32, zf_clean]
+            quad = [z, clean[0], z_fp32, clean[1]]
             for name in ("ece", "aurc"):
                 c = metrics.paired_bootstrap_contrast(name, quad, [1, -1, -1, 1], labels, **boot)
                 col = f"{name}_shift_interaction"

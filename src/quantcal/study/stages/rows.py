@@ -24,7 +24,7 @@ from quantcal._io import atomic_write_text
 from quantcal.calibration.recal_splits import FitFn, fit_and_apply
 from quantcal.study.cells import QuantCell
 from quantcal.study.keys import CLEAN, logits_key, pending_key, row_key
-from quantcal.study.score import base_row, score, thresholds
+from quantcal.study.score import base_row, recalibrated_clean, score, thresholds
 from quantcal.study.stages import data as data_stage
 from quantcal.study.stages.base import Need, Stage
 
@@ -129,6 +129,14 @@ def row(
     ctx.scored += 1
     fp32_fit = _fp32_fit_for(ctx, fp32_key if shift == CLEAN else f"{fp32_key} {shift}")
     report_on = data_stage.report_fold(ctx, cell, lg["test_labels"])
+    clean_z = None
+    if clean is not None and not cell.is_fp32:
+        memo = ctx.memo("recalibrated_clean")
+        if (lkey, method) not in memo:
+            if len(memo) > 16:
+                memo.clear()
+            memo[(lkey, method)] = recalibrated_clean(method, *clean, fit_on, cell.group.seed)
+        clean_z = memo[(lkey, method)]
     pair = None
     if fit_on == "val" and report_on is None:
         memo = ctx.memo("thresholds")
@@ -136,7 +144,7 @@ def row(
             memo[(lkey, method)] = thresholds(method, lg, fp32, ctx.config.target_risk)
         pair = memo[(lkey, method)]
     r = score(
-        ctx.config, cell, method, lg, fp32, fp32_fit, notes, fit_on, report_on, shift, clean, pair
+        ctx.config, cell, method, lg, fp32, fp32_fit, notes, fit_on, report_on, shift, clean_z, pair
     )
     r.update(
         params=lmeta.get("params"),
