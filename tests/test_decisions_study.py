@@ -260,3 +260,38 @@ def test_a_failed_unknown_input_scoring_is_named_and_exits_1(tmp_path, capsys, m
     assert (out / "results.csv").exists()  # everything else was computed and written
     details = json.loads((out / "details.json").read_text())
     assert {r["precision"] for r in details["ood"] if "error" in r} == {"fp32", "W8A8"}
+
+
+def test_a_corruption_that_fails_gives_error_rows_and_exits_1(tmp_path, capsys, monkeypatch):
+    from quantcal.training import corruptions
+
+    def broken(images, name, severity, **kw):
+        raise RuntimeError(f"{name} could not be applied")
+
+    monkeypatch.setattr(corruptions, "corrupt", broken)
+    path = tmp_path / "s.toml"
+    cfg = tiny(**{"quant.precisions": ["fp32", "W8A8"], "data.shifts": ["fog:2"]})
+    path.write_text(study.load_study(cfg).to_toml())
+    out = tmp_path / "run"
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet"]) == 1
+    assert "fog could not be applied" in capsys.readouterr().err
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["status"] for r in rows if r["shift"] == "clean"} == {"ok"}
+    shifted = [r for r in rows if r["shift"] == "fog:2"]
+    assert len(shifted) == 4 and all(r["status"] == "error" for r in shifted)
+
+
+def test_cross_fitted_rows_say_why_they_have_no_threshold():
+    from quantcal.study.cells import Group, QuantCell
+    from quantcal.study.score import score
+
+    config = study.load_study(tiny())
+    cell = QuantCell(Group("digits", config.models[0], 0), "fp32", None, None)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (200,), generator=g)
+    z = torch.randn(200, 4, generator=g) + 3 * torch.nn.functional.one_hot(y, 4)
+    lg = {"val_logits": z[:0], "val_labels": y[:0], "test_logits": z, "test_labels": y}
+    row = score(config, cell, "temperature", lg, lg, recal_fit="test_crossfit")
+    assert row["threshold_outcome"] is None and row["threshold_risk"] is None
+    assert "no threshold transfer" in row["notes"]

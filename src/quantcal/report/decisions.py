@@ -301,7 +301,7 @@ def decisions_section(
     if table:
         parts.append(table)
     models = list(dict.fromkeys((r["dataset"], model_label(r)) for r in clean))
-    shifted = shifted_rows(rows)
+    shifted = [r for r in shifted_rows(rows) if r.get("status") == "ok"]
     for ds, model in models:
         tag = hashlib.sha256(f"{ds}\0{model}".encode()).hexdigest()[:8]
         caption = f"Risk–coverage curves: {dataset_label(ds)} / {model}, as is (no recalibration)"
