@@ -97,6 +97,7 @@ def threshold_table(rows: list[dict], target: float | None) -> str:
                 "outcome",
             ],
             body,
+            "thresholds",
         )
     )
 

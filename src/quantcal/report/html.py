@@ -164,6 +164,7 @@ dl.glossary dt{font-weight:600;margin-top:.4em}dl.glossary dd{margin-left:1.5em}
 table{max-width:100%}table.verdicts .badge{white-space:normal}
 table.verdicts td>.muted{display:block;white-space:nowrap}
 .near{color:#a15c00;font-weight:700;margin-left:.3em;cursor:help}
+table.thresholds td:nth-child(4),table.thresholds td:last-child{text-align:left}
 """
 
 
