@@ -167,7 +167,8 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     Conv2d: Kaiming normal, fan_out, ReLU gain; bias 0. BatchNorm2d: weight 1, bias 0 (running
     stats reset). Linear: normal(0, 0.01), bias 0 (the torchvision/timm classifier convention).
     ``generator`` makes the result depend on the seed alone, not on the global RNG.
-    Afterwards every sub-module with an ``init_weights()`` hook runs it (MobileOne's skip blocks
+    LayerNorm: weight 1, bias 0. Afterwards every sub-module with an ``init_weights(generator)``
+    hook runs it with the same generator (attention's position embeddings; MobileOne's skip blocks
     start their branch BN scales at 0, the zero-init-residual rule of Goyal et al. 2017: with
     all scales at 1 the summed branches blow up the gradient ~700x towards the stem and the
     net barely learns in a short run).
@@ -184,6 +185,10 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
                 m.reset_running_stats()
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
                 if m.bias is not None:
@@ -191,7 +196,7 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
         for m in model.modules():
             hook = getattr(m, "init_weights", None)
             if m is not model and callable(hook):
-                hook()
+                hook(generator)
 
 
 class SmallImageClassifier(nn.Module):

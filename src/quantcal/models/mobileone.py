@@ -282,7 +282,7 @@ class MobileOneBlock(nn.Module):
         )
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Block-specific initialisation, to run after the generic He init: in a block with a
         BN skip, the BN scales (gamma) of the conv and scale branches start at 0, so the block
         starts as ReLU(BN(x)) and the deep plain stack starts close to an identity chain (the
