@@ -1,7 +1,7 @@
 """A controlled ablation family: one ResNet-20-like skeleton, one architectural property at a time.
 
 The study (Kuang & Wong, arXiv 2309.13866) finds that depthwise-separable nets lose more
-calibration under quantization. Its four networks differ in many ways at once; these seven
+calibration under quantization. Its four networks differ in many ways at once; these eight
 models each change exactly ONE property of a common base, at a matched deploy-form budget, so
 a study can attribute a calibration change to that property (:data:`ABLATION_VARIANTS`).
 
@@ -37,22 +37,36 @@ Variants (each only its property; all else as in the base):
   :func:`~quantcal.models.deploy.to_deploy` calls, so the deploy form IS the base's structure.
   Its BN scales start at 1 like every BN of the base (RepVGG's init), not at 0 as in
   MobileOne's zero-init rule: only the branch structure differs.
+* ``ablation_attention`` (attention: on): BoTNet's swap (Srinivas et al., CVPR 2021): the
+  second 3x3 conv-BN unit of each of the last stage's three blocks becomes multi-head
+  self-attention over the stage's H·W positions followed by BN
+  (:class:`~quantcal.models._attention.ConvAttention`: a learned absolute position embedding
+  added to the input, 1x1 convs to q, k, v of D channels in ``heads_for(4c)`` heads,
+  softmax(QKᵀ/√d)·V, a 1x1 conv back to 4c channels into which the BN folds). Minderer et al.
+  (NeurIPS 2021) found attention models better calibrated; this variant asks whether that
+  survives quantization, with the products Q·Kᵀ and A·V quantized on both operands. The convs
+  stay exactly the base's (c' = c); instead the attention width D is matched (below). 8x8
+  positions at 32x32 (64 tokens), 7x7 at 28, 4x4 at 8-16.
 
-Matched budget. The base has c = ``round(16 * width)`` (at least 1). Every variant keeps the
-base's stem (c channels: the stem is no part of any property, and a stem scaled with c' would
-add MACs but few parameters: about 6 % of the base's MACs at width 0.25 on RGB) and searches the
-integer c' in [c, 8c + 8] for its stages c', 2c', 4c' that minimises the larger of its relative
-deploy-parameter and MAC deviations from the base at the same ``width``, ``image_size``,
-``in_chans`` and ``num_classes`` (ties to the smaller c'; c' >= c because the option-A
-shortcut of the first block, c -> c', cannot drop channels). Nothing is tabulated per width.
-Counts are of the deploy form (:func:`~quantcal.models.deploy.to_deploy`: BN folded into conv
-biases, RepVGG branches merged; MACs as :func:`~quantcal.models.stats.describe` counts them),
-computed in closed form by :func:`ablation_budget` and checked against
-``describe(to_deploy(model))`` by the tests. Variants that change no parameter (no_residual,
-relu6, hardswish, reparam) get c' = c exactly. Widths 0.25 to 2, 8 to 32 pixels, 1 or 3
-channels, 2 to 100 classes: every variant within 7.1 %; below (width 0.1) or with a head that
-dominates (1000 classes at small width) no c' may come within :data:`BUDGET_TOLERANCE`, and
-the model warns. At 100 classes, 32x32, RGB (deploy params, MACs; relative to the base):
+Matched budget. The base has c = ``round(16 * width)`` (at least 1). Every variant but the attention
+one keeps the base's stem (c channels: the stem is no part of any property, and a stem scaled with
+c' would add MACs but few parameters: about 6 % of the base's MACs at width 0.25 on RGB) and
+searches the integer c' in [c, 8c + 8] for its stages c', 2c', 4c' that minimises the larger of its
+relative deploy-parameter and MAC deviations from the base at the same ``width``, ``image_size``,
+``in_chans`` and ``num_classes`` (ties to the smaller c'; c' >= c because the option-A shortcut of
+the first block, c -> c', cannot drop channels). The attention variant keeps c' = c (one channel
+more changes every stage by 20-60 % of the parameters at small widths) and searches the attention
+width D, in multiples of its heads up to 32c, by the same criterion: a unit then has 4c·N + 4·4c·D +
+3D + 4c parameters and 4·4c·D·N + 2·N²·D MACs (N = H·W; Q·Kᵀ and A·V are N²·D each) against the 3x3
+unit's 9·(4c)² + 4c and 9·(4c)²·N. Nothing is tabulated per width. Counts are of the deploy form
+(:func:`~quantcal.models.deploy.to_deploy`: BN folded into conv biases, RepVGG branches merged; MACs
+as :func:`~quantcal.models.stats.describe` counts them), computed in closed form by
+:func:`ablation_budget` and checked against ``describe(to_deploy(model))`` by the tests. Variants
+that change no parameter (no_residual, relu6, hardswish, reparam) get c' = c exactly. Widths 0.25 to
+2, 8 to 32 pixels, 1 or 3 channels, 2 to 100 classes: every variant within 7.1 % (the attention
+variant within 6.3 %); below (width 0.1) or with a head that dominates (1000 classes at small width)
+no c' may come within :data:`BUDGET_TOLERANCE`, and the model warns. At 100 classes, 32x32, RGB
+(deploy params, MACs; relative to the base):
 
 ==================== ===================================== ===================================
 variant              width 1                               width 0.25
@@ -62,6 +76,8 @@ ablation_separable   c'=46  282,596  39,898,848 (+2.8 %,   c'=10  20,012  2,671,
                      -1.6 %)                               +2.0 %)
 ablation_se          c'=16  277,257  40,558,816 (+0.9 %,   c'=4   18,945  2,619,112 (+1.4 %,
                      +0.005 %)                             +0.006 %)
+ablation_attention   D=116  266,712  42,031,360 (-3.0 %,   D=15   17,859  2,729,536 (-4.4 %,
+                     +3.6 %)                               +4.2 %)
 no_residual, relu6,  c'=16  274,884  40,556,800 (equal)    c'=4   18,684  2,618,944 (equal)
 hardswish, reparam
 ==================== ===================================== ===================================
@@ -78,6 +94,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantcal.models._attention import ConvAttention, attention_macs, heads_for
 from quantcal.models._common import (
     SmallImageClassifier,
     SqueezeExcite,
@@ -121,6 +138,7 @@ ABLATION_VARIANTS: dict[str, tuple[str, str]] = {
     "ablation_hardswish": ("activation", "hardswish"),
     "ablation_se": ("se", "on"),
     "ablation_reparam": ("reparam", "multi-branch"),
+    "ablation_attention": ("attention", "on"),
 }
 
 #: The base's value of every property a variant changes (for "relu -> relu6" labels).
@@ -130,17 +148,20 @@ BASE_PROPERTIES: dict[str, str] = {
     "activation": "relu",
     "se": "off",
     "reparam": "single-branch",
+    "attention": "off",
 }
 
 
 @dataclass(frozen=True)
 class _Spec:
-    """The skeleton's switches: unit kind ("dense", "separable", "rep"), residual, act, SE."""
+    """The skeleton's switches: unit kind ("dense", "separable", "rep"), residual, act, SE,
+    and self-attention in place of the last stage's second 3x3 units."""
 
     unit: str = "dense"
     residual: bool = True
     act: str = "relu"
     se: bool = False
+    attention: bool = False
 
 
 _SPECS: dict[str, _Spec] = {
@@ -151,6 +172,7 @@ _SPECS: dict[str, _Spec] = {
     "ablation_hardswish": _Spec(act="hardswish"),
     "ablation_se": _Spec(se=True),
     "ablation_reparam": _Spec(unit="rep"),
+    "ablation_attention": _Spec(attention=True),
 }
 
 
@@ -179,22 +201,34 @@ def _se_channels(channels: int) -> int:
 
 # ----------------------------------------------------------------------------- budget
 def _budget(
-    spec: _Spec, stem: int, c: int, *, image_size: int, in_chans: int, num_classes: int
+    spec: _Spec,
+    stem: int,
+    c: int,
+    *,
+    image_size: int,
+    in_chans: int,
+    num_classes: int,
+    inner: int = 0,
 ) -> tuple[int, int]:
     """(deploy params, MACs of one image) of the skeleton with ``stem`` stem channels and stages
     of ``c``, 2c, 4c channels, in closed form (the deploy form: every BN folded into a conv bias,
-    RepVGG branches merged)."""
+    RepVGG branches merged); ``inner`` is the attention units' D (q, k, v width)."""
     side = image_size
     params = 9 * in_chans * stem + stem  # dense stem, biased after folding
     macs = 9 * in_chans * stem * side * side
     in_ch = stem
-    for stage, stride in enumerate(_stage_strides(image_size)):
+    strides = _stage_strides(image_size)
+    for stage, stride in enumerate(strides):
         out_ch = c * 2**stage
         for i in range(BLOCKS_PER_STAGE):
             s = stride if i == 0 else 1
             side = math.ceil(side / s)
-            for cin in (in_ch, out_ch):  # the block's two 3x3 units
-                if spec.unit == "separable":
+            for unit, cin in enumerate((in_ch, out_ch)):  # the block's two 3x3 units
+                if spec.attention and stage == len(strides) - 1 and unit == 1:
+                    n = side * side  # position embedding, qkv, proj (+ folded BN bias)
+                    params += cin * n + 3 * cin * inner + 3 * inner + inner * cin + cin
+                    macs += 4 * cin * inner * n + attention_macs(n, inner)
+                elif spec.unit == "separable":
                     params += 9 * cin + cin + cin * out_ch + out_ch
                     macs += (9 * cin + cin * out_ch) * side * side
                 else:
@@ -216,24 +250,31 @@ def _base_channels(width: float) -> int:
 
 def _match(
     spec: _Spec, *, width: float, image_size: int, num_classes: int, in_chans: int
-) -> tuple[int, tuple[float, float]]:
-    """(c', (relative params deviation, relative MACs deviation)) of the matching rule."""
+) -> tuple[int, int, tuple[float, float]]:
+    """(c', D, (relative params deviation, relative MACs deviation)) of the matching rule; D
+    is the attention units' inner width (0 without attention, where c' is searched; with
+    attention c' = c and D is searched in multiples of the heads)."""
     c = _base_channels(width)
     kw = {"image_size": image_size, "in_chans": in_chans, "num_classes": num_classes}
     target_params, target_macs = _budget(_SPECS[ABLATION_BASE], c, c, **kw)
 
-    def deviation(k: int) -> tuple[float, float]:
-        p, m = _budget(spec, c, k, **kw)
+    def deviation(k: int, inner: int = 0) -> tuple[float, float]:
+        p, m = _budget(spec, c, k, inner=inner, **kw)
         return p / target_params - 1, m / target_macs - 1
 
-    best, best_dev = c, deviation(c)
-    for k in range(c, 8 * c + 9):
-        dev = deviation(k)
+    if spec.attention:
+        heads = heads_for(4 * c)
+        candidates = [(c, d) for d in range(heads, 32 * c + 1, heads)]
+    else:
+        candidates = [(k, 0) for k in range(c, 8 * c + 9)]
+    best, best_dev = candidates[0], deviation(*candidates[0])
+    for k, d in candidates:
+        dev = deviation(k, d)
         if max(map(abs, dev)) < max(map(abs, best_dev)):
-            best, best_dev = k, dev
-        if min(dev) > 0:  # params and MACs grow with k: every larger k is further off
+            best, best_dev = (k, d), dev
+        if min(dev) > 0:  # params and MACs grow along the candidates: the rest is further off
             break
-    return best, best_dev
+    return best[0], best[1], best_dev
 
 
 def ablation_channels(
@@ -245,16 +286,23 @@ def ablation_channels(
     return _match(_spec(name), width=width, **kw)[0]
 
 
+def ablation_attention_channels(
+    name: str, *, width: float, image_size: int, num_classes: int, in_chans: int = 3
+) -> int:
+    """The attention units' inner width D of variant ``name`` (0 for variants without
+    attention), matched by the rule in the module docstring."""
+    kw = {"image_size": image_size, "num_classes": num_classes, "in_chans": in_chans}
+    return _match(_spec(name), width=width, **kw)[1]
+
+
 def ablation_budget(
     name: str, *, width: float, image_size: int, num_classes: int, in_chans: int = 3
 ) -> tuple[int, int]:
     """(deploy-form parameters, MACs of one image) of ``create_model(name, ...)``, in closed form
     (equal to ``describe(to_deploy(model))``'s ``params`` and ``macs``)."""
-    c = ablation_channels(
-        name, width=width, image_size=image_size, num_classes=num_classes, in_chans=in_chans
-    )
     kw = {"image_size": image_size, "in_chans": in_chans, "num_classes": num_classes}
-    return _budget(_spec(name), _base_channels(width), c, **kw)
+    c, inner, _ = _match(_spec(name), width=width, **kw)
+    return _budget(_spec(name), _base_channels(width), c, inner=inner, **kw)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -299,7 +347,7 @@ class RepConvUnit(MobileOneBlock):
         self.act = act if act is not None else nn.Identity()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """No block-specific init (see the class docstring) unless ``zero_init_branches``."""
         if self.zero_init_branches:
             super().init_weights()
@@ -329,14 +377,33 @@ def _unit(spec: _Spec, in_ch: int, out_ch: int, stride: int, act: bool) -> nn.Mo
     return nn.Sequential(*layers)
 
 
+def _attention_unit(channels: int, inner: int, size: tuple[int, int]) -> nn.Module:
+    """BoTNet's replacement of a 3x3 conv-BN unit: MHSA over the H·W positions with q, k, v of
+    ``inner`` channels in ``heads_for(channels)`` heads, then BN."""
+    attention = ConvAttention(channels, heads_for(channels), size, inner=inner)
+    return nn.Sequential(attention, nn.BatchNorm2d(channels))
+
+
 class AblationBlock(nn.Module):
     """act(unit2(unit1(x)) [-> SE] [+ shortcut(x)]): a ResNet basic block with the switches of
-    ``spec`` (unit kind, residual, activation, SE)."""
+    ``spec`` (unit kind, residual, activation, SE). With ``attention_size`` (H, W) the second
+    unit is self-attention over that map (:func:`_attention_unit`) instead of a 3x3 conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: _Spec) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        spec: _Spec,
+        attention_size: tuple[int, int] | None = None,
+        attention_channels: int = 0,
+    ) -> None:
         super().__init__()
         self.unit1 = _unit(spec, in_ch, out_ch, stride, act=True)
-        self.unit2 = _unit(spec, out_ch, out_ch, 1, act=False)
+        if attention_size is not None:
+            self.unit2 = _attention_unit(out_ch, attention_channels, attention_size)
+        else:
+            self.unit2 = _unit(spec, out_ch, out_ch, 1, act=False)
         self.se = (
             SqueezeExcite(out_ch, _se_channels(out_ch), nn.ReLU, nn.Sigmoid) if spec.se else None
         )
@@ -372,7 +439,7 @@ class AblationNet(SmallImageClassifier):
         )
         spec = _spec(self.family)
         self.variant = ABLATION_VARIANTS[self.family]
-        c, deviation = _match(
+        c, inner, deviation = _match(
             spec,
             width=self.width,
             image_size=image_size,
@@ -392,6 +459,7 @@ class AblationNet(SmallImageClassifier):
             )
         self.stem_channels = _base_channels(self.width)
         self.base_channels = c
+        self.attention_channels = inner
         self.stage_channels = (c, 2 * c, 4 * c)
         self.strides = _stage_strides(image_size)
         stem_ch = self.stem_channels
@@ -401,9 +469,15 @@ class AblationNet(SmallImageClassifier):
             stem = nn.Sequential(*conv_bn(in_chans, stem_ch, 3), _make_act(spec.act))
         layers: list[nn.Module] = [stem]
         in_ch = stem_ch
-        for out_ch, stride in zip(self.stage_channels, self.strides):
+        side = image_size
+        for stage, (out_ch, stride) in enumerate(zip(self.stage_channels, self.strides)):
+            side = math.ceil(side / stride)
+            last = stage == len(self.strides) - 1
+            size = (side, side) if spec.attention and last else None
             blocks = [
-                AblationBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, spec)
+                AblationBlock(
+                    in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, spec, size, inner
+                )
                 for i in range(BLOCKS_PER_STAGE)
             ]
             layers.append(nn.Sequential(*blocks))
@@ -459,3 +533,11 @@ class AblationReparam(AblationNet):
     """Base trained with RepVGG multi-branch 3x3 units; deploys to the base's structure."""
 
     family = "ablation_reparam"
+
+
+@register_model("ablation_attention")
+class AblationAttention(AblationNet):
+    """Base with multi-head self-attention in place of the last stage's second 3x3 units
+    (BoTNet's swap), width re-matched."""
+
+    family = "ablation_attention"
