@@ -2,8 +2,19 @@
 
 MACs are counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` on an eval-mode
 forward of one image: it counts 2 FLOPs per multiply-accumulate of convolutions and matrix
-products (Linear), and nothing for BN, activations, pooling or element-wise adds, so
-MACs = FLOPs / 2 (the convention of the papers' "FLOPs" columns).
+products (Linear, and the products of two activations, Q·Kᵀ and A·V, of attention), and nothing
+for BN, activations, softmax, pooling or element-wise adds, so MACs = FLOPs / 2 (the convention
+of the papers' "FLOPs" columns). PyTorch's counter has no formula for the fused CPU kernel of
+``F.scaled_dot_product_attention``
+(``aten._scaled_dot_product_flash_attention_for_cpu``) and counted 0 for it (PyTorch 2.13);
+:func:`count_macs` gives that kernel PyTorch's own formula for the other fused kernels
+(``sdpa_flop_count``: 2·B·H·N·S·(d + d_v) FLOPs).
+
+Bit operations (BOPs, Baskin et al. 2021) of one image: Σ MACs · w · a over the conv/linear
+layers at each layer's bits, plus the products of two activations (:func:`product_macs`: Q·Kᵀ
+and A·V of attention) at a · a bits where ``QuantConfig.quantize_matmuls`` quantizes them (both
+operands at the activation bits), and at 32 · 32 otherwise or where they run inside a block the
+quantizer leaves opaque (named fp32 in the coverage).
 
 Weight storage at ``weight_bits`` = b (the PTQ scheme of the study, REFERENCE.md §5):
 - the weight of every Conv/Linear layer takes b bits per element, rounded up to whole bytes per
@@ -20,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _QUANTIZED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -73,6 +84,81 @@ def weight_storage_bytes(model: nn.Module, weight_bits: int) -> tuple[int, int]:
     return total, sum(p.numel() for p in quantized.values())
 
 
+def _cpu_sdpa_flops(q_shape, k_shape, v_shape, *args: Any, out_shape: Any = None, **kw: Any) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _custom_flops() -> dict[Any, Any]:
+    """Formulas FlopCounterMode lacks: the fused CPU attention kernel (module docstring)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: _cpu_sdpa_flops}
+
+
+#: torch functions that multiply two tensors as a matrix product (a product of two activations
+#: unless an operand is a parameter)
+_PRODUCTS = frozenset(
+    {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention"}
+)
+
+
+class _ProductCount(torch.overrides.TorchFunctionMode):
+    """MACs of products of two activations, split by where they run: in a traced graph's
+    code (quantizable) or inside an opaque function or leaf module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.graph = 0
+        self.opaque = 0
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if (
+            self.depth
+            or name not in _PRODUCTS
+            or any(isinstance(a, nn.Parameter) for a in operands)
+        ):
+            return func(*args, **kwargs)
+        from quantcal.quant.runtime_count import _caller
+
+        inside_opaque = _caller() is not None
+        self.depth += 1
+        try:
+            counter = FlopCounterMode(display=False, custom_mapping=_custom_flops())
+            with counter:
+                out = func(*args, **kwargs)
+        finally:
+            self.depth -= 1
+        macs = counter.get_total_flops() // 2
+        if inside_opaque:
+            self.opaque += macs
+        else:
+            self.graph += macs
+        return out
+
+
+def product_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs of products of two activations in the traced graph's own code, MACs of those
+    inside opaque functions or leaf modules) of ``model(example)``, eval mode, no grad.
+
+    A product is a matmul/bmm/einsum/``scaled_dot_product_attention`` call none of whose
+    operands is a parameter. For a deploy-form ``GraphModule`` the first are the products the
+    quantizer replaces with quantized ones; for an untraced module every call is in the
+    second."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    mode = _ProductCount()
+    try:
+        with torch.no_grad(), mode:
+            model(example)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return mode.graph, mode.opaque
+
+
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """MACs of ``model(example)`` by FlopCounterMode (FLOPs / 2), run in eval mode, no grad.
 
@@ -81,7 +167,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        counter = FlopCounterMode(display=False, custom_mapping=_custom_flops())
+        with torch.no_grad(), counter:
             model(example)
     finally:
         for m, training in modes.items():
@@ -138,7 +225,10 @@ def describe(
         w32, quantized = weight_storage_bytes(model, 32)
         other = w32 - 4 * sum(c.params for c in costs.values())
         weight_bytes = int(other + plan_cost(costs, plan, "weight_bytes"))
+        graph_products, opaque_products = product_macs(model, example)
+        product_bits = config.act_bits**2 if config.quantize_matmuls else 32 * 32
         bops = int(plan_cost(costs, plan, "bops"))
+        bops += graph_products * product_bits + opaque_products * 32 * 32
         weight_bits = config.weight_bits
     else:
         weight_bytes, quantized = weight_storage_bytes(model, weight_bits)
