@@ -7,8 +7,10 @@ builds any name of ``list_models()``: the study's "shufflenetv2", "augshufflenet
 :mod:`~quantcal.models.mobilenet`, :mod:`~quantcal.models.efficientnet`,
 :mod:`~quantcal.models.repvgg`); or the controlled ablation family "ablation_base",
 "ablation_separable", "ablation_no_residual", "ablation_relu6", "ablation_hardswish",
-"ablation_se", "ablation_reparam" (a ResNet-20-like skeleton changing one property at a time at a
-matched deploy budget; :mod:`quantcal.models.ablation`). ``describe(model)`` (in
+"ablation_se", "ablation_reparam", "ablation_attention" (a ResNet-20-like skeleton changing one
+property at a time at a matched deploy budget; :mod:`quantcal.models.ablation`); or the hybrid
+convolution + self-attention families "mobilevit_xxs" and "efficientformer_l1" in their CIFAR
+form (:mod:`quantcal.models.hybrid`). ``describe(model)`` (in
 :mod:`quantcal.models.stats`) gives parameters, MACs and weight bytes; ``to_deploy(model)`` (in
 :mod:`quantcal.models.deploy`; both loaded on first use) gives the
 reparameterized, BN-folded eval-mode copy.
@@ -24,6 +26,7 @@ from quantcal.models import (  # noqa: F401
     ablation,
     efficientnet,
     ghostnet,
+    hybrid,
     mobilenet,
     mobileone,
     repvgg,
