@@ -12,18 +12,19 @@ attention of N tokens of C channels). Every reshape uses sizes fixed at build ti
 ``torch.fx``; BatchNorm only follows a Conv2d, so :func:`~quantcal.models.deploy.to_deploy`
 folds every one; LayerNorm, SiLU, GELU and softmax stay in float.
 
-**MobileViT-XXS** (paper Table 4 and Appendix A; timm's ``mobilevit_xxs`` layout): 3x3 stem
-conv to 16 + BN + SiLU; MV2 (MobileNetV2 inverted residual, expansion 2 for XXS, SiLU) to 16;
-three MV2 to 24 (the first strided); then three stages, each one strided MV2 to C followed by a
-MobileViT block with transformer width d and L layers: (C, d, L) = (48, 64, 2), (64, 80, 4),
-(80, 96, 3); 1x1 conv to 320 + BN + SiLU; global average pool; Linear. The MobileViT block:
-3x3 conv C->C + BN + SiLU, 1x1 conv C->d (no bias, no BN, as in the paper's code); unfold into
-patches of ph x pw pixels, tokens (B·P, N, d) with P = ph·pw pixel positions per patch and N
-patches (attention runs among the N pixels at the same position in every patch); L transformer
-layers ``x + Attn(LN(x))``, ``x + FFN(LN(x))`` with FFN = Linear(d, 2d)-SiLU-Linear(2d, d);
-LayerNorm; fold back to (B, d, H, W); 1x1 conv d->C + BN + SiLU; concatenate with the block's
-input (input first); 3x3 conv 2C->C + BN + SiLU. Heads: ``heads_for(d, 16, max_heads=4)``, the
-paper's 4 heads at width 1 (of 16, 20 and 24 channels), fewer where d is small.
+**MobileViT-XXS** (paper Table 4 and Appendix A; timm's ``mobilevit_xxs`` layout): 3x3 stem conv
+to 16 + BN + SiLU; MV2 (MobileNetV2 inverted residual, expansion 2 for XXS, SiLU) to 16; three
+MV2 to 24 (the first strided in the ImageNet form); then three stages, each one strided MV2 to C
+followed by a MobileViT block with transformer width d and L layers: (C, d, L) = (48, 64, 2),
+(64, 80, 4), (80, 96, 3); 1x1 conv to 320 + BN + SiLU; global average pool; Linear. The
+MobileViT block: 3x3 conv C->C + BN + SiLU, 1x1 conv C->d (no bias, no BN, as in the paper's
+code); unfold into patches of ph x pw pixels, tokens (B·P, N, d) with P = ph·pw pixel positions
+per patch and N patches (attention runs among the N pixels at the same position in every patch);
+L transformer layers ``x + Attn(LN(x))``, ``x + FFN(LN(x))`` with FFN = Linear(d,
+2d)-SiLU-Linear(2d, d); LayerNorm; fold back to (B, d, H, W); 1x1 conv d->C + BN + SiLU;
+concatenate with the block's input (input first); 3x3 conv 2C->C + BN + SiLU. Heads:
+``heads_for(d, 16, max_heads=4)``, the paper's 4 heads at width 1 (of 16, 20 and 24 channels),
+fewer where d is small.
 
 CIFAR adaptations of MobileViT-XXS:
 
@@ -35,11 +36,12 @@ CIFAR adaptations of MobileViT-XXS:
 * patches: 2x2 as in the paper, except along a side that 2 does not divide (7 at 28x28), where
   the patch is 1 pixel (P = 1: every pixel is its own token, plain global attention over the
   map) rather than padding the map, which would add tokens made of padding. Token counts per
-  attention at 32x32: N = 64, 16, 4 (P = 4 each); at 28x28: 49 (P = 1), 49 (P = 4), 4;
+  attention at 32x32: N = 64, 16, 4 (P = 4 each); at 28x28: 49 (P = 4), 49 (P = 1), 4
+  (P = 4); at 8x8: 16, 16, 4 (P = 4 each);
 * the paper's ImageNet classifier has dropout before the Linear; omitted (no quantcal family
   has dropout).
 
-**EfficientFormer-L1** (paper Table 7/Fig. 3; timm's ``efficientformer_l1`` layout): stem
+**EfficientFormer-L1** (paper §3-4, its L1 configuration; timm's ``efficientformer_l1``): stem
 3x3 conv to 24 + BN + ReLU, 3x3 conv to 48 + BN + ReLU; four stages of widths (48, 96, 224,
 448) with (3, 2, 6, 4) blocks, a 3x3 stride-2 conv + BN between stages; every block a Meta4D
 block (on the map: ``x + (AvgPool3x3(x) - x)`` with stride 1, pad 1, ``count_include_pad``
@@ -62,8 +64,8 @@ CIFAR adaptations and simplifications of EfficientFormer-L1:
 * the attention's learned relative-position bias left out: same reason (a bias added to Q·Kᵀ
   before the softmax is a float addition, not a product); and the attention is the standard
   MHSA (q, k, v all C wide) rather than the paper's key width 32 and 4x wider values;
-* the 1x1 convs of the Meta4D MLP have no bias (a BN follows each and absorbs it; the paper's
-  code has both); the distillation head is left out.
+* every conv followed by a BN has no bias (the BN's shift absorbs it; the paper's code has
+  both); the distillation head is left out.
 
 Widths: every channel count c, including the transformer width d and the final 320, becomes
 :func:`~quantcal.models.mobilenet.divisible_channels` of ``c * width`` (torchvision's
