@@ -60,6 +60,12 @@ def test_every_property_gets_a_paired_contrast_and_a_verdict(run):
     assert mech.tested
     assert mech.verdict.split(" (")[0] in ("supported", "contradicted", "undecided")
     assert "Depthwise-separable convolutions lose more calibration" in html
+    att = by_key["attention_keeps_calibration"]
+    assert att.tested and att.source.startswith("Minderer")
+    assert att.verdict.split(" (")[0] in ("supported", "contradicted", "undecided")
+    assert len(att.evidence) == 1 and "after temperature scaling" in att.evidence[0]
+    assert {n["recal"] for n in att.rows} == {"none", "temperature"}
+    assert "Self-attention loses less calibration under quantization" in html
 
 
 def test_contrast_is_recomputed_from_the_cached_logits(run):

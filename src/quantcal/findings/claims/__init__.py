@@ -52,6 +52,7 @@ from quantcal.findings.claims.extras import (
 )
 from quantcal.findings.claims.details import (
     ablation_properties,
+    attention_keeps_calibration,
     attribution_layer_types,
     repair_restores,
     separable_mechanism,
@@ -70,6 +71,7 @@ __all__ = [
     "Claim",
     "ClaimFn",
     "ablation_properties",
+    "attention_keeps_calibration",
     "attribution_layer_types",
     "calibration_budgeted_plans",
     "evaluate",

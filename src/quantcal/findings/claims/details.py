@@ -1,5 +1,6 @@
 """Claims judged on ``details.json``: the controlled ablation's paired contrasts (is the
-separable block the mechanism; which property makes calibration fragile), the per-layer
+separable block the mechanism; does attention keep its calibration; which property makes
+calibration fragile), the per-layer
 attribution (which layer types decide calibration) and repair by stronger quantization (does it
 restore calibration or only accuracy).
 
@@ -17,6 +18,7 @@ from quantcal.findings.rows import prec_key
 
 __all__ = [
     "ablation_properties",
+    "attention_keeps_calibration",
     "attribution_layer_types",
     "repair_restores",
     "separable_mechanism",
@@ -42,6 +44,87 @@ def _ablation_records(details: dict[str, Any], recal: str = "none") -> list[dict
     return [r for r in details.get("ablation", []) if r.get("recal") == recal]
 
 
+def _property_claim(
+    name: str,
+    details: dict[str, Any],
+    *,
+    prop: str,
+    labels: tuple[str, str],
+    statement: str,
+    source: str,
+    worse_is: str,
+) -> Claim:
+    """A claim on one ablation property, judged per (dataset, width, objective, seed) by its
+    ECE-rise contrast at the lowest precision, as is: above 0 (the variant loses more
+    calibration than the base) is ``worse_is`` ("supported" or "contradicted"), below 0 the
+    other, an interval holding 0 *undecided*. The evidence gives every precision, as is and
+    after temperature scaling where the study has it."""
+    recs = [r for r in _ablation_records(details) if r["property"] == prop]
+    variant = next((r["variant"] for r in recs), f"the {prop} variant")
+    if not recs:
+        return Claim(
+            name,
+            statement,
+            "not tested",
+            (f"needs ablation_base and the {prop} variant in one study",),
+            source=source,
+            tested=False,
+        )
+    better_is = "contradicted" if worse_is == "supported" else "supported"
+    after = {
+        (r["dataset"], r["width"], r["objective"], r["seed"], r["precision"]): r
+        for r in _ablation_records(details, "temperature")
+        if r["property"] == prop
+    }
+    evidence, verdicts, numbers = [], [], []
+    for key in dict.fromkeys((r["dataset"], r["width"], r["objective"], r["seed"]) for r in recs):
+        sel = [r for r in recs if (r["dataset"], r["width"], r["objective"], r["seed"]) == key]
+        sel.sort(key=lambda r: prec_key(r["precision"]))
+        for r in sel:
+            c = r["ece_rise"]["contrast"]
+            ts = after.get((*key, r["precision"]))
+            tail = (
+                f"; after temperature scaling {_pts(ts['ece_rise']['contrast'])} "
+                f"({_contrast_verdict(ts['ece_rise']['contrast'])})"
+                if ts
+                else ""
+            )
+            evidence.append(
+                f"{key[0]} (width {key[1]:g}, seed {key[3]}), {r['precision']}: {labels[0]} ECE "
+                f"rise {_pts(r['ece_rise']['variant'])} points vs {labels[1]} "
+                f"{_pts(r['ece_rise']['base'])}; difference {_pts(c)} "
+                f"({_contrast_verdict(c)}){tail}; accuracy drop difference "
+                f"{_pts(r['accuracy_drop']['contrast'])} points."
+            )
+            for recal, est in (
+                ("none", c),
+                ("temperature", ts["ece_rise"]["contrast"] if ts else None),
+            ):
+                if est is not None:
+                    numbers.append(
+                        {
+                            "dataset": key[0],
+                            "model": f"{variant} - ablation_base",
+                            "precision": r["precision"],
+                            "recal": recal,
+                            "quantity": "ece_rise_contrast",
+                            **est,
+                            "n_seeds": 1,
+                        }
+                    )
+        low = sel[-1]["ece_rise"]["contrast"]  # the lowest precision (last in plan order)
+        verdicts.append(
+            worse_is
+            if low["lo"] > 0
+            else better_is
+            if low["hi"] < 0
+            else "undecided (interval contains 0)"
+        )
+    return Claim(
+        name, statement, summarise(verdicts), tuple(evidence), tuple(numbers), source=source
+    )
+
+
 @register_claim
 def separable_mechanism(rows: list[dict], details: dict[str, Any]) -> Claim:
     """The paper's explanation of its architecture ranking, judged on the controlled ablation:
@@ -49,58 +132,41 @@ def separable_mechanism(rows: list[dict], details: dict[str, Any]) -> Claim:
     else equal. Per precision: the ECE-rise contrast (variant's ECE rise under quantization
     minus the base's, as is, paired bootstrap over the test images). *supported* when it lies
     above 0 at the lowest precision, *contradicted* when below, else *undecided*."""
-    statement = (
-        "Depthwise-separable convolutions lose more calibration under quantization than dense "
-        "ones (the paper's explanation), at matched parameters and MACs."
-    )
-    recs = [r for r in _ablation_records(details) if r["property"] == "block"]
-    if not recs:
-        return Claim(
-            "separable_mechanism",
-            statement,
-            "not tested",
-            ("needs ablation_base and ablation_separable in one study (the ablation preset)",),
-            source="Kuang & Wong, arXiv 2309.13866",
-            tested=False,
-        )
-    evidence, verdicts, numbers = [], [], []
-    for key in dict.fromkeys((r["dataset"], r["width"], r["objective"], r["seed"]) for r in recs):
-        sel = [r for r in recs if (r["dataset"], r["width"], r["objective"], r["seed"]) == key]
-        sel.sort(key=lambda r: prec_key(r["precision"]))
-        for r in sel:
-            c = r["ece_rise"]["contrast"]
-            evidence.append(
-                f"{key[0]} (width {key[1]:g}, seed {key[3]}), {r['precision']}: separable ECE "
-                f"rise {_pts(r['ece_rise']['variant'])} points vs dense "
-                f"{_pts(r['ece_rise']['base'])}; difference {_pts(c)} "
-                f"({_contrast_verdict(c)}); accuracy drop difference "
-                f"{_pts(r['accuracy_drop']['contrast'])} points."
-            )
-            numbers.append(
-                {
-                    "dataset": key[0],
-                    "model": "ablation_separable - ablation_base",
-                    "precision": r["precision"],
-                    "quantity": "ece_rise_contrast",
-                    **c,
-                    "n_seeds": 1,
-                }
-            )
-        low = sel[-1]["ece_rise"]["contrast"]  # the lowest precision (last in plan order)
-        verdicts.append(
-            "supported"
-            if low["lo"] > 0
-            else "contradicted"
-            if low["hi"] < 0
-            else "undecided (interval contains 0)"
-        )
-    return Claim(
+    return _property_claim(
         "separable_mechanism",
-        statement,
-        summarise(verdicts),
-        tuple(evidence),
-        tuple(numbers),
+        details,
+        prop="block",
+        labels=("separable", "dense"),
+        statement=(
+            "Depthwise-separable convolutions lose more calibration under quantization than "
+            "dense ones (the paper's explanation), at matched parameters and MACs."
+        ),
         source="Kuang & Wong, arXiv 2309.13866",
+        worse_is="supported",
+    )
+
+
+@register_claim
+def attention_keeps_calibration(rows: list[dict], details: dict[str, Any]) -> Claim:
+    """Minderer et al. (NeurIPS 2021) found attention models better calibrated than
+    convolutional ones; does that survive quantization? Judged on the controlled ablation: the
+    attention variant (self-attention in place of the last stage's second 3x3 convs, its
+    products Q·Kᵀ and A·V quantized on both operands) against the convolutional base at matched
+    parameters and MACs. *contradicted* when its ECE rise under quantization exceeds the base's
+    at the lowest precision (interval above 0), *supported* when it is smaller (below 0), else
+    *undecided*; as is, with the after-temperature-scaling contrasts in the evidence."""
+    return _property_claim(
+        "attention_keeps_calibration",
+        details,
+        prop="attention",
+        labels=("attention", "convolution"),
+        statement=(
+            "Self-attention loses less calibration under quantization than the convolution it "
+            "replaces, at matched parameters and MACs (attention models are better calibrated "
+            "in float: Minderer et al. 2021)."
+        ),
+        source="Minderer et al., NeurIPS 2021",
+        worse_is="contradicted",
     )
 
 
