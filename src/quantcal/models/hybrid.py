@@ -105,7 +105,7 @@ from quantcal.models._common import (
     conv_bn,
     downsample_strides,
 )
-from quantcal.models.mobilenet import divisible_channels
+from quantcal.models.mobilenet import InvertedResidual, divisible_channels
 from quantcal.models.registry import register_model
 
 __all__ = [
@@ -140,26 +140,12 @@ class TransformerLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MV2Block(nn.Module):
+class MV2Block(InvertedResidual):
     """MobileNetV2 inverted residual with SiLU (MobileViT's): [1x1 expand + BN + SiLU] -> 3x3 dw
     (stride) + BN + SiLU -> 1x1 project + BN, plus the input when stride 1 and width kept."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int) -> None:
-        super().__init__()
-        hidden = in_ch * expansion
-        self.use_residual = stride == 1 and in_ch == out_ch
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers.append(conv_bn(in_ch, hidden, 1, act=nn.SiLU))
-        layers.append(conv_bn(hidden, hidden, 3, stride, hidden, act=nn.SiLU))
-        layers.append(conv_bn(hidden, out_ch, 1))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        if self.use_residual:
-            out = out + x
-        return out
+        super().__init__(in_ch, out_ch, stride, expansion, act=nn.SiLU)
 
 
 class MobileViTBlock(nn.Module):

@@ -89,17 +89,25 @@ def check_flag(name: str, value: object) -> bool:
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: [1x1 expand + BN + ReLU6] -> 3x3 dw (stride) + BN + ReLU6 -> 1x1
-    project + BN, plus the input when stride 1 and the width is kept."""
+    """MobileNetV2 block: [1x1 expand + BN + act] -> 3x3 dw (stride) + BN + act -> 1x1
+    project + BN, plus the input when stride 1 and the width is kept; ``act`` ReLU6
+    (MobileNetV2's) or SiLU (MobileViT's MV2 block)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: int) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        expand_ratio: int,
+        act: type[nn.Module] = nn.ReLU6,
+    ) -> None:
         super().__init__()
         hidden = in_ch * expand_ratio
         self.use_residual = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(conv_bn(in_ch, hidden, 1, act=nn.ReLU6))
-        layers.append(conv_bn(hidden, hidden, 3, stride, hidden, act=nn.ReLU6))
+            layers.append(conv_bn(in_ch, hidden, 1, act=act))
+        layers.append(conv_bn(hidden, hidden, 3, stride, hidden, act=act))
         layers.append(conv_bn(hidden, out_ch, 1))
         self.conv = nn.Sequential(*layers)
 
