@@ -387,7 +387,10 @@ class ConvAttention(nn.Module):
         return self.head((attn @ t).mean(1))
 
 
-def test_qat_says_its_products_are_fine_tuned_in_fp32_and_quantizes_them_after(tmp_path):
+def test_qat_fine_tunes_the_products_with_learned_steps():
+    """LSQ covers the products too: their steps start at the ptq scales, move during the
+    fine-tuning, come back as the products' scales (kept by range calibration afterwards), and
+    the quantized model computes each product from operands on those grids."""
     from quantcal.training.data import Split
     from quantcal.training.train import TrainConfig
 
@@ -397,19 +400,45 @@ def test_qat_says_its_products_are_fine_tuned_in_fp32_and_quantizes_them_after(t
     split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(32))
     torch.manual_seed(0)
     calib = [x for x, _ in split.batches(16)]
-    with pytest.warns(UserWarning, match=r"qat: 2 product\(s\) of two activations .* fp32"):
+    model = ConvAttention().eval()
+    ptq = quant.quantize(model, "W8A8", calib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to warn about: no product runs in fp32
         q = quant.quantize(
-            ConvAttention().eval(),
+            model,
             "W8A8",
             calib,
             method="qat",
             train_data=split,
             train_config=TrainConfig(epochs=1, batch_size=16, schedule="cosine", augment=False),
-            method_options={"epochs": 1, "lr": 0.01},
+            method_options={"epochs": 2, "lr": 0.05},
         )
-    products = matmul_modules(q)
-    assert len(products) == 2 and all(m.calibrated for _, m in products)
+    products, before = dict(matmul_modules(q)), dict(matmul_modules(ptq))
+    assert len(products) == 2 and set(products) == set(before)
+    for name, m in products.items():
+        assert m.calibrated and m.qparams_from_method
+        b = before[name]
+        assert (m.zero_point_a, m.zero_point_b) == (b.zero_point_a, b.zero_point_b)
+        assert (m.scale_a, m.scale_b) != (b.scale_a, b.scale_b)  # learned, not re-observed
+        lo, hi = m.range_a
+        assert lo == pytest.approx(-m.zero_point_a * m.scale_a)
+        assert hi == pytest.approx((255 - m.zero_point_a) * m.scale_a)
     assert q.quant_coverage["quantized"] == q.quant_coverage["total"] == 6
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args))
+        for n, m in products.items()
+    ]
+    with torch.no_grad():
+        q(calib[0])
+    for h in hooks:
+        h.remove()
+    for name, m in products.items():  # the operands land on the learned grids
+        a, b = m.quantize_operands(*seen[name])
+        for t, s, z in ((a, m.scale_a, m.zero_point_a), (b, m.scale_b, m.zero_point_b)):
+            levels = t / s + z
+            assert torch.allclose(levels, levels.round(), atol=1e-3)
+            assert levels.min() >= -1e-3 and levels.max() <= 255 + 1e-3
 
 
 class OptionalMaskModel(nn.Module):

@@ -82,6 +82,9 @@ class QuantMatMul(nn.Module):
         self.observer = observer
         self.fake_quant_enabled = True
         self.calibrated = False
+        #: True when a method set the quantization parameters itself (``qat``'s learned
+        #: steps): range calibration then leaves them alone
+        self.qparams_from_method = False
         self._q_min, self._q_max = activation_qrange(act_bits)
         self.range_a = self.range_b = (math.nan, math.nan)
         self.scale_a = self.scale_b = math.nan
@@ -100,6 +103,22 @@ class QuantMatMul(nn.Module):
         self._inv_a = float(one / torch.tensor(self.scale_a, dtype=torch.float32))
         self._inv_b = float(one / torch.tensor(self.scale_b, dtype=torch.float32))
         self.calibrated = True
+
+    def set_qparams(
+        self, scale_a: float, zero_point_a: int, scale_b: float, zero_point_b: int
+    ) -> None:
+        """Set both operands' scales and zero-points directly (a method's learned ones); the
+        ranges become the grids' ends, ``((q_min - z) s, (q_max - z) s)``, and range
+        calibration keeps them (``qparams_from_method``)."""
+        one = torch.tensor(1.0, dtype=torch.float32)
+        for side, scale, zp in (("a", scale_a, zero_point_a), ("b", scale_b, zero_point_b)):
+            scale, zp = float(scale), int(zp)
+            setattr(self, f"scale_{side}", scale)
+            setattr(self, f"zero_point_{side}", zp)
+            setattr(self, f"_inv_{side}", float(one / torch.tensor(scale, dtype=torch.float32)))
+            setattr(self, f"range_{side}", ((self._q_min - zp) * scale, (self._q_max - zp) * scale))
+        self.calibrated = True
+        self.qparams_from_method = True
 
     def quantize_operands(
         self, a: torch.Tensor, b: torch.Tensor

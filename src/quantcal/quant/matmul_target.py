@@ -64,16 +64,19 @@ def calibrate_products(
     gm: fx.GraphModule, config: QuantConfig, xs: list[torch.Tensor]
 ) -> dict[str, QuantMatMul]:
     """Set the operand ranges of every ``QuantMatMul`` of ``gm`` (its layers installed) from
-    the range-calibration batches ``xs`` (see the module docstring). Returns them by name."""
+    the range-calibration batches ``xs`` (see the module docstring), except those whose
+    quantization parameters a method set itself (``qparams_from_method``: ``qat``'s learned
+    steps). Returns every product by name."""
     products = dict(matmul_modules(gm))
-    if not products:
+    todo = {n: m for n, m in products.items() if not m.qparams_from_method}
+    if not todo:
         return products
     options = config.observer_options()
     if config.sequential:
-        observe_matmuls(gm, products, xs, config.observer, options)
+        observe_matmuls(gm, todo, xs, config.observer, options)
     else:
         with fake_quant_disabled(gm):
-            observe_matmuls(gm, products, xs, config.observer, options)
+            observe_matmuls(gm, todo, xs, config.observer, options)
     return products
 
 

@@ -8,6 +8,9 @@ with every conv/linear quantized in the loop:
     x^ = (clamp(round(x / s_x) + z, 0, 2^a - 1) - z) * s_x          (input, per tensor)
     W^ = clamp(round(W / s_w[c]), -q_max, q_max) * s_w[c]             (weight, per channel)
 
+and every product of two activations (attention's Q·Kᵀ and A·V, ``QuantMatMul``) with both
+operands quantized per tensor as ``x^`` above, each with its own learned step
+(:class:`LSQMatMul`; the integer-attention setting of I-BERT, Kim et al. 2021),
 with ``round`` passed straight through (Bengio et al. 2013) and the step sizes ``s_x``,
 ``s_w`` learned, their gradients scaled by ``g = 1 / sqrt(N * Q_P)`` (``N`` the elements the
 step size quantizes per sample, ``Q_P`` the largest positive level). Steps and zero-points
@@ -17,8 +20,9 @@ start from min-max ``ptq`` (the config's range estimator); zero-points stay fixe
 training; a damaged ``last.pt`` there is removed and named (``ctx.heal``, default
 ``_cache.heal_work_file``: the run's log and ``healed.json``) and the fine-tuning starts
 over. At the end the learned steps and the rounded weights become an ordinary quantized model
-(``QuantizedLayer.set_weight_int`` / ``set_act_qparams``); its ``weight_fp32`` is the
-fine-tuned fp32 weight.
+(``QuantizedLayer.set_weight_int`` / ``set_act_qparams``; ``QuantMatMul.set_qparams`` for the
+products, whose steps range calibration then keeps); its ``weight_fp32`` is the fine-tuned fp32
+weight.
 
 Options: ``epochs`` (default 2), ``lr`` (SGD, 0.001, cosine to 0: folded networks without
 BatchNorm diverged at 0.01 in our runs), ``weight_decay`` (5e-5), ``batch_size`` (0: the
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -37,7 +40,8 @@ from torch import fx, nn
 
 from quantcal.quant.graph import set_submodule
 from quantcal.quant.layers import QuantizedLayer
-from quantcal.quant.matmul import matmul_modules
+from quantcal.quant.matmul import MATMUL_OPS, QuantMatMul
+from quantcal.quant.matmul_target import calibrate_products
 from quantcal.quant.methods.ptq import layers_with_ranges
 from quantcal.quant.methods.registry import (
     MethodContext,
@@ -48,7 +52,7 @@ from quantcal.quant.methods.registry import (
 from quantcal.quant.target import LayerTarget
 from quantcal.store.cache import heal_work_file
 
-__all__ = ["LSQLayer", "lsq_quantize"]
+__all__ = ["LSQLayer", "LSQMatMul", "lsq_quantize"]
 
 
 class _LSQPerTensor(torch.autograd.Function):
@@ -111,6 +115,40 @@ def lsq_quantize(
             xf, s, zero_point, 0, q_min, q_max, g
         )
     return out.to(x.dtype)
+
+
+class LSQMatMul(nn.Module):
+    """A trainable stand-in for one ``QuantMatMul`` (a product of two activations) during QAT:
+    both operands fake-quantized per tensor with learned steps (LSQ, as a layer's input),
+    zero-points fixed, steps starting from the product's calibrated scales."""
+
+    def __init__(self, product: QuantMatMul) -> None:
+        super().__init__()
+        self.product = product  # keeps op, bits; gets the learned steps back
+        self.step_a = nn.Parameter(torch.tensor(float(product.scale_a)))
+        self.step_b = nn.Parameter(torch.tensor(float(product.scale_b)))
+        self.register_buffer("_z_a", torch.tensor([float(product.zero_point_a)]))
+        self.register_buffer("_z_b", torch.tensor([float(product.zero_point_b)]))
+        self.q_min, self.q_max = product._q_min, product._q_max
+        self._g: tuple[float, float] | None = None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._g is None:  # g = 1 / sqrt(N · Q_P), N the operand's elements per sample
+            self._g = tuple(1.0 / math.sqrt(max(1, t[0].numel()) * self.q_max) for t in (a, b))
+        aq = lsq_quantize(a, self.step_a, self._z_a, self.q_min, self.q_max, self._g[0])
+        bq = lsq_quantize(b, self.step_b, self._z_b, self.q_min, self.q_max, self._g[1])
+        return MATMUL_OPS[self.product.op](aq, bq)
+
+    def to_quantized(self) -> QuantMatMul:
+        """The product with the learned steps (kept by range calibration afterwards)."""
+        with torch.no_grad():
+            self.product.set_qparams(
+                float(self.step_a.detach().abs().clamp_min(1e-8)),
+                int(self._z_a),
+                float(self.step_b.detach().abs().clamp_min(1e-8)),
+                int(self._z_b),
+            )
+        return self.product
 
 
 class LSQLayer(nn.Module):
@@ -194,9 +232,14 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
             "quantize(..., train_data=splits) (a study passes its training split)"
         )
     opts = ctx.options  # resolved and checked (``_CHECKS``) by ``QuantMethod.resolve``
+    # the products' operand ranges from the fp32 network (the ptq setting), as LSQ's start
+    products = calibrate_products(gm, target.config, list(ctx.calib))
     init = layers_with_ranges(gm, target, ctx)
     wrapped = {name: LSQLayer(layer) for name, layer in init.items()}
     for name, w in wrapped.items():
+        set_submodule(gm, name, w)
+    learned = {name: LSQMatMul(p) for name, p in products.items()}
+    for name, w in learned.items():
         set_submodule(gm, name, w)
     gm.requires_grad_(True)
     for w in wrapped.values():  # the wrapped layer's own buffers are not trained
@@ -213,19 +256,10 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
         log_every=int(opts["log_every"]),
     )
     ctx.log(
-        f"qat: fine-tuning {len(wrapped)} quantized layers for {recipe.epochs} epoch(s), "
-        f"lr {recipe.lr:g}, batch {recipe.batch_size}"
+        f"qat: fine-tuning {len(wrapped)} quantized layers and {len(learned)} quantized "
+        f"product(s) of two activations for {recipe.epochs} epoch(s), lr {recipe.lr:g}, "
+        f"batch {recipe.batch_size}"
     )
-    products = [n for n, _ in matmul_modules(gm)]
-    if products:  # said, never silent: LSQ covers layers only
-        message = (
-            f"qat: {len(products)} product(s) of two activations ({', '.join(products[:4])}"
-            f"{' ...' if len(products) > 4 else ''}) run in fp32 during the fine-tuning; "
-            "their operands are quantized afterwards with ranges from the range-calibration "
-            "data on the fine-tuned network (the ptq range setting)"
-        )
-        ctx.log(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
     device = next(iter(gm.parameters())).device
     train.train(
         gm,
@@ -236,6 +270,8 @@ def qat(gm: fx.GraphModule, target: LayerTarget, ctx: MethodContext) -> dict[str
         heal=ctx.heal or (lambda path, reason: heal_work_file(path, reason, ctx.log)),
     )
     gm.to(device).eval()  # train.train returns the model on the CPU
+    for name, w in learned.items():  # the products go back with their learned steps
+        set_submodule(gm, name, w.to_quantized())
     layers = {}
     for name, w in wrapped.items():
         layers[name] = w.to_quantized()
