@@ -467,3 +467,94 @@ def test_optional_forward_arguments_are_traced_at_their_defaults():
     assert q.quant_coverage["fp32"] == [] and len(matmul_modules(q)) == 2
     with torch.no_grad(), quant.fake_quant_disabled(q):
         torch.testing.assert_close(q(calib[0]), model(calib[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_bits_keeps_the_products_at_their_own_bits():
+    """``QuantConfig(matmul_bits=8)`` at W4A4: every layer at 4 bits, both operands of every
+    product at 8, with the very ranges W8A8's products get (both from the fp32 network); named
+    "W4A4+P8", absent from ``to_dict`` when None (the cache keys of before), and charged at
+    8 x 8 bit operations per product MAC."""
+    from quantcal.models.deploy import to_deploy
+    from quantcal.models.stats import describe, product_macs
+
+    model = models.create_model("ablation_attention", num_classes=10, width=0.25, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    cfg = quant.QuantConfig(weight_bits=4, act_bits=4, matmul_bits=8)
+    assert cfg.name == "W4A4+P8" and cfg.product_bits == 8
+    assert quant.QuantConfig(weight_bits=4, act_bits=4, matmul_bits=4).name == "W4A4"
+    assert "matmul_bits" not in quant.parse_precision("W4A4").to_dict()
+    assert quant.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="matmul_bits"):
+        quant.QuantConfig(matmul_bits=1)
+    q, q8 = quant.quantize(model, cfg, calib), quant.quantize(model, "W8A8", calib)
+    products, ref = dict(matmul_modules(q)), dict(matmul_modules(q8))
+    assert len(products) == 6 and set(products) == set(ref)
+    for name, m in products.items():
+        assert m.act_bits == 8
+        assert (m.scale_a, m.zero_point_a, m.scale_b, m.zero_point_b) == (
+            ref[name].scale_a,
+            ref[name].zero_point_a,
+            ref[name].scale_b,
+            ref[name].zero_point_b,
+        )
+    table = quant.inspect(q, calib[:1])
+    assert all(r.weight_bits == 4 and r.act_bits == 4 for r in table)
+    deploy = to_deploy(model)
+    example = torch.zeros(1, 3, 32, 32)
+    prods, _ = product_macs(deploy, example)
+    w4a4 = describe(deploy, 32, in_chans=3, config=quant.parse_precision("W4A4")).bops
+    assert describe(deploy, 32, in_chans=3, config=cfg).bops == w4a4 + prods * (64 - 16)
+
+
+def test_study_matmul_bits_enters_the_cell_keys_and_is_checked():
+    from quantcal import study
+    from quantcal.study import config as studyconfig
+    from quantcal.study import keys
+
+    base = {
+        "name": "p8",
+        "data": {"datasets": ["digits"]},
+        "model": [{"arch": "ablation_attention", "width": 0.25}],
+        "quant": {"precisions": ["fp32", "W4A4"]},
+    }
+    plain = studyconfig.from_toml_dict(base)
+    eight = studyconfig.from_toml_dict({**base, "quant": {**base["quant"], "matmul_bits": 8}})
+    assert plain.matmul_bits is None and eight.matmul_bits == 8
+    assert studyconfig.from_toml_dict(tomllib_loads(eight.to_toml())).matmul_bits == 8
+    cells = {c.precision: c for c in study.expand_cells(plain)[0][1]}
+    cells8 = {c.precision: c for c in study.expand_cells(eight)[0][1]}
+    assert keys.quant_config(eight, cells8["W4A4"]).name == "W4A4+P8"
+    assert keys.logits_key(plain, cells["W4A4"], "t") != keys.logits_key(eight, cells8["W4A4"], "t")
+    assert keys.logits_key(plain, cells["fp32"], "t") == keys.logits_key(eight, cells8["fp32"], "t")
+    with pytest.raises(ValueError, match=r"quant\.matmul_bits must be an int in 2\.\.16"):
+        studyconfig.from_toml_dict({**base, "quant": {**base["quant"], "matmul_bits": 1}})
+
+
+def tomllib_loads(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def test_a_study_with_matmul_bits_names_the_products_bits_in_the_notes(tmp_path):
+    from quantcal import study
+    from quantcal.report import html as report
+    from quantcal.study import config as studyconfig
+
+    cfg = {
+        "name": "p8",
+        "data": {"datasets": ["digits"]},
+        "model": [{"arch": "ablation_attention", "width": 0.25}],
+        "train": {"epochs": 1, "augment": False},
+        "quant": {"precisions": ["fp32", "W4A4"], "matmul_bits": 8},
+        "recal": {"methods": ["none"]},
+        "metrics": {"bootstrap": 20},
+    }
+    path = tmp_path / "p8.toml"
+    path.write_text(studyconfig.from_toml_dict(cfg).to_toml())
+    study.run_study(str(path), tmp_path / "run", quiet=True)
+    rows = {r["precision"]: r for r in report.load_rows(tmp_path / "run")}
+    assert "6 product(s) of two activations" in rows["W4A4"]["notes"]
+    assert "at 8 bits ([quant] matmul_bits)" in rows["W4A4"]["notes"]
+    assert "product(s)" not in rows["fp32"]["notes"]

@@ -12,8 +12,9 @@ of the papers' "FLOPs" columns). PyTorch's counter has no formula for the fused 
 
 Bit operations (BOPs, Baskin et al. 2021) of one image: Σ MACs · w · a over the conv/linear
 layers at each layer's bits, plus the products of two activations (:func:`product_macs`: Q·Kᵀ
-and A·V of attention) at a · a bits where ``QuantConfig.quantize_matmuls`` quantizes them (both
-operands at the activation bits), and at 32 · 32 otherwise or where they run inside a block the
+and A·V of attention) at p · p bits where ``QuantConfig.quantize_matmuls`` quantizes them (both
+operands at ``QuantConfig.product_bits``, the activation bits unless ``matmul_bits`` says
+otherwise), and at 32 · 32 otherwise or where they run inside a block the
 quantizer leaves opaque (named fp32 in the coverage).
 
 Weight storage at ``weight_bits`` = b (the PTQ scheme of the study, REFERENCE.md §5):
@@ -226,7 +227,7 @@ def describe(
         other = w32 - 4 * sum(c.params for c in costs.values())
         weight_bytes = int(other + plan_cost(costs, plan, "weight_bytes"))
         graph_products, opaque_products = product_macs(model, example)
-        product_bits = config.act_bits**2 if config.quantize_matmuls else 32 * 32
+        product_bits = config.product_bits**2 if config.quantize_matmuls else 32 * 32
         bops = int(plan_cost(costs, plan, "bops"))
         bops += graph_products * product_bits + opaque_products * 32 * 32
         weight_bits = config.weight_bits

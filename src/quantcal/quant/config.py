@@ -71,6 +71,10 @@ class QuantConfig:
         their own ranges (``quant.matmul``), with ``F.scaled_dot_product_attention`` and
         ``nn.MultiheadAttention`` decomposed into projections, products and a float softmax
         (``quant.attention``); default True. False keeps them in fp32, named as such.
+      matmul_bits: the bits of both operands of every quantized product; None (default): the
+        config's ``act_bits``. 8 with a 4-bit config keeps attention at 8 bits, as integer
+        attention schemes do (I-BERT, Kim et al. 2021; FQ-ViT, Lin et al. 2022); named in
+        :attr:`name` (``"W4A4+P8"``).
     """
 
     weight_bits: int = 8
@@ -85,6 +89,7 @@ class QuantConfig:
     weight_granularity: str = "channel"
     sequential: bool = False
     quantize_matmuls: bool = True
+    matmul_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits_field("weight_bits", self.weight_bits)
@@ -130,6 +135,8 @@ class QuantConfig:
             raise TypeError(
                 f"QuantConfig.quantize_matmuls must be True or False, got {self.quantize_matmuls!r}"
             )
+        if self.matmul_bits is not None:
+            _check_bits_field("matmul_bits", self.matmul_bits)
         if self.on_unsupported not in ("warn", "error"):
             raise ValueError(
                 f"QuantConfig.on_unsupported must be 'warn' or 'error', got {self.on_unsupported!r}"
@@ -142,7 +149,14 @@ class QuantConfig:
         base = f"W{self.weight_bits}A{self.act_bits}"
         if self.weight_granularity == "tensor":
             base += "+pt"
+        if self.product_bits != self.act_bits and self.quantize_matmuls:
+            base += f"+P{self.product_bits}"
         return f"{base}+mixed({len(self.layer_bits)})" if self.layer_bits else base
+
+    @property
+    def product_bits(self) -> int:
+        """The bits of a quantized product's operands: ``matmul_bits``, else ``act_bits``."""
+        return self.act_bits if self.matmul_bits is None else self.matmul_bits
 
     def plan(self) -> dict[str, tuple[int, int]]:
         """``layer_bits`` as ``{name: (weight_bits, act_bits)}``."""
@@ -168,6 +182,7 @@ class QuantConfig:
             ("weight_granularity", "channel"),
             ("sequential", False),
             ("quantize_matmuls", True),
+            ("matmul_bits", None),
         ):
             if d[key] == default:  # likewise: the keys of before for the study's scheme
                 del d[key]

@@ -47,13 +47,13 @@ _FLOAT_MODULES = ((nn.Softmax, "softmax"), (nn.LayerNorm, "layer_norm"), (nn.GEL
 
 def quantize_products(gm: fx.GraphModule, config: QuantConfig) -> dict[str, QuantMatMul]:
     """With ``config.quantize_matmuls``: decompose attention and make every product of two
-    activations of ``gm`` a ``QuantMatMul`` at ``config.act_bits`` (in place; the fp32 function
+    activations of ``gm`` a ``QuantMatMul`` at ``config.product_bits`` (in place; the fp32 function
     is unchanged). Returns every ``QuantMatMul`` of ``gm`` by name; ``{}`` when off."""
     if not config.quantize_matmuls:
         return {}
 
     def make(op: str) -> QuantMatMul:
-        return QuantMatMul(op, act_bits=config.act_bits, observer=config.observer)
+        return QuantMatMul(op, act_bits=config.product_bits, observer=config.observer)
 
     decompose_attention(gm, make)
     rewrite_matmuls(gm, make)

@@ -144,6 +144,9 @@ class StudyConfig:
     #: ``QuantConfig.sequential`` and ``QuantConfig.weight_granularity`` of every cell.
     sequential: bool = False
     weight_granularity: str = "channel"
+    #: ``QuantConfig.matmul_bits`` of every cell: the bits of attention's products (None: each
+    #: precision's activation bits).
+    matmul_bits: int | None = None
     #: Options per method, e.g. ``{"adaround": {"iterations": 500}, "qat": {"epochs": 2}}``.
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recal: tuple[str, ...] = DEFAULT_RECAL
@@ -225,6 +228,13 @@ class StudyConfig:
                 "quant.weight_granularity must be 'channel' or 'tensor', got "
                 f"{self.weight_granularity!r}"
             )
+        if self.matmul_bits is not None:
+            bits = self.matmul_bits
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+                raise ValueError(
+                    f"quant.matmul_bits must be an int in 2..16 (8: attention at int8 whatever "
+                    f"the precision), got {bits!r}"
+                )
         set_("method_options", check_method_options(self, self.method_options))
         set_("recal", tuple_of("recal.methods", self.recal, str))
         allowed = [*recal.available(), REUSE_FP32_TEMPERATURE]
@@ -399,6 +409,7 @@ class StudyConfig:
                 "plans": None if self.plans is None else dict(self.plans),
                 "attribution": None if self.attribution is None else dict(self.attribution),
                 **({"sequential": True} if self.sequential else {}),
+                **({} if self.matmul_bits is None else {"matmul_bits": self.matmul_bits}),
                 **(
                     {}
                     if self.weight_granularity == "channel"

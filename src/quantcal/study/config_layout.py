@@ -47,6 +47,8 @@ listed method and scored on the test split. File layout (every key optional but 
     methods = ["ptq"]              # quantization methods: "ptq", "cle_bc", "adaround", "qat"
     sequential = false             # activation ranges set in graph order on the quantized net
     weight_granularity = "channel" # or "tensor": one weight scale per layer
+    matmul_bits = 8                # attention's products Q·Kᵀ, A·V at 8 bits (default: each
+                                   # precision's activation bits)
     method_options = {}            # per method, e.g. {adaround = {iterations = 500}}
 
     [recal]
@@ -119,6 +121,7 @@ LAYOUT: dict[str | None, dict[str, str]] = {
         "method_options": "method_options",
         "sequential": "sequential",
         "weight_granularity": "weight_granularity",
+        "matmul_bits": "matmul_bits",
     },
     "recal": {"methods": "recal", "fit_on": "recal_fit"},
     "metrics": {

@@ -145,6 +145,7 @@ def quant_config(config: StudyConfig, cell: QuantCell):
         first_last_8bit=config.first_last_8bit,
         sequential=config.sequential,
         weight_granularity=config.weight_granularity,
+        matmul_bits=config.matmul_bits,
     )
 
 

@@ -53,6 +53,7 @@ class Logits(Stage):
 
     def run(self, ctx: Context, item: QuantCell, need: Need) -> Any:
         from quantcal import models, quant
+        from quantcal.quant.matmul import matmul_modules
         from quantcal.training import train
 
         cell = item
@@ -94,6 +95,13 @@ class Logits(Stage):
             cov = getattr(net, "quant_coverage", None)
             if cov:
                 meta["quantized_layers"] = f"{cov['quantized']}/{cov['total']}"
+            products = matmul_modules(net)
+            if products and qc.product_bits != qc.act_bits:  # the label says A{act_bits}
+                notes.append(
+                    f"{len(products)} product(s) of two activations (attention's Q·Kᵀ, A·V) "
+                    f"at {qc.product_bits} bits ([quant] matmul_bits), the layers' "
+                    f"activations at {qc.act_bits}"
+                )
             try:
                 meta["inspect"] = quant.inspect(net, calib[:2]).to_rows()
             except Exception as exc:  # a report nicety; never lose the cell for it
