@@ -420,6 +420,7 @@ def test_qat_fine_tunes_the_products_with_learned_steps():
         b = before[name]
         assert (m.zero_point_a, m.zero_point_b) == (b.zero_point_a, b.zero_point_b)
         assert (m.scale_a, m.scale_b) != (b.scale_a, b.scale_b)  # learned, not re-observed
+        assert 0 <= m.clip_fraction_a <= 1 and 0 <= m.clip_fraction_b <= 1  # measured
         lo, hi = m.range_a
         assert lo == pytest.approx(-m.zero_point_a * m.scale_a)
         assert hi == pytest.approx((255 - m.zero_point_a) * m.scale_a)

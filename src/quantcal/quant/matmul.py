@@ -48,6 +48,7 @@ __all__ = [
     "matmul_modules",
     "module_scope",
     "observe_matmuls",
+    "record_clip_fractions",
     "rewrite_matmuls",
 ]
 
@@ -265,6 +266,15 @@ def observe_matmuls(
                 "used in forward()?"
             )
         m.set_ranges(oa.range(), ob.range())
+    record_clip_fractions(model, matmuls, xs)
+
+
+def record_clip_fractions(
+    model: nn.Module, matmuls: dict[str, QuantMatMul], xs: list[torch.Tensor]
+) -> None:
+    """Set each product's ``clip_fraction_a`` / ``clip_fraction_b``: the fraction of its
+    operands' values on ``xs`` (``model`` run as it is, the products in fp32) that lie more than
+    half a step outside its grid."""
     clipped = {name: [0, 0, 0, 0] for name in matmuls}
 
     def count(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

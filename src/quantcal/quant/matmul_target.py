@@ -14,6 +14,7 @@ independent) or, with ``QuantConfig.sequential``, on the network with its layers
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ from quantcal.quant.matmul import (
     matmul_modules,
     module_scope,
     observe_matmuls,
+    record_clip_fractions,
     rewrite_matmuls,
 )
 
@@ -69,14 +71,13 @@ def calibrate_products(
     steps). Returns every product by name."""
     products = dict(matmul_modules(gm))
     todo = {n: m for n, m in products.items() if not m.qparams_from_method}
-    if not todo:
-        return products
+    kept = {n: m for n, m in products.items() if m.qparams_from_method}
     options = config.observer_options()
-    if config.sequential:
-        observe_matmuls(gm, todo, xs, config.observer, options)
-    else:
-        with fake_quant_disabled(gm):
+    with contextlib.nullcontext() if config.sequential else fake_quant_disabled(gm):
+        if todo:
             observe_matmuls(gm, todo, xs, config.observer, options)
+        if kept:  # a method's own steps: only how much of the operands they clip
+            record_clip_fractions(gm, kept, xs)
     return products
 
 
