@@ -122,9 +122,9 @@ class _ProductCount(torch.overrides.TorchFunctionMode):
             or any(isinstance(a, nn.Parameter) for a in operands)
         ):
             return func(*args, **kwargs)
-        from quantcal.quant.runtime_count import _caller
+        from quantcal.quant.runtime_count import caller_site
 
-        inside_opaque = _caller() is not None
+        inside_opaque = caller_site() is not None
         self.depth += 1
         try:
             counter = FlopCounterMode(display=False, custom_mapping=_custom_flops())

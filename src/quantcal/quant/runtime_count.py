@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from quantcal.quant.layers import QuantizedLayer
 from quantcal.quant.matmul import QuantMatMul
 
-__all__ = ["COUNTED_OPS", "hidden_computations"]
+__all__ = ["COUNTED_OPS", "caller_site", "hidden_computations"]
 
 #: The names of the torch functions counted as conv/linear/matmul computations.
 COUNTED_OPS = frozenset(
@@ -55,9 +55,11 @@ _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep  # not torchvis
 _THIS = str(Path(__file__).resolve())
 
 
-def _caller() -> tuple[str, str, int] | None:
+def caller_site() -> tuple[str, str, int] | None:
     """(function name, file, line) of the innermost frame outside torch and this module, or
-    None when that frame is code fx generated for a graph (a computation the graph shows)."""
+    None when that frame is code fx generated for a graph (a computation the graph shows).
+    Call it from a ``TorchFunctionMode.__torch_function__``: the search starts at that
+    method's caller."""
     frame = sys._getframe(2)
     while frame is not None:
         file = frame.f_code.co_filename
@@ -78,7 +80,7 @@ class _Counting(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in COUNTED_OPS and not self.inside:
-            where = _caller()
+            where = caller_site()
             if where is not None:
                 self.hidden[(where[0], f"{Path(where[1]).name}:{where[2]}", name)] += 1
         return func(*args, **(kwargs or {}))
