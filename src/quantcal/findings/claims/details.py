@@ -1,8 +1,7 @@
 """Claims judged on ``details.json``: the controlled ablation's paired contrasts (is the
 separable block the mechanism; does attention keep its calibration; which property makes
-calibration fragile), the per-layer
-attribution (which layer types decide calibration) and repair by stronger quantization (does it
-restore calibration or only accuracy).
+calibration fragile), the per-layer attribution (which layer types decide calibration) and
+repair by stronger quantization (does it restore calibration or only accuracy).
 
 Each function takes ``(rows, details)`` and is registered in report order with
 ``@register_claim``, after :mod:`quantcal.findings.claims.extras`.
