@@ -60,7 +60,10 @@ CIFAR adaptations and simplifications of EfficientFormer-L1:
   32x32 (final 4x4, N = 16 tokens for the Meta3D attention), 28, 14, 7, 4 for 28x28 (N = 16)
   and 8, 8, 8, 4 for 8x8 (N = 16);
 * LayerScale (learned per-channel residual gains, init 1e-5) left out: smaller and simpler,
-  and with the residual branches at full gain the quantization question is about the products;
+  and with the residual branches at full gain the quantization question is about the products.
+  One consequence: Meta4D's token mixer ``x + (AvgPool(x) - x)`` is then exactly ``AvgPool(x)``
+  (its residual cancels; with LayerScale the block starts near the identity instead), so every
+  Meta4D block smooths its input before its MLP's residual;
 * the attention's learned relative-position bias left out: same reason (a bias added to Q·Kᵀ
   before the softmax is a float addition, not a product); and the attention is the standard
   MHSA (q, k, v all C wide) rather than the paper's key width 32 and 4x wider values;
