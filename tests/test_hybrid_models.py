@@ -43,20 +43,23 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _attention_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
-    """Input shapes of every TokenAttention call of ``model(x)`` (hooks removed after)."""
-    seen: list[tuple[int, ...]] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
-        for m in model.modules()
-        if isinstance(m, TokenAttention)
-    ]
+def _run_with_hooks(model: nn.Module, x: torch.Tensor, kinds: tuple[type, ...], hook) -> None:
+    """``model(x)`` without grad with ``hook`` on every module of ``kinds`` (removed after)."""
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _attention_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Input shapes of every TokenAttention call of ``model(x)`` (hooks removed after)."""
+    seen: list[tuple[int, ...]] = []
+    _run_with_hooks(
+        model, x, (TokenAttention,), lambda _m, args, _out: seen.append(tuple(args[0].shape))
+    )
     return seen
 
 
@@ -214,17 +217,7 @@ def _conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
         else:
             total += out.numel() * m.in_features
 
-    hooks = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_with_hooks(model, x, (nn.Conv2d, nn.Linear), hook)
     return total
 
 

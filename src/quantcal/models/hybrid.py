@@ -201,6 +201,15 @@ class MobileViTBlock(nn.Module):
         return self.fusion(torch.cat((x, self.proj(y)), 1))
 
 
+class _HybridNet(SmallImageClassifier):
+    """Base of the two families: :meth:`channels` scales a published channel count."""
+
+    def channels(self, c: float) -> int:
+        """``c * width`` as :func:`~quantcal.models.mobilenet.divisible_channels` rounds it (the
+        small-width rule below width 1)."""
+        return divisible_channels(c * self.width, small=self.width < 1)
+
+
 #: MobileViT-XXS: stem, MV2 stages (channels, blocks), transformer stages (C, d, L).
 MVIT_STEM = 16
 MVIT_MV2 = ((16, 1), (24, 3))
@@ -211,7 +220,7 @@ MVIT_PATCH = 2
 
 
 @register_model("mobilevit_xxs")
-class MobileViTXXS(SmallImageClassifier):
+class MobileViTXXS(_HybridNet):
     """MobileViT-XXS (Mehta & Rastegari 2022), CIFAR form; see the module docstring.
 
     ``self.strides`` is (stem, 16-, 24-, 48-, 64-, 80-channel stage) strides; each MobileViT
@@ -226,11 +235,7 @@ class MobileViTXXS(SmallImageClassifier):
         super().__init__(
             num_classes=num_classes, image_size=image_size, in_chans=in_chans, width=width
         )
-        small = self.width < 1
-
-        def ch(c: float) -> int:
-            return divisible_channels(c * self.width, small=small)
-
+        ch = self.channels
         self.strides = (1, 1, 1, *downsample_strides(image_size, len(MVIT_VIT)))
         side = image_size
         in_ch = ch(MVIT_STEM)
@@ -299,7 +304,7 @@ EFF_MLP_RATIO = 4
 
 
 @register_model("efficientformer_l1")
-class EfficientFormerL1(SmallImageClassifier):
+class EfficientFormerL1(_HybridNet):
     """EfficientFormer-L1 (Li et al. 2022), CIFAR form; see the module docstring.
 
     ``self.strides`` is (stem conv 1, stem conv 2, down-sampling before stages 2, 3, 4).
@@ -313,11 +318,7 @@ class EfficientFormerL1(SmallImageClassifier):
         super().__init__(
             num_classes=num_classes, image_size=image_size, in_chans=in_chans, width=width
         )
-        small = self.width < 1
-
-        def ch(c: float) -> int:
-            return divisible_channels(c * self.width, small=small)
-
+        ch = self.channels
         self.strides = (1, 1, *downsample_strides(image_size, len(EFF_WIDTHS) - 1))
         widths = tuple(ch(c) for c in EFF_WIDTHS)
         stem = ch(EFF_WIDTHS[0] / 2)
