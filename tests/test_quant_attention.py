@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _splits import four_class_split
 from quantcal import models, quant
 from quantcal.models.deploy import trace
 from quantcal.quant.attention import decompose_attention
@@ -391,13 +392,9 @@ def test_qat_fine_tunes_the_products_with_learned_steps():
     """LSQ covers the products too: their steps start at the ptq scales, move during the
     fine-tuning, come back as the products' scales (kept by range calibration afterwards), and
     the quantized model computes each product from operands on those grids."""
-    from quantcal.training.data import Split
     from quantcal.training.train import TrainConfig
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(32) % 4
-    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (32, 3, 8, 8), generator=g)
-    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(32))
+    split = four_class_split(32)
     torch.manual_seed(0)
     calib = [x for x, _ in split.batches(16)]
     model = ConvAttention().eval()

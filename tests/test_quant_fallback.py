@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _splits import four_class_split
 from quantcal import quant
 from quantcal.models.deploy import to_deploy, trace
 from quantcal.models.opaque import conv_form
@@ -347,13 +348,9 @@ def test_sequential_methods_reach_same_padding_convs_in_the_graph():
 
 
 def test_qat_fine_tunes_the_layers_quantized_by_module():
-    from quantcal.training.data import Split
     from quantcal.training.train import TrainConfig
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 4
-    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (64, 3, 8, 8), generator=g)
-    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(64))
+    split = four_class_split(64)
     torch.manual_seed(0)
     model = Net(GateNoProduct).eval()
     calib = [x for x, _ in split.batches(32)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _splits import four_class_split
 from quantcal import quant
 from quantcal.models.deploy import to_deploy
 from quantcal.quant.apply import LayerTarget, fake_quant_disabled, quantized_layers
@@ -770,13 +771,9 @@ def test_lsq_quantize_matches_the_formula_and_its_gradients(per_channel):
 
 def _tiny_qat(config):
     """QAT for one epoch on 64 synthetic 8x8 images of 4 brightness classes."""
-    from quantcal.training.data import Split
     from quantcal.training.train import TrainConfig
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 4
-    images = labels.view(-1, 1, 1, 1) * 60 + torch.randint(0, 40, (64, 3, 8, 8), generator=g)
-    split = Split(images.to(torch.uint8), labels, (0.5,) * 3, (0.25,) * 3, torch.arange(64))
+    split = four_class_split(64)
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
