@@ -35,14 +35,6 @@ TOKENS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run_with_hooks(model: nn.Module, x: torch.Tensor, kinds: tuple[type, ...], hook) -> None:
     """``model(x)`` without grad with ``hook`` on every module of ``kinds`` (removed after)."""
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
