@@ -114,12 +114,10 @@ class _ProductCount(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if (
             self.depth
-            or name not in _PRODUCTS
-            or any(isinstance(a, nn.Parameter) for a in operands)
+            or getattr(func, "__name__", "") not in _PRODUCTS
+            or any(isinstance(a, nn.Parameter) for a in (*args, *kwargs.values()))
         ):
             return func(*args, **kwargs)
         from quantcal.quant.runtime_count import caller_site
